@@ -1,0 +1,252 @@
+"""Config schema: typed dataclasses loaded from YAML, with errors that name the key path.
+
+Every key a config may hold is declared here, with its default. Unknown keys and wrong types
+raise :class:`ConfigError` naming the path (for example ``train.batch_size``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from fedscan.shared.errors import ConfigError
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
+MODES = ("federated", "local", "pooled")
+
+
+@dataclass
+class SiteConfig:
+    """One hospital: its name and its data folder (MSD layout, dataset.json inside)."""
+
+    name: str
+    data: str
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing every site applies, so all sites feed the model the same grid."""
+
+    orientation: str = "RAS"
+    spacing: list[float] = field(default_factory=lambda: [4.0, 4.0, 4.0])
+    in_channels: int = 1
+    num_classes: int = 2
+    #: Intensity percentiles mapped to [0, 1] (robust to scanner gain and bright outliers).
+    intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    #: Fraction of cases held out for validation when dataset.json has no validation list.
+    val_fraction: float = 0.2
+    split_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """MONAI UNet; ``norm`` must be one Opacus accepts (instance or group)."""
+
+    spatial_dims: int = 3
+    channels: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+    strides: list[int] = field(default_factory=lambda: [2, 2, 2])
+    num_res_units: int = 1
+    norm: Literal["instance", "group"] = "instance"
+    dropout: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Local training: patch sampling, optimiser and how many steps per round."""
+
+    patch_size: list[int] = field(default_factory=lambda: [32, 32, 32])
+    batch_size: int = 2
+    #: Optimiser steps each site runs per round (the federation's unit of work).
+    local_steps: int = 25
+    #: If set, overrides local_steps with this many passes over the site's training cases.
+    local_epochs: int | None = None
+    lr: float = 2e-3
+    optimizer: Literal["adam", "sgd"] = "adam"
+    weight_decay: float = 0.0
+    #: Fraction of patches centred on foreground (label > 0).
+    pos_fraction: float = 0.5
+    num_workers: int = 0
+
+
+@dataclass
+class StrategyConfig:
+    """Flower server strategy and its hyper-parameters."""
+
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    proximal_mu: float = 0.01
+    eta: float = 1e-2
+    eta_l: float = 1e-2
+    beta_1: float = 0.9
+    beta_2: float = 0.99
+    tau: float = 1e-3
+    #: Minimum sites that must reply for a round to count.
+    min_sites: int | None = None
+    round_timeout: float = 3600.0
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation in each case's native grid (the grid a radiologist reads)."""
+
+    hd95: bool = True
+    sw_overlap: float = 0.25
+    sw_batch_size: int = 4
+    largest_component: bool = False
+
+
+@dataclass
+class Config:
+    """A fedscan run: who takes part, what is trained, for how long."""
+
+    sites: list[SiteConfig]
+    test_sets: list[SiteConfig] = field(default_factory=list)
+    rounds: int = 5
+    task: Literal["segmentation"] = "segmentation"
+    mode: Literal["federated", "local", "pooled"] = "federated"
+    seed: int = 0
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, path: str, base: Path | None) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert it; raise naming ``path``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, path, base)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        if value not in get_args(tp):
+            allowed = ", ".join(repr(a) for a in get_args(tp))
+            raise ConfigError(f"config key '{path}': {value!r} is not one of {allowed}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}': expected a list, got {type(value).__name__}")
+        (item_tp,) = get_args(tp)
+        return [_convert(v, item_tp, f"{path}[{i}]", base) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _from_dict(tp, value, path, base)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    got = type(value).__name__
+    raise ConfigError(f"config key '{path}': expected {_type_name(tp)}, got {got} ({value!r})")
+
+
+def _from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
+    where = f"'{path}'" if path else "the top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"config key {where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key '{path + '.' if path else ''}{key}' "
+                              f"(known here: {known})")
+    kwargs = {}
+    for name, f in fields.items():
+        key_path = f"{path}.{name}" if path else name
+        if name in data:
+            kwargs[name] = _convert(data[name], hints[name], key_path, base)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"config key '{key_path}' is required")
+    obj = cls(**kwargs)
+    if isinstance(obj, SiteConfig) and base is not None:
+        # Data folders are relative to the config file, so a config travels with its data.
+        obj.data = str((base / obj.data).resolve()) if not Path(obj.data).is_absolute() else obj.data
+    return obj
+
+
+def _check_values(cfg: Config) -> None:
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"config key '{key}': {why}")
+
+    if not cfg.sites:
+        raise bad("sites", "at least one site is required")
+    names = [s.name for s in cfg.sites] + [t.name for t in cfg.test_sets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise bad("sites", f"site and test-set names must be unique, repeated: {', '.join(dup)}")
+    if cfg.rounds < 1:
+        raise bad("rounds", "must be >= 1")
+    dims = cfg.model.spatial_dims
+    if dims not in (2, 3):
+        raise bad("model.spatial_dims", "must be 2 or 3")
+    if len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing):
+        raise bad("data.spacing", "must be three positive numbers (mm)")
+    if len(cfg.data.orientation) != 3:
+        raise bad("data.orientation", "must be three axis codes such as RAS or LPS")
+    if len(cfg.train.patch_size) != 3 or any(p < 1 for p in cfg.train.patch_size):
+        raise bad("train.patch_size", "must be three positive ints (use 1 as the last for 2D)")
+    if dims == 2 and cfg.train.patch_size[2] != 1:
+        raise bad("train.patch_size", "with model.spatial_dims 2 the last entry must be 1")
+    if len(cfg.model.strides) != len(cfg.model.channels) - 1:
+        raise bad("model.strides", "needs one entry fewer than model.channels")
+    if cfg.data.num_classes < 2:
+        raise bad("data.num_classes", "must be >= 2 (background plus at least one class)")
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise bad("data.val_fraction", "must be between 0 and 1")
+    if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
+        raise bad("train", "batch_size and local_steps must be >= 1")
+    if cfg.model.norm == "group":
+        bad_ch = [c for c in cfg.model.channels if c % 2]
+        if bad_ch or cfg.data.num_classes % 2:
+            raise bad("model.channels", "group norm (2 groups) needs even channel counts")
+
+
+def parse_config(data: Any, base: Path | None = None) -> Config:
+    """Validate a config mapping and build a :class:`Config`.
+
+    Args:
+        data: the parsed YAML mapping.
+        base: folder that relative ``data`` paths are resolved against (the config's folder).
+
+    Returns:
+        The validated config.
+    """
+    cfg = _from_dict(Config, data, "", base)
+    _check_values(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a YAML config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return parse_config(data, base=path.parent.resolve())

@@ -1,0 +1,97 @@
+"""The Task seam: what every federated task (segmentation, harmonisation) offers both sides.
+
+Task code is plain PyTorch/MONAI and imports no Flower, so the same code serves federated,
+local and pooled runs and is unit-testable without a runtime. It follows ``monai.fl``'s
+``ClientAlgo`` split: build the model, train for N steps, evaluate, say what is shared.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from torch import nn
+
+#: A case as the data contract hands it out: MONAI dict with absolute paths and a case id.
+Case = dict[str, str]
+
+
+@dataclass
+class TrainResult:
+    """What one local training call did.
+
+    Attributes:
+        loss: mean training loss over the steps taken.
+        num_examples: training cases available (the aggregation weight).
+        steps: optimiser steps actually taken.
+    """
+
+    loss: float
+    num_examples: int
+    steps: int
+
+
+@dataclass
+class EvalResult:
+    """Evaluation of one model on a set of cases.
+
+    Attributes:
+        metrics: mean over cases, e.g. ``{"dice": 0.93, "hd95": 4.1}``.
+        num_examples: number of cases evaluated (the aggregation weight).
+        per_case: per-case metrics keyed by case id. Never leaves a hospital; only the
+            server's own test sets report it.
+    """
+
+    metrics: dict[str, float]
+    num_examples: int
+    per_case: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+#: Called after every optimiser step with (step, steps, loss) for progress reporting.
+StepCallback = Callable[[int, int, float], None]
+
+
+class Task(Protocol):
+    """Interface both sides use. A new task is a new module under ``shared/tasks/``."""
+
+    name: str
+
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (deterministic for the config's seed)."""
+
+    def make_train_loader(self, cases: list[Case], seed: int) -> torch.utils.data.DataLoader:
+        """Map-style loader over training cases; each item is a random augmented patch."""
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The configured local optimiser."""
+
+    def train_steps(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: torch.utils.data.DataLoader,
+        steps: int,
+        *,
+        proximal_mu: float = 0.0,
+        on_step: StepCallback | None = None,
+    ) -> TrainResult:
+        """Run ``steps`` optimiser steps, cycling over ``loader``.
+
+        With ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` where
+        ``w_global`` are the weights ``model`` held when the call started.
+        """
+
+    def evaluate(self, model: nn.Module, cases: list[Case]) -> EvalResult:
+        """Evaluate on ``cases`` in each case's native grid."""
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """State-dict keys that leave the site; the rest stay local."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
