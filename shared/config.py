@@ -120,6 +120,16 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def steps_per_round(self, num_train_cases: int) -> int:
+        """Local optimiser steps a site runs per round.
+
+        ``train.local_epochs`` passes over the site's cases when set, else ``train.local_steps``.
+        """
+        if self.train.local_epochs:
+            batches = -(-num_train_cases // self.train.batch_size)  # ceil
+            return self.train.local_epochs * max(1, batches)
+        return self.train.local_steps
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
@@ -182,9 +192,9 @@ def _from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"config key '{key_path}' is required")
     obj = cls(**kwargs)
-    if isinstance(obj, SiteConfig) and base is not None:
-        # Data folders are relative to the config file, so a config travels with its data.
-        obj.data = str((base / obj.data).resolve()) if not Path(obj.data).is_absolute() else obj.data
+    # Data folders are relative to the config file, so a config travels with its data.
+    if isinstance(obj, SiteConfig) and base is not None and not Path(obj.data).is_absolute():
+        obj.data = str((base / obj.data).resolve())
     return obj
 
 

@@ -1,0 +1,3 @@
+from fedscan.cli import main
+
+raise SystemExit(main())

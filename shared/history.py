@@ -1,0 +1,136 @@
+"""Run history: per-round, per-site metrics and the run's output folder.
+
+Federated runs (the ServerApp), the local and pooled baselines and later the deployed server
+all record through :class:`RunHistory`, so ``summary.json``, checkpoints and the report look
+the same whatever produced them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedscan.shared.checkpoint import save_model
+from fedscan.shared.config import Config
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None (JSON has no NaN), numpy/tensor scalars become floats."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def weighted_mean(per_site: dict[str, dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over sites weighted by ``num_examples``, skipping missing/None values."""
+    pairs = [
+        (m[key], m.get("num_examples", 1))
+        for m in per_site.values()
+        if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])
+    ]
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        return None
+    return sum(v * w for v, w in pairs) / total
+
+
+class RunHistory:
+    """Collects what a run did and writes it into ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder (created).
+        cfg: the run's config (stored in summary.json and in every model file).
+        mode: ``federated``, ``local`` or ``pooled``.
+    """
+
+    def __init__(self, out_dir: str | Path, cfg: Config, mode: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg = cfg
+        self.mode = mode
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.time()
+        self._round_started = time.time()
+
+    def _round(self, rnd: int) -> dict[str, Any]:
+        for entry in self.rounds:
+            if entry["round"] == rnd:
+                return entry
+        entry = {"round": rnd, "train": {}, "evaluate": {}, "aggregate": {}, "seconds": None}
+        self.rounds.append(entry)
+        return entry
+
+    def record_train(self, rnd: int, site: str, metrics: dict[str, Any]) -> None:
+        self._round(rnd)["train"][site] = _clean(metrics)
+
+    def record_evaluate(self, rnd: int, site: str, metrics: dict[str, Any]) -> None:
+        self._round(rnd)["evaluate"][site] = _clean(metrics)
+
+    def finish_round(self, rnd: int, state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+        """Close round ``rnd``: aggregate its metrics, time it, checkpoint, rewrite summary.
+
+        The summary is rewritten every round, so a crash loses at most the round in flight.
+        """
+        entry = self._round(rnd)
+        for key in ("dice", "hd95"):
+            value = weighted_mean(entry["evaluate"], key)
+            if value is not None:
+                entry["aggregate"][key] = value
+        now = time.time()
+        entry["seconds"] = round(now - self._round_started, 3)
+        self._round_started = now
+        if state_dict is not None:
+            path = self.out_dir / "checkpoints" / f"round_{rnd:03d}.pt"
+            save_model(path, config=self.cfg, state_dict=state_dict,
+                       meta={"round": rnd, "mode": self.mode})
+        self.write_summary()
+        return entry
+
+    def save_final_model(self, state_dict: dict[str, torch.Tensor], name: str = "final_model.pt",
+                         meta: dict[str, Any] | None = None) -> str:
+        """Write a final model file; returns its path relative to ``out_dir``."""
+        meta = {"mode": self.mode, "rounds": self.cfg.rounds, **(meta or {})}
+        save_model(self.out_dir / name, config=self.cfg, state_dict=state_dict, meta=meta)
+        return name
+
+    def summary(self, final: dict[str, Any] | None = None, model: Any = None) -> dict[str, Any]:
+        last_eval = self.rounds[-1]["evaluate"] if self.rounds else {}
+        final = final or {}
+        per_site = final.get("per_site") or {s: dict(m) for s, m in last_eval.items()}
+        out = {
+            "mode": self.mode,
+            "task": self.cfg.task,
+            "strategy": self.cfg.strategy.name if self.mode == "federated" else None,
+            "sites": [s.name for s in self.cfg.sites],
+            "test_sets": [t.name for t in self.cfg.test_sets],
+            "rounds": self.rounds,
+            "final": {
+                "dice": weighted_mean(per_site, "dice"),
+                "hd95": weighted_mean(per_site, "hd95"),
+                "per_site": per_site,
+                "test_sets": final.get("test_sets", {}),
+            },
+            "model": model,
+            "seconds": round(time.time() - self.started, 3),
+            "config": self.cfg.to_dict(),
+        }
+        return _clean(out)
+
+    def write_summary(self, final: dict[str, Any] | None = None, model: Any = None) -> dict:
+        """Write summary.json atomically and return it."""
+        data = self.summary(final, model)
+        tmp = self.out_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.replace(self.out_dir / "summary.json")
+        return data

@@ -1,0 +1,53 @@
+"""What server and client put in Flower messages: the only place both sides agree on keys.
+
+A train/evaluate message carries ``arrays`` (the global model) and ``config``: the server's
+task config (model, preprocessing, training hyper-parameters) as JSON, never code. A reply
+carries ``arrays`` (train only), ``metrics`` (aggregates over the site's cases, never per-case
+values) and ``site`` (the site's declared name, for the per-site report).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+
+from fedscan.shared.config import Config, SiteConfig, parse_config
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+SITE = "site"
+TASK_CONFIG = "task-config"
+NUM_EXAMPLES = "num-examples"
+
+
+def task_config_json(cfg: Config) -> str:
+    """The run config without sites and test sets: what every hospital needs to train."""
+    data = cfg.to_dict()
+    data["sites"], data["test_sets"] = [], []
+    return json.dumps(data)
+
+
+def config_for_site(task_json: str, site: SiteConfig) -> Config:
+    """Rebuild the run config on a hospital, with that hospital as the only site."""
+    data = json.loads(task_json)
+    data["sites"] = [dataclasses.asdict(site)]
+    return parse_config(data)
+
+
+def site_record(name: str) -> ConfigRecord:
+    return ConfigRecord({"name": name})
+
+
+def reply_site(msg: Message) -> str:
+    """The site name a reply declares (``node-<id>`` when it declares none)."""
+    if SITE in msg.content.config_records:
+        return str(msg.content.config_records[SITE]["name"])
+    return f"node-{msg.metadata.src_node_id}"
+
+
+def to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu() for k, v in state_dict.items()})

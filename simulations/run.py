@@ -1,0 +1,88 @@
+"""``fedscan simulate``: check the data, run the requested modes, write outputs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fedscan.shared.config import MODES, Config, load_config, parse_config
+from fedscan.shared.data import read_dataset, read_test_set
+
+
+def quiet_flower() -> None:
+    """No telemetry, update checks or runtime pip/uv installs (they would pull CUDA torch)."""
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def default_config() -> Config:
+    """The embedded default: three phantom hospitals plus a held-out scanner as test set."""
+    from fedscan.shared.phantoms import ensure_default_federation
+
+    folders = ensure_default_federation()
+    sites = [{"name": n, "data": str(p)} for n, p in folders.items() if n != "heldout"]
+    data: dict[str, Any] = {"sites": sites, "rounds": 5}
+    if "heldout" in folders:
+        data["test_sets"] = [{"name": "heldout", "data": str(folders["heldout"])}]
+    return parse_config(data)
+
+
+def check_data(cfg: Config) -> None:
+    """Validate every site's and test set's data contract in full before any training."""
+    for site in cfg.sites:
+        read_dataset(site.data, name=site.name, val_fraction=cfg.data.val_fraction,
+                     split_seed=cfg.data.split_seed, num_classes=cfg.data.num_classes,
+                     in_channels=cfg.data.in_channels, check=True)
+    for test_set in cfg.test_sets:
+        read_test_set(test_set.data, name=test_set.name, num_classes=cfg.data.num_classes,
+                      in_channels=cfg.data.in_channels, check=True)
+
+
+def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
+    """Run one mode into ``out_dir`` and return its summary."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "mode": mode},
+                                                        sort_keys=False))
+    if mode == "federated":
+        from fedscan.simulations.federated import run_federated
+
+        return run_federated(cfg, out_dir)
+    from fedscan.simulations.baselines import run_local, run_pooled
+
+    return run_local(cfg, out_dir) if mode == "local" else run_pooled(cfg, out_dir)
+
+
+def simulate(config: str | Path | None, modes: list[str], out: Path,
+             rounds: int | None = None) -> dict[str, dict[str, Any]]:
+    """Run ``modes`` (a subset of federated/local/pooled) and return their summaries.
+
+    With several modes each writes into ``out/<mode>/`` and a comparison is written to ``out``.
+    """
+    quiet_flower()
+    cfg = load_config(config) if config else default_config()
+    if rounds is not None:
+        cfg.rounds = rounds
+    check_data(cfg)
+    summaries = {}
+    for mode in modes:
+        assert mode in MODES, mode
+        target = out / mode if len(modes) > 1 else out
+        started = time.time()
+        print(f"== {mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}", flush=True)
+        summaries[mode] = run_mode(cfg, mode, target)
+        final = summaries[mode]["final"]["dice"]
+        dice = f"{final:.4f}" if final is not None else "n/a"
+        print(f"== {mode} done in {time.time() - started:.0f}s: mean site Dice {dice}", flush=True)
+    if len(modes) > 1:
+        from fedscan.shared.report import format_comparison, write_comparison
+
+        write_comparison(out, summaries)
+        print(format_comparison(summaries), flush=True)
+    return summaries
