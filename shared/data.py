@@ -1,0 +1,365 @@
+"""The data contract: a site's MSD-layout folder in, MONAI-style case dicts out.
+
+A site's data is a folder holding ``dataset.json`` (Medical Segmentation Decathlon layout) with
+a ``training`` list of ``{"image": ..., "label": ...}`` paths relative to the folder and an
+optional ``validation`` list of the same form. Without one, validation cases are chosen by a
+deterministic per-site split. This is the only module that parses dataset paths; everything
+else receives :data:`Case` dicts with absolute paths.
+
+NIfTI files may be in any orientation, spacing and dtype: downstream MONAI transforms
+resample. Here files are only read and checked, so that a bad case fails once, up front, with
+one line naming the file, instead of deep inside a worker process mid-training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from fedscan.shared.errors import DataError
+from fedscan.shared.tasks.base import Case
+
+DATASET_JSON = "dataset.json"
+#: Image and label files must be NIfTI; the case id is the image name without this suffix.
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+#: Largest image/label affine difference (mm, or mm per voxel for the linear part) accepted:
+#: files written by different tools round the affine differently, real mismatches are larger.
+AFFINE_ATOL = 1e-2
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's cases, split into training and validation.
+
+    Attributes:
+        name: the site's name (the folder name unless given).
+        root: absolute path of the data folder.
+        train: training cases, sorted by case id.
+        validation: validation cases, sorted by case id (empty for a one-case site).
+    """
+
+    name: str
+    root: Path
+    train: list[Case]
+    validation: list[Case]
+
+    @property
+    def cases(self) -> list[Case]:
+        """All cases: training then validation."""
+        return [*self.train, *self.validation]
+
+
+def _one_line(text: str, limit: int = 160) -> str:
+    """First line of ``text``, shortened, so a DataError message stays on one line."""
+    lines = str(text).strip().splitlines()
+    line = lines[0].strip() if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _fmt_value(value: Any) -> str:
+    """A label value as a user reads it: ``3`` rather than ``3.0``, ``0.5``, ``nan``."""
+    value = value.item() if isinstance(value, np.generic) else value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def case_id(path: str | Path) -> str:
+    """The case id of an image path: its file name without ``.nii.gz`` / ``.nii``.
+
+    Args:
+        path: image path.
+
+    Returns:
+        The id, e.g. ``"hippocampus_001"`` for ``./imagesTr/hippocampus_001.nii.gz``.
+    """
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_nifti(path: str | Path) -> nib.Nifti1Image:
+    """Load a NIfTI file and read all of its data.
+
+    The full read matters: a truncated ``.nii.gz`` loads its header fine and only fails when
+    the voxels are decompressed. The returned image holds its data in memory, so
+    ``np.asanyarray(img.dataobj)`` on it does not read the file again.
+
+    Args:
+        path: a ``.nii`` or ``.nii.gz`` file.
+
+    Returns:
+        The image, with its (scaled) voxel array in memory.
+
+    Raises:
+        DataError: the file is missing or not a readable NIfTI; the message names it.
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: missing")
+    try:
+        # mmap=False forces a real read of an uncompressed .nii, so truncation shows here.
+        img = nib.load(path, mmap=False)
+        if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
+            raise ValueError(f"{type(img).__name__}, not NIfTI")
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
+        # nibabel often repeats the full path in its message; the file name is enough there.
+        reason = _one_line(str(exc).replace(str(path), Path(path).name)) or type(exc).__name__
+        raise DataError(f"{path}: not a readable NIfTI ({reason})") from None
+    if data.dtype.kind not in "biuf":
+        raise DataError(f"{path}: not a readable NIfTI (unsupported voxel type {data.dtype})")
+    # Re-wrap so the image carries the array read above instead of a proxy onto the file.
+    return type(img)(data, img.affine, img.header)
+
+
+def _label_spatial_shape(path: str | Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Spatial shape of a label: its shape less trailing singleton (channel) axes beyond 3D."""
+    spatial = tuple(shape)
+    while len(spatial) > 3 and spatial[-1] == 1:
+        spatial = spatial[:-1]
+    if len(spatial) not in (2, 3):
+        raise DataError(f"{path}: a label must be a single-channel 2D or 3D volume, "
+                        f"found shape {tuple(shape)}")
+    return spatial
+
+
+def _check_label_values(path: str | Path, data: np.ndarray, num_classes: int | None) -> None:
+    """Labels must hold integer values (any dtype) in ``[0, num_classes)``."""
+    if num_classes is not None:
+        message = f"{path}: label values must be integers in [0, {num_classes}), found"
+    else:
+        message = f"{path}: label values must be non-negative integers, found"
+    if data.size == 0:
+        return
+    # min/max are two passes without a temporary and NaN propagates through both.
+    lo, hi = data.min(), data.max()
+    if data.dtype.kind == "f":
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            bad = lo if not np.isfinite(lo) else hi
+            raise DataError(f"{message} {_fmt_value(bad)}")
+        fractional = data != np.round(data)
+        if fractional.any():
+            raise DataError(f"{message} {_fmt_value(data[fractional].flat[0])}")
+    if lo < 0:
+        raise DataError(f"{message} {_fmt_value(lo)}")
+    if num_classes is not None and hi >= num_classes:
+        raise DataError(f"{message} {_fmt_value(hi)}")
+
+
+def check_case(case: Case, *, num_classes: int | None = None, in_channels: int = 1) -> None:
+    """Fully validate one case: readable files, matching grids, sane values.
+
+    Checks that image and label exist and are readable NIfTI (full data read); that their
+    spatial shapes and affines agree; that the image has ``in_channels`` channels (a 4D image
+    carries them last, as nibabel gives it) and no NaN/Inf; and that label values are
+    integers (any dtype) in ``[0, num_classes)``, or non-negative when ``num_classes`` is None.
+
+    Args:
+        case: a case dict with ``image`` and ``label`` paths.
+        num_classes: number of label classes, background included; None skips the upper bound.
+        in_channels: image channels expected.
+
+    Raises:
+        DataError: the first problem found, on one line naming the file(s) at fault.
+    """
+    image_path, label_path = case["image"], case["label"]
+
+    label = load_nifti(label_path)
+    label_shape = tuple(label.shape)
+    spatial = _label_spatial_shape(label_path, label_shape)
+    _check_label_values(label_path, np.asanyarray(label.dataobj), num_classes)
+    label_affine = label.affine
+    del label  # one volume in memory at a time
+
+    image = load_nifti(image_path)
+    image_shape = tuple(image.shape)
+    if image_shape == spatial:
+        channels = 1
+    elif len(image_shape) == len(spatial) + 1 and image_shape[: len(spatial)] == spatial:
+        channels = image_shape[-1]
+    else:
+        raise DataError(f"image/label shape mismatch: {image_path} {image_shape} "
+                        f"vs {label_path} {label_shape}")
+    if channels != in_channels:
+        raise DataError(f"{image_path}: expected {in_channels} image channel(s) (in_channels), "
+                        f"found {channels} (shape {image_shape})")
+    if not np.allclose(image.affine, label_affine, rtol=0.0, atol=AFFINE_ATOL):
+        diff = float(np.abs(image.affine - label_affine).max())
+        raise DataError(f"image/label affine mismatch: {image_path} vs {label_path} "
+                        f"(largest difference {diff:.4g})")
+    data = np.asanyarray(image.dataobj)
+    if data.dtype.kind == "f" and data.size:
+        lo, hi = data.min(), data.max()  # NaN propagates, Inf shows as an extreme
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            found = "NaN" if np.isnan(lo) or np.isnan(hi) else "Inf"
+            raise DataError(f"{image_path}: image contains {found} values")
+
+
+def _read_json(json_path: Path) -> dict[str, Any]:
+    """Parse dataset.json; every failure names the file."""
+    if not json_path.is_file():
+        raise DataError(f"{json_path}: missing")
+    try:
+        spec = json.loads(json_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{json_path}: not valid JSON ({_one_line(str(exc))})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{json_path}: unreadable ({_one_line(str(exc))})") from None
+    if not isinstance(spec, dict):
+        raise DataError(f"{json_path}: top level must be a JSON object")
+    return spec
+
+
+def _parse_entries(json_path: Path, root: Path, key: str, entries: Any) -> list[Case]:
+    """Turn one dataset.json list into cases with absolute paths that exist."""
+    if not isinstance(entries, list) or not entries:
+        raise DataError(f"{json_path}: '{key}' must be a non-empty list")
+    cases = []
+    for i, entry in enumerate(entries):
+        where = f"{json_path}: '{key}'[{i}]"
+        if not (isinstance(entry, dict) and all(
+            isinstance(entry.get(k), str) and entry[k].strip() for k in ("image", "label")
+        )):
+            raise DataError(f"{where} must be an object with 'image' and 'label' path strings")
+        paths = {}
+        for k in ("image", "label"):
+            rel = entry[k]
+            if not rel.endswith(NIFTI_SUFFIXES):
+                raise DataError(f"{where}.{k}: expected a .nii or .nii.gz file, got {rel!r}")
+            # normpath, not resolve(): keep the user's (possibly symlinked) folder in messages.
+            path = os.path.normpath(os.path.join(root, rel))
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: missing (referenced by '{key}'[{i}].{k} "
+                                f"in {json_path})")
+            paths[k] = path
+        cases.append({"image": paths["image"], "label": paths["label"],
+                      "case": case_id(paths["image"])})
+    return cases
+
+
+def _split(
+    cases: list[Case], val_fraction: float, split_seed: int
+) -> tuple[list[Case], list[Case]]:
+    """Deterministic train/validation split that ignores the order of ``cases``.
+
+    Cases are ranked by ``sha1(f"{split_seed}:{case_id}")``; the first ``n_val`` go to
+    validation. Hashing ids (not positions) keeps a case on the same side when cases are
+    reordered, and mostly when cases are added.
+    """
+    n = len(cases)
+    if n < 2:
+        return list(cases), []
+    n_val = min(n - 1, max(1, round(val_fraction * n)))  # always keep a training case
+
+    def rank(case: Case) -> str:
+        return hashlib.sha1(f"{split_seed}:{case['case']}".encode()).hexdigest()
+
+    ranked = sorted(cases, key=rank)
+    return ranked[n_val:], ranked[:n_val]
+
+
+def read_dataset(
+    root: str | Path,
+    *,
+    name: str | None = None,
+    val_fraction: float = 0.2,
+    split_seed: int = 0,
+    num_classes: int | None = None,
+    in_channels: int = 1,
+    check: bool = True,
+) -> SiteData:
+    """Read a site's MSD-layout folder into training and validation cases.
+
+    Uses the ``validation`` list when dataset.json has a non-empty one; otherwise (missing,
+    null or empty) splits ``training`` deterministically (see :func:`_split`). Case ids must be
+    unique across both lists. Structure and file existence are always checked.
+
+    Args:
+        root: the data folder (holding dataset.json).
+        name: site name; defaults to the folder name.
+        val_fraction: fraction of cases held out when there is no validation list.
+        split_seed: seed of the deterministic split.
+        num_classes: label classes (background included) that label values must fall in.
+        in_channels: image channels expected.
+        check: also read every file fully and validate it (:func:`check_case`).
+
+    Returns:
+        The site's cases, each list sorted by case id.
+
+    Raises:
+        DataError: the folder, dataset.json or a case violates the contract.
+        ValueError: ``val_fraction`` is not in (0, 1).
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    root = Path(os.path.abspath(os.path.expanduser(root)))
+    if not root.exists():
+        raise DataError(f"{root}: data folder not found")
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder (expected a data folder with {DATASET_JSON})")
+    json_path = root / DATASET_JSON
+    spec = _read_json(json_path)
+
+    if "training" not in spec:
+        raise DataError(f"{json_path}: 'training' must be a non-empty list")
+    train = _parse_entries(json_path, root, "training", spec["training"])
+    explicit = spec.get("validation")
+    validation = (_parse_entries(json_path, root, "validation", explicit)
+                  if explicit not in (None, []) else [])
+
+    seen: dict[str, str] = {}
+    for case in [*train, *validation]:
+        if case["case"] in seen:
+            raise DataError(f"{json_path}: duplicate case id '{case['case']}' "
+                            f"({seen[case['case']]} and {case['image']})")
+        seen[case["case"]] = case["image"]
+
+    if not validation:
+        train, validation = _split(train, val_fraction, split_seed)
+    if check:
+        for case in [*train, *validation]:
+            check_case(case, num_classes=num_classes, in_channels=in_channels)
+
+    def by_id(cases: list[Case]) -> list[Case]:
+        return sorted(cases, key=lambda c: c["case"])
+
+    return SiteData(name=name or root.name, root=root, train=by_id(train),
+                    validation=by_id(validation))
+
+
+def read_test_set(
+    root: str | Path,
+    *,
+    name: str | None = None,
+    num_classes: int | None = None,
+    in_channels: int = 1,
+    check: bool = True,
+) -> list[Case]:
+    """All cases (training and validation lists) of a held-out test folder.
+
+    Args:
+        root: the test folder, in the same MSD layout as a site's.
+        name: the test set's name (accepted for symmetry with :func:`read_dataset`).
+        num_classes: label classes that label values must fall in.
+        in_channels: image channels expected.
+        check: read and validate every file fully.
+
+    Returns:
+        Every labelled case, sorted by case id.
+
+    Raises:
+        DataError: the folder, dataset.json or a case violates the contract.
+    """
+    site = read_dataset(root, name=name, num_classes=num_classes, in_channels=in_channels,
+                        check=check)
+    return sorted(site.cases, key=lambda c: c["case"])
