@@ -1,0 +1,773 @@
+"""Turn a run's ``summary.json`` into PNG plots and a Markdown report.
+
+Every run (federated, local, pooled, later the deployed server) writes the same summary
+layout through :class:`~fedscan.shared.history.RunHistory`; this module reads only that dict,
+so it works on a finished run, on a run that crashed half-way (the summary is rewritten every
+round) and on an old output folder.
+
+Summaries are treated as untrusted: any key may be missing, ``None`` (JSON has no NaN, so the
+history writes non-finite numbers as ``null``) or of an unexpected type. Missing values show
+as "—" in tables and as gaps in plots, never as a crash.
+
+Plots use matplotlib's object API (:class:`~matplotlib.figure.Figure` with the Agg canvas)
+instead of pyplot: no global backend switch, no display needed, and no figures left open in a
+long-running server.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+#: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
+MISSING = "—"
+
+#: Order modes appear in comparisons; pooled (the centralised upper bound) comes last.
+MODE_ORDER = ("federated", "local", "pooled")
+
+#: Train fields with a fixed place in the per-round tables; any other scalar is appended.
+_KNOWN_TRAIN_FIELDS = ("loss", "num_examples", "steps")
+_FIELD_LABELS = {"loss": "Train loss", "num_examples": "Examples", "steps": "Steps"}
+
+_MODE_COLORS = {"federated": "tab:blue", "local": "tab:orange", "pooled": "tab:green"}
+
+_FILE_NOTES = {
+    "summary.json": "every number in this report, machine-readable (per round, per site, "
+    "final results and the full run config).",
+    "report.md": "this report.",
+    "dice.png": "validation Dice per site after each round; the thick dashed grey line is the "
+    "aggregate over sites.",
+    "loss.png": "training loss per site after each round.",
+    "checkpoints/": "the model after each round (`round_NNN.pt`), to inspect or resume a run; "
+    "safe to delete once the run is finished.",
+}
+
+
+# --------------------------------------------------------------------------- value helpers
+
+
+def _num(value: Any) -> float | None:
+    """``value`` as a float, or None if it is missing, not a number or NaN.
+
+    Infinity is kept: an HD95 of inf (empty prediction) is a real, if bad, result.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return None if math.isnan(value) else value
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    """Format a table cell: numbers to ``digits`` decimals, tiny ones in scientific notation.
+
+    Args:
+        value: number, string, bool or anything missing.
+        digits: decimals for floats.
+
+    Returns:
+        The cell text; :data:`MISSING` for None/NaN.
+    """
+    if value is None:
+        return MISSING
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return MISSING
+        if math.isinf(value):
+            return "∞" if value > 0 else "-∞"
+        # A DP delta of 1e-5 would print as 0.0000 and read as "no privacy guarantee".
+        if value != 0 and abs(value) < 10 ** -(digits - 1):
+            return f"{value:.2e}"
+        return f"{value:.{digits}f}"
+    return _md(str(value))
+
+
+def _md(text: str) -> str:
+    """Escape a string for a Markdown table cell (a ``|`` would split the cell)."""
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    """Unweighted mean of the values that are present, or None if none are."""
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    """``value`` if it is a mapping, else an empty dict (tolerates ``null`` in the JSON)."""
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def _rounds(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The summary's rounds, sorted by round number, each with an int ``round``.
+
+    A round without a number gets its position (1-based), so hand-written summaries work.
+    """
+    rounds = summary.get("rounds")
+    if not isinstance(rounds, list):
+        return []
+    out = []
+    for i, entry in enumerate(rounds, start=1):
+        if not isinstance(entry, Mapping):
+            continue
+        entry = dict(entry)
+        rnd = _num(entry.get("round"))
+        entry["round"] = int(rnd) if rnd is not None and math.isfinite(rnd) else i
+        out.append(entry)
+    return sorted(out, key=lambda e: e["round"])
+
+
+def _ordered_keys(declared: Any, *mappings: Mapping[str, Any]) -> list[str]:
+    """Declared names first (in config order), then any other key the mappings hold.
+
+    The summary's ``sites`` list fixes the order; keys that only appear in the data (e.g.
+    ``pooled``) are appended so nothing recorded is silently dropped.
+    """
+    keys = [str(s) for s in declared] if isinstance(declared, list) else []
+    for mapping in mappings:
+        for key in mapping:
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
+def _eval_sites(summary: Mapping[str, Any]) -> list[str]:
+    """Sites that have (or should have) validation results, in config order."""
+    rounds = _rounds(summary)
+    final = _dict(summary.get("final"))
+    return _ordered_keys(
+        summary.get("sites"), *(_dict(r.get("evaluate")) for r in rounds),
+        _dict(final.get("per_site")),
+    )
+
+
+def _train_keys(summary: Mapping[str, Any]) -> list[str]:
+    """Keys of ``rounds[i].train``: sites, or the single ``pooled`` key in pooled mode."""
+    rounds = _rounds(summary)
+    recorded = [_dict(r.get("train")) for r in rounds]
+    seen = {k for t in recorded for k in t}
+    # Pooled runs train one model on everyone's data: listing every site with empty loss
+    # columns would suggest that the sites failed.
+    declared = summary.get("sites") if summary.get("mode") != "pooled" or not seen else None
+    return _ordered_keys(declared, *recorded)
+
+
+def _site_color(index: int) -> Any:
+    """Stable colour per site so a site looks the same in every plot of a run."""
+    return f"C{index % 10}"
+
+
+def _mode_title(summary: Mapping[str, Any]) -> str:
+    """``federated (fedavg)``, ``local``, ... for titles and headings."""
+    mode = str(summary.get("mode") or "unknown mode")
+    strategy = summary.get("strategy")
+    return f"{mode} ({strategy})" if strategy else mode
+
+
+def _duration(seconds: float | None) -> str:
+    """Wall time for people: ``130.2 s (2 min 10 s)``."""
+    if seconds is None or math.isinf(seconds):
+        return "unknown time"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    human = f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+    return f"{seconds:.1f} s ({human})"
+
+
+def site_mean_dice(summary: Mapping[str, Any]) -> float | None:
+    """Final Dice averaged over sites, each site counting once.
+
+    Unweighted on purpose: comparisons ask "how well does each hospital do", and a large
+    site should not hide a small one. Falls back to the run's own ``final.dice`` when the
+    summary has no per-site results.
+
+    Args:
+        summary: a run summary.
+
+    Returns:
+        The mean, or None if the run has no final Dice.
+    """
+    final = _dict(summary.get("final"))
+    per_site = _dict(final.get("per_site"))
+    mean = _mean(_num(_dict(m).get("dice")) for m in per_site.values())
+    return mean if mean is not None else _num(final.get("dice"))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _new_figure() -> tuple[Figure, Axes]:
+    fig = Figure(figsize=(8, 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _series(rounds: list[dict[str, Any]], part: str, key: str | None, metric: str,
+            xs: list[int]) -> list[float]:
+    """Values of ``rounds[*][part][key][metric]`` at rounds ``xs``; NaN where missing.
+
+    Args:
+        rounds: from :func:`_rounds`.
+        part: ``train``, ``evaluate`` or ``aggregate``.
+        key: the site (or ``pooled``); None reads ``metric`` from ``part`` itself.
+        metric: e.g. ``dice`` or ``loss``.
+        xs: round numbers to read.
+
+    Returns:
+        One float per round. NaN (not a dropped point) makes matplotlib break the line, so
+        a site that missed a round shows a gap instead of a line drawn across that round.
+    """
+    by_round = {r["round"]: r for r in rounds}
+    out = []
+    for x in xs:
+        values = _dict(by_round.get(x, {}).get(part))
+        if key is not None:
+            values = _dict(values.get(key))
+        value = _num(values.get(metric))
+        out.append(math.nan if value is None else value)
+    return out
+
+
+def _round_axis(rounds: list[dict[str, Any]]) -> list[int]:
+    """Every round number from first to last, so a missing round is a gap on the x axis."""
+    if not rounds:
+        return []
+    return list(range(rounds[0]["round"], rounds[-1]["round"] + 1))
+
+
+def _bridge_gaps(ax: Axes, xs: list[int], ys: list[float], color: Any) -> None:
+    """Join points across missed rounds with a faint dotted line in the series' colour.
+
+    The solid line stays broken (so the gap is visible), but isolated points still read as
+    one site's trend instead of stray dots.
+    """
+    present = [i for i, y in enumerate(ys) if math.isfinite(y)]
+    if len(present) < 2 or present[-1] - present[0] + 1 == len(present):
+        return  # no missing round between the first and last point: nothing to bridge
+    gx = [xs[i] for i in present]
+    gy = [ys[i] for i in present]
+    ax.plot(gx, gy, linestyle=":", linewidth=1.2, color=color, alpha=0.6, zorder=1.5,
+            clip_on=False)
+
+
+def _finish_axes(ax: Axes, xs: list[int], empty_text: str) -> None:
+    """Integer round ticks, a legend outside the data, or a note when there is nothing."""
+    ax.set_xlabel("round")
+    ax.grid(True, alpha=0.3)
+    if not xs:
+        ax.set_xticks([])  # ticks 0..1 would suggest rounds that never ran
+    else:
+        # Only real round numbers: a lone round would otherwise get ticks "0" and "2".
+        if len(xs) <= 20:
+            ax.set_xticks(xs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(xs[0] - 0.5, xs[-1] + 0.5)
+    if ax.lines:
+        # Outside the axes: curves rise to the top-right, exactly where "best" puts it.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  frameon=False)
+    else:
+        ax.text(0.5, 0.5, empty_text, ha="center", va="center", transform=ax.transAxes,
+                color="0.4")
+
+
+def plot_dice(path: Path, summary: Mapping[str, Any]) -> Path:
+    """Write the Dice-per-round plot.
+
+    Args:
+        path: the PNG to write.
+        summary: a run summary.
+
+    Returns:
+        ``path``.
+    """
+    rounds = _rounds(summary)
+    xs = _round_axis(rounds)
+    fig, ax = _new_figure()
+    if xs:
+        for i, site in enumerate(_eval_sites(summary)):
+            ys = _series(rounds, "evaluate", site, "dice", xs)
+            if all(math.isnan(y) for y in ys):
+                continue
+            # clip_on=False: a Dice of exactly 1.0 would otherwise show half a marker.
+            ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=site,
+                    color=_site_color(i), clip_on=False)
+            _bridge_gaps(ax, xs, ys, _site_color(i))
+        agg_ys = _series(rounds, "aggregate", None, "dice", xs)
+        if not all(math.isnan(y) for y in agg_ys):
+            # Under the site lines and translucent: a site that tracks the aggregate closely
+            # (common: the aggregate is their mean) would otherwise vanish beneath it.
+            ax.plot(xs, agg_ys, linestyle="--", linewidth=3.5, color="black", alpha=0.55,
+                    marker="D", markersize=5, label="aggregate", clip_on=False, zorder=1.9)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("validation Dice")
+    ax.set_title(f"Dice per round — {_mode_title(summary)}")
+    _finish_axes(ax, xs, "no rounds recorded yet")
+    fig.savefig(path)
+    return path
+
+
+def plot_loss(path: Path, summary: Mapping[str, Any]) -> Path:
+    """Write the train-loss-per-round plot (one line per train key: site or ``pooled``).
+
+    Args:
+        path: the PNG to write.
+        summary: a run summary.
+
+    Returns:
+        ``path``.
+    """
+    rounds = _rounds(summary)
+    xs = _round_axis(rounds)
+    sites = _eval_sites(summary)
+    fig, ax = _new_figure()
+    top = 0.0
+    if xs:
+        for key in _train_keys(summary):
+            ys = _series(rounds, "train", key, "loss", xs)
+            finite = [y for y in ys if math.isfinite(y)]
+            if not finite:
+                continue
+            top = max(top, *finite)
+            # Same colour as the site's Dice line; "pooled" gets the next free colour.
+            idx = sites.index(key) if key in sites else len(sites)
+            ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=key,
+                    color=_site_color(idx), clip_on=False)
+            _bridge_gaps(ax, xs, ys, _site_color(idx))
+        if ax.lines and top > 0:
+            # From 0 so sites compare at a glance; explicit head-room because autoscale's
+            # margin is relative to the data's spread and clips markers when it is small.
+            ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("training loss")
+    ax.set_title(f"Training loss per round — {_mode_title(summary)}")
+    _finish_axes(ax, xs, "no rounds recorded yet")
+    fig.savefig(path)
+    return path
+
+
+def write_plots(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
+    """Write ``dice.png`` and ``loss.png`` into ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder (created if needed).
+        summary: the run summary (the content of ``summary.json``).
+
+    Returns:
+        The paths written, Dice plot first.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [plot_dice(out_dir / "dice.png", summary), plot_loss(out_dir / "loss.png", summary)]
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _is_numeric_cell(cell: str) -> bool:
+    try:
+        float(cell.strip("*"))
+    except ValueError:
+        return cell in (MISSING, "∞", "-∞")
+    return True
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: the first column (names) and text columns left, numbers right.
+
+    Args:
+        header: column titles (escaped here).
+        rows: cells, already formatted and escaped.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    head = "| " + " | ".join(_md(h) for h in header) + " |"
+    aligns = [
+        "---:" if i > 0 and all(_is_numeric_cell(r[i]) for r in rows) else ":---"
+        for i in range(len(header))
+    ]
+    sep = "| " + " | ".join(aligns) + " |"
+    body = ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join([head, sep, *body])
+
+
+def _overview(summary: Mapping[str, Any]) -> str:
+    mode = summary.get("mode") or "unknown"
+    sites = _eval_sites(summary)
+    rounds = _rounds(summary)
+    what = {
+        "federated": "a **federated** run: the sites trained one shared model without "
+        "exchanging images, sending only model updates to the server",
+        "local": "a **local** baseline: each site trained its own model on its own data only",
+        "pooled": "a **pooled** baseline: one model trained on all sites' data in one place "
+        "(the centralised upper bound federated learning aims to match)",
+    }.get(str(mode), f"a **{_md(str(mode))}** run")
+    parts = [f"This is {what}."]
+    task = summary.get("task")
+    strategy = summary.get("strategy")
+    details = f"Task: **{_md(str(task))}**" if task else "Task: unknown"
+    if strategy:
+        details += f"; aggregation strategy: **{_md(str(strategy))}**"
+    parts.append(details + ".")
+    site_list = ", ".join(f"`{_md(s)}`" for s in sites) or "none recorded"
+    n_rounds = len(rounds)
+    parts.append(
+        f"{len(sites)} site{'s' if len(sites) != 1 else ''} ({site_list}), "
+        f"{n_rounds} round{'s' if n_rounds != 1 else ''} recorded, "
+        f"wall time {_duration(_num(summary.get('seconds')))}."
+    )
+    mean = site_mean_dice(summary)
+    if mean is not None:
+        parts.append(f"Final Dice, mean over sites: **{_fmt(mean)}** "
+                     "(1 = perfect overlap with the reference segmentation).")
+    return " ".join(parts)
+
+
+def _final_section(summary: Mapping[str, Any]) -> list[str]:
+    final = _dict(summary.get("final"))
+    per_site = _dict(final.get("per_site"))
+    lines = ["## Final results per site", ""]
+    if not per_site and _num(final.get("dice")) is None:
+        return [*lines, "No final results recorded (the run may not have finished).", ""]
+    rows = []
+    dices, hds = [], []
+    for site in _eval_sites(summary):
+        metrics = _dict(per_site.get(site))
+        dice, hd = _num(metrics.get("dice")), _num(metrics.get("hd95"))
+        dices.append(dice)
+        hds.append(hd)
+        rows.append([f"`{_md(site)}`", _fmt(dice), _fmt(hd, 3),
+                     _fmt(metrics.get("num_examples"))])
+    rows.append(["**mean over sites**", f"**{_fmt(_mean(dices))}**", f"**{_fmt(_mean(hds), 3)}**",
+                 MISSING])
+    lines.append(_table(["Site", "Dice", "HD95 (mm)", "Validation cases"], rows))
+    lines.append("")
+    weighted = _num(final.get("dice"))
+    if weighted is not None:
+        lines.append(f"Overall Dice as reported by the run (weighted by validation cases): "
+                     f"{_fmt(weighted)}; HD95: {_fmt(_num(final.get('hd95')), 3)}.")
+        lines.append("")
+    lines.append("Dice: overlap between predicted and reference segmentation (0–1, higher is "
+                 "better). HD95: 95th-percentile boundary distance in millimetres (lower is "
+                 "better). Each site's results are on its own validation cases, evaluated "
+                 "inside that hospital.")
+    lines.append("")
+    return lines
+
+
+def _test_set_section(summary: Mapping[str, Any]) -> list[str]:
+    final = _dict(summary.get("final"))
+    results = _dict(final.get("test_sets"))
+    names = _ordered_keys(summary.get("test_sets"), results)
+    if not names:
+        return []
+    lines = ["## Held-out test sets", ""]
+    rows = []
+    for name in names:
+        m = _dict(results.get(name))
+        rows.append([f"`{_md(name)}`", _fmt(m.get("num_examples")), _fmt(_num(m.get("dice"))),
+                     _fmt(_num(m.get("hd95")), 3)])
+    lines += [_table(["Test set", "Cases", "Dice", "HD95 (mm)"], rows), ""]
+    for name in names:
+        cases = _dict(_dict(results.get(name)).get("cases"))
+        if not cases:
+            continue
+        case_rows = [[f"`{_md(str(cid))}`", _fmt(_num(_dict(m).get("dice"))),
+                      _fmt(_num(_dict(m).get("hd95")), 3)] for cid, m in sorted(cases.items())]
+        lines += [f"### Cases in `{_md(name)}`", "",
+                  _table(["Case", "Dice", "HD95 (mm)"], case_rows), ""]
+    return lines
+
+
+def _train_fields(rounds: list[dict[str, Any]]) -> list[str]:
+    """Scalar train fields present in any round, known ones first, then in first-seen order.
+
+    Privacy fields (``epsilon``, ``delta``, ``status``) are added by later features; listing
+    whatever is there means they show up without this module having to know them.
+    """
+    seen: list[str] = []
+    for r in rounds:
+        for metrics in _dict(r.get("train")).values():
+            for key, value in _dict(metrics).items():
+                scalar = value is None or isinstance(value, (str, int, float, bool))
+                if scalar and key not in seen:
+                    seen.append(key)
+    known = [f for f in _KNOWN_TRAIN_FIELDS if f in seen]
+    return known + [f for f in seen if f not in _KNOWN_TRAIN_FIELDS]
+
+
+def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
+    rounds = _rounds(summary)
+    lines = ["## Per round", ""]
+    if not rounds:
+        return [*lines, "No rounds recorded yet.", ""]
+    train_keys = _train_keys(summary)
+    sites = _eval_sites(summary)
+    header = ["Round", "Seconds"]
+    header += [f"{k} loss" for k in train_keys]
+    header += [f"{s} Dice" for s in sites]
+    header += ["Aggregate Dice"]
+    rows = []
+    for r in rounds:
+        train, evaluate = _dict(r.get("train")), _dict(r.get("evaluate"))
+        row = [str(r["round"]), _fmt(_num(r.get("seconds")), 1)]
+        row += [_fmt(_num(_dict(train.get(k)).get("loss"))) for k in train_keys]
+        row += [_fmt(_num(_dict(evaluate.get(s)).get("dice"))) for s in sites]
+        row.append(_fmt(_num(_dict(r.get("aggregate")).get("dice"))))
+        rows.append(row)
+    lines += [_table(header, rows), "",
+              f"{MISSING} means the site sent no result that round (it failed, timed out or "
+              "declined), or the value was not computed.", ""]
+
+    # Long format: one row per round and site keeps the table readable however many fields
+    # (privacy budget, status, ...) later features add.
+    fields = _train_fields(rounds)
+    if fields:
+        lines += ["### Training details per site", ""]
+        detail_rows = []
+        for r in rounds:
+            train = _dict(r.get("train"))
+            for key in train_keys:
+                metrics = _dict(train.get(key))
+                cells = [_fmt(_num(metrics.get(f)) if f == "loss" else metrics.get(f))
+                         for f in fields]
+                detail_rows.append([str(r["round"]), f"`{_md(key)}`", *cells])
+        header = ["Round", "Site", *(_FIELD_LABELS.get(f, f) for f in fields)]
+        lines += [_table(header, detail_rows), ""]
+    return lines
+
+
+def _model_lines(summary: Mapping[str, Any]) -> list[str]:
+    model = summary.get("model")
+    lines = ["## Model", ""]
+    if isinstance(model, Mapping) and model:
+        lines.append("One model per site (local baseline; each was trained on that site's "
+                     "data only):")
+        lines.append("")
+        lines += [f"- `{_md(str(site))}`: `{_md(str(path))}`" for site, path in model.items()]
+    elif model:
+        lines.append(f"Final model: `{_md(str(model))}`. It carries its config, so "
+                     "`fedscan predict` needs nothing else to run it.")
+    else:
+        lines.append("No final model recorded (the run may not have finished).")
+    lines.append("")
+    return lines
+
+
+def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
+    lines = ["## Files in this folder", ""]
+    for name in ("summary.json", "report.md", "dice.png", "loss.png"):
+        lines.append(f"- `{name}`: {_FILE_NOTES[name]}")
+    if (out_dir / "checkpoints").is_dir() or summary.get("mode") == "federated":
+        lines.append(f"- `checkpoints/`: {_FILE_NOTES['checkpoints/']}")
+    model = summary.get("model")
+    paths = list(model.values()) if isinstance(model, Mapping) else [model] if model else []
+    for path in paths:
+        lines.append(f"- `{_md(str(path))}`: trained model weights with their config, for "
+                     "`fedscan predict`.")
+    if not paths:
+        lines.append("- `final_model.pt`: the trained model with its config (written when the "
+                     "run finishes).")
+    lines.append("")
+    return lines
+
+
+def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
+    """Write the plots and ``report.md`` for one run into ``out_dir``.
+
+    Args:
+        out_dir: the run's output folder (created if needed).
+        summary: the run summary (the content of ``summary.json``).
+
+    Returns:
+        The path of ``report.md``.
+    """
+    out_dir = Path(out_dir)
+    plots = write_plots(out_dir, summary)
+    lines = [f"# fedscan run report — {_md(_mode_title(summary))}", "", _overview(summary), ""]
+    lines += _final_section(summary)
+    lines += _test_set_section(summary)
+    lines += ["## Plots", ""]
+    captions = {"dice.png": "Validation Dice per round", "loss.png": "Training loss per round"}
+    # Relative links, so the folder can be moved, zipped or viewed on another machine.
+    lines += [f"![{captions.get(p.name, p.stem)}]({p.name})\n" for p in plots]
+    lines += _rounds_section(summary)
+    lines += _model_lines(summary)
+    lines += _files_lines(out_dir, summary)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- comparison
+
+
+def _comparison_data(
+    summaries: Mapping[str, Mapping[str, Any]],
+) -> tuple[list[str], list[str], dict[str, dict[str, float | None]], dict[str, float]]:
+    """Modes (ordered), sites, final Dice per mode and site (plus ``mean``), and ratios."""
+    modes = [m for m in MODE_ORDER if m in summaries]
+    modes += [m for m in summaries if m not in modes]
+    sites: list[str] = []
+    for mode in modes:
+        for site in _eval_sites(summaries[mode]):
+            if site not in sites:
+                sites.append(site)
+    table: dict[str, dict[str, float | None]] = {}
+    for mode in modes:
+        per_site = _dict(_dict(summaries[mode].get("final")).get("per_site"))
+        row = {s: _num(_dict(per_site.get(s)).get("dice")) for s in sites}
+        row["mean"] = site_mean_dice(summaries[mode])
+        table[mode] = row
+    ratios: dict[str, float] = {}
+    pooled = table.get("pooled", {}).get("mean")
+    if pooled:  # None or 0: no meaningful ratio
+        for mode in ("federated", "local"):
+            value = table.get(mode, {}).get("mean")
+            if value is not None:
+                ratios[f"{mode}/pooled"] = value / pooled
+    return modes, sites, table, ratios
+
+
+def _coverage_notes(modes: list[str], sites: list[str],
+                    table: Mapping[str, Mapping[str, float | None]]) -> list[str]:
+    """One line per mode that lacks some site's final Dice (its mean covers fewer sites)."""
+    notes = []
+    for mode in modes:
+        missing = [s for s in sites if table[mode][s] is None]
+        if missing and table[mode]["mean"] is not None:
+            notes.append(f"note: {mode} has no final Dice for {', '.join(missing)}; "
+                         "its mean covers the other sites only.")
+    return notes
+
+
+_RATIO_NOTE = ("ratio of mean final Dice (each site counting once) to the pooled baseline; "
+               "1.0 means as good as training on all data in one place.")
+
+
+def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
+    """The comparison table as aligned plain text, for the terminal.
+
+    Args:
+        summaries: run summaries keyed by mode (``federated``, ``local``, ``pooled``).
+
+    Returns:
+        The table and the ratios, several lines without a trailing newline.
+    """
+    modes, sites, table, ratios = _comparison_data(summaries)
+    if not modes:
+        return "no runs to compare"
+    header = ["mode", *sites, "mean"]
+    rows = [[m, *(_fmt(table[m][s]) for s in [*sites, "mean"])] for m in modes]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    out = ["Final Dice per site", line(header), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    out += _coverage_notes(modes, sites, table)
+    for name, value in ratios.items():
+        out.append(f"{name}: {value:.4f}")
+    return "\n".join(out)
+
+
+def plot_comparison(path: Path, summaries: Mapping[str, Mapping[str, Any]]) -> Path:
+    """Write grouped bars: final Dice per site (and the mean), one bar per mode.
+
+    Args:
+        path: the PNG to write.
+        summaries: run summaries keyed by mode.
+
+    Returns:
+        ``path``.
+    """
+    modes, sites, table, _ = _comparison_data(summaries)
+    groups = [*sites, "mean"]
+    # Grow with the number of bars, within what fits a report page.
+    width_in = min(14.0, max(7.0, 2.5 + 0.35 * len(groups) * max(1, len(modes))))
+    fig = Figure(figsize=(width_in, 4.8), dpi=120, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(modes))
+    for i, mode in enumerate(modes):
+        xs = [g + (i - (len(modes) - 1) / 2) * width for g in range(len(groups))]
+        ys = [table[mode][g] for g in groups]
+        heights = [0.0 if y is None else y for y in ys]
+        color = _MODE_COLORS.get(mode, f"C{(i + 3) % 10}")
+        bars = ax.bar(xs, heights, width=width * 0.95, label=mode, color=color)
+        # Write the value on each bar: the differences that matter are often in the 2nd
+        # decimal, below what a bar's height shows; a missing value is labelled, not hidden.
+        labels = ["n/a" if y is None else f"{y:.3f}" for y in ys]  # a dash rotated reads "|"
+        ax.bar_label(bars, labels=labels, padding=2, fontsize=7, rotation=90)
+    ax.set_xticks(range(len(groups)), [*sites, "mean over sites"])
+    if len(groups) > 5:
+        # Hospital names are long; side by side they run into each other.
+        ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
+    # The mean is a summary, not another hospital: set it apart.
+    ax.axvline(len(groups) - 1.5, color="0.6", linewidth=1, linestyle=":")
+    ax.set_ylim(0, 1.15)  # head-room for the value labels
+    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    ax.set_ylabel("final Dice")
+    ax.set_title("Final Dice per site and mode")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    if modes:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  frameon=False)
+    fig.savefig(path)
+    return path
+
+
+def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Write ``comparison.md`` and ``comparison.png`` for runs of several modes.
+
+    Args:
+        out_dir: folder to write into (created if needed).
+        summaries: run summaries keyed by mode (``federated``, ``local``, ``pooled``).
+
+    Returns:
+        ``{"federated/pooled": r, "local/pooled": r}``, only the ratios that can be computed
+        (both runs present with a final Dice, pooled Dice above zero).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modes, sites, table, ratios = _comparison_data(summaries)
+    plot = plot_comparison(out_dir / "comparison.png", summaries)
+    rows = [[f"**{_md(m)}**", *(_fmt(table[m][s]) for s in sites), f"**{_fmt(table[m]['mean'])}**"]
+            for m in modes]
+    lines = ["# fedscan comparison: federated vs local vs pooled", "",
+             "Final validation Dice per site for each training mode. Each site's Dice is "
+             "measured on its own validation cases.", "",
+             _table(["Mode", *(f"`{_md(s)}`" for s in sites), "Mean"], rows), ""]
+    notes = _coverage_notes(modes, sites, table)
+    if notes:
+        lines += [f"- {_md(n[0].upper() + n[1:])}" for n in notes] + [""]
+    if ratios:
+        lines += ["| Ratio | Value |", "| :--- | ---: |"]
+        lines += [f"| {name} | {_fmt(value)} |" for name, value in ratios.items()]
+        lines += ["", f"Ratio: {_RATIO_NOTE}", ""]
+    else:
+        lines += ["No ratio to the pooled baseline could be computed (a pooled run with a "
+                  "final Dice is needed).", ""]
+    lines += [f"![Final Dice per site and mode]({plot.name})", ""]
+    (out_dir / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
+    return ratios
