@@ -1,0 +1,241 @@
+"""Synthetic head-phantom federation: determinism, geometry, MSD layout, caching."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from fedscan.shared import phantoms as P
+from fedscan.shared.errors import DataError
+
+SITES = ("site-a", "site-b", "site-c")
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The full default layout, generated once for the module (~3 s)."""
+    return P.generate_federation(tmp_path_factory.mktemp("fed") / "phantoms", seed=0)
+
+
+@pytest.fixture
+def tiny_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two-case federation for the tests of caching and atomicity (fast)."""
+    layout = (("site-a", P.SITE_PROFILES["site-a"], 2, 1),)
+    monkeypatch.setattr(P, "FEDERATION_LAYOUT", layout)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _case(seed: int, site: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    anatomy_rng, scanner_rng = P.case_rngs(seed, site, index)
+    return P.render(P.sample_anatomy(anatomy_rng), P.SITE_PROFILES[site], scanner_rng)
+
+
+def test_same_seed_gives_identical_files(federation: dict[str, Path], tmp_path: Path) -> None:
+    again = P.generate_federation(tmp_path / "again", seed=0)
+    root = federation["site-a"].parent
+    assert set(again) == set(federation)
+    assert _files(tmp_path / "again") == _files(root)
+
+
+def test_different_seeds_and_cases_differ() -> None:
+    img0, lab0, _ = _case(0, "site-a", 0)
+    img1, lab1, _ = _case(1, "site-a", 0)
+    img_next, lab_next, _ = _case(0, "site-a", 1)
+    assert not np.array_equal(img0, img1) and not np.array_equal(lab0, lab1)
+    assert not np.array_equal(img0, img_next) and not np.array_equal(lab0, lab_next)
+    again, lab_again, _ = _case(0, "site-a", 0)
+    assert np.array_equal(img0, again) and np.array_equal(lab0, lab_again)
+
+
+def test_files_carry_profile_orientation_grid_and_dtype(federation: dict[str, Path]) -> None:
+    profiles = {**P.SITE_PROFILES, "heldout": P.HELDOUT_PROFILE}
+    for name, folder in federation.items():
+        profile = profiles[name]
+        shape, affine = P.profile_grid(profile)
+        images = sorted((folder / "imagesTr").glob("*.nii.gz"))
+        assert images
+        for image_path in images:
+            img = nib.load(image_path)
+            lab = nib.load(folder / "labelsTr" / image_path.name)
+            assert "".join(nib.aff2axcodes(img.affine)) == profile.orientation
+            assert "".join(nib.aff2axcodes(lab.affine)) == profile.orientation
+            assert img.shape == lab.shape == shape
+            np.testing.assert_allclose(img.header.get_zooms(), profile.spacing)
+            np.testing.assert_allclose(img.affine, affine, atol=1e-5)
+            assert int(img.header["qform_code"]) == int(img.header["sform_code"]) == 1
+            assert img.get_data_dtype() == np.dtype(profile.dtype)
+            assert lab.get_data_dtype() == np.uint8
+            assert set(np.unique(np.asanyarray(lab.dataobj))) == {0, 1}
+        # Small grids keep CPU training fast.
+        assert all(30 <= n <= 64 for n in shape)
+
+
+def test_brain_volume_agrees_across_sites() -> None:
+    for seed in range(3):
+        anatomy = P.sample_anatomy(np.random.default_rng(seed))
+        volumes = []
+        for site in SITES:
+            _, label, affine = P.render(anatomy, P.SITE_PROFILES[site], np.random.default_rng(0))
+            volumes.append(label.sum() * abs(np.linalg.det(affine[:3, :3])))
+        assert (max(volumes) - min(volumes)) / min(volumes) < 0.05, volumes
+        # Adult-brain scale (ml), not a degenerate blob.
+        assert min(volumes) > 700e3 and max(volumes) < 2000e3
+
+
+def test_label_is_consistent_in_world_space() -> None:
+    """Brain voxels of one grid, looked up in another grid, are brain there too."""
+    anatomy = P.sample_anatomy(np.random.default_rng(3))
+    _, lab_a, aff_a = P.render_clean(anatomy, P.SITE_PROFILES["site-a"])
+    _, lab_c, aff_c = P.render_clean(anatomy, P.SITE_PROFILES["site-c"])
+    ijk_a = np.argwhere(lab_a > 0)
+    world = aff_a[:3, :3] @ ijk_a.T + aff_a[:3, 3:4]
+    ijk_c = np.rint(np.linalg.inv(aff_c[:3, :3]) @ (world - aff_c[:3, 3:4])).astype(int).T
+    inside = np.all((ijk_c >= 0) & (ijk_c < lab_c.shape), axis=1)
+    agree = lab_c[tuple(ijk_c[inside].T)].mean()
+    assert inside.all() and agree > 0.95
+
+
+def test_sites_differ_in_contrast_and_storage() -> None:
+    """Gamma changes grey/white contrast: the 10th/50th percentile ratio inside the brain."""
+    ratios: dict[str, list[float]] = {site: [] for site in SITES}
+    for seed in range(2):
+        anatomy = P.sample_anatomy(np.random.default_rng(seed))
+        for site in SITES:
+            profile = P.SITE_PROFILES[site]
+            image, label, _ = P.render(anatomy, profile, np.random.default_rng(seed))
+            assert image.dtype == np.dtype(profile.dtype)
+            brain = image[label > 0].astype(np.float64) - profile.offset
+            ratios[site].append(np.percentile(brain, 10) / np.median(brain))
+    a, b, c = (float(np.mean(ratios[s])) for s in SITES)
+    assert b - a > 0.05 and a - c > 0.05, (a, b, c)
+
+
+def test_not_separable_by_one_global_threshold() -> None:
+    """Scalp is brighter than brain, so no threshold alone gives a good brain mask."""
+    anatomy = P.sample_anatomy(np.random.default_rng(0))
+    image, label, _ = P.render(anatomy, P.SITE_PROFILES["site-a"], np.random.default_rng(0))
+    truth = label > 0
+    best = 0.0
+    for t in np.quantile(image, np.linspace(0.3, 0.995, 100)):
+        mask = image > t
+        best = max(best, 2 * (mask & truth).sum() / (mask.sum() + truth.sum()))
+    assert best < 0.9
+
+
+def test_render_clean_is_render_without_bias_and_noise() -> None:
+    anatomy = P.sample_anatomy(np.random.default_rng(4))
+    ref = P.REFERENCE_PROFILE
+    clean, lab_clean, aff_clean = P.render_clean(anatomy, ref)
+    noisy, lab, aff = P.render(anatomy, ref, np.random.default_rng(0))
+    np.testing.assert_allclose(noisy, clean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(lab, lab_clean)
+    np.testing.assert_array_equal(aff, aff_clean)
+    site = P.SITE_PROFILES["site-c"]
+    clean_c, lab_c, _ = P.render_clean(anatomy, site)
+    noisy_c, lab_noisy_c, _ = P.render(anatomy, site, np.random.default_rng(0))
+    np.testing.assert_array_equal(lab_c, lab_noisy_c)
+    assert clean_c.min() == site.offset  # air stays air without noise
+    assert not np.array_equal(clean_c, noisy_c)
+
+
+def test_dataset_json_has_msd_structure(federation: dict[str, Path]) -> None:
+    expected = {"site-a": (9, 3), "site-b": (8, 2), "site-c": (8, None), "heldout": (4, None)}
+    all_ids: list[str] = []
+    for name, (n_train, n_val) in expected.items():
+        folder = federation[name]
+        meta = json.loads((folder / "dataset.json").read_text())
+        assert meta["labels"] == {"0": "background", "1": "brain"}
+        assert meta["modality"] == {"0": "T1-phantom"}
+        assert isinstance(meta["name"], str) and isinstance(meta["description"], str)
+        assert meta["numTraining"] == len(meta["training"]) == n_train
+        entries = meta["training"] + meta.get("validation", [])
+        for entry in entries:
+            assert set(entry) == {"image", "label"}
+            assert entry["image"].startswith("./imagesTr/") and entry["image"].endswith(".nii.gz")
+            assert entry["label"] == entry["image"].replace("./imagesTr/", "./labelsTr/")
+            assert (folder / entry["image"]).is_file() and (folder / entry["label"]).is_file()
+        if n_val is None:
+            assert "validation" not in meta
+        else:
+            train = {e["image"] for e in meta["training"]}
+            val = {e["image"] for e in meta["validation"]}
+            assert len(val) == n_val and not train & val
+        all_ids += [e["image"] for e in entries]
+    assert len(all_ids) == len(set(all_ids))  # case ids unique across the federation
+    assert (federation["site-a"].parent / P.COMPLETE_MARKER).read_text().startswith(
+        P.PHANTOM_VERSION)
+
+
+def test_second_call_is_cached(federation: dict[str, Path]) -> None:
+    root = federation["site-a"].parent
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    start = time.perf_counter()
+    again = P.generate_federation(root, seed=0)
+    assert time.perf_counter() - start < 0.5
+    assert again == federation
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_stale_federation_is_replaced(tiny_layout: None, tmp_path: Path) -> None:
+    root = tmp_path / "fed"
+    P.generate_federation(root, seed=0)
+    first = _files(root)
+    P.generate_federation(root, seed=1)  # our own marker, another seed: regenerate
+    assert (root / P.COMPLETE_MARKER).read_text() == f"{P.PHANTOM_VERSION} seed=1\n"
+    assert _files(root) != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fed"]  # no temp leftovers
+
+
+def test_interrupted_run_leaves_nothing(
+    tiny_layout: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(P, "write_dataset", crash)
+    with pytest.raises(KeyboardInterrupt):
+        P.generate_federation(tmp_path / "fed", seed=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_a_foreign_folder(tiny_layout: None, tmp_path: Path) -> None:
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="mine"):
+        P.generate_federation(root, seed=0)
+    assert (root / "notes.txt").read_text() == "keep me"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert (P.generate_federation(empty)["site-a"] / "dataset.json").is_file()
+
+
+def test_write_dataset_rejects_unknown_validation_id(tmp_path: Path) -> None:
+    image, label, affine = _case(0, "site-a", 0)
+    with pytest.raises(ValueError, match="nope"):
+        P.write_dataset(tmp_path / "ds", [("c0", image, label, affine)], ["nope"], "x")
+
+
+def test_default_root_honours_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("FEDSCAN_CACHE_DIR", str(tmp_path))
+    assert P.default_federation_root() == tmp_path / "phantoms-v1-seed0"
+    monkeypatch.delenv("FEDSCAN_CACHE_DIR")
+    assert P.default_federation_root() == Path.home() / ".cache" / "fedscan" / "phantoms-v1-seed0"
+
+
+def test_profile_rejects_bad_values() -> None:
+    with pytest.raises(ValueError):
+        P.ScannerProfile("x", "RRS", (4.0, 4.0, 4.0))
+    with pytest.raises(ValueError):
+        P.ScannerProfile("x", "RAXS", (4.0, 4.0, 4.0))
+    with pytest.raises(ValueError):
+        P.ScannerProfile("x", "RAS", (4.0, 4.0, 4.0), dtype="int8")
