@@ -1,0 +1,498 @@
+"""Volumetric segmentation task: MONAI UNet trained on random patches, evaluated in native grids.
+
+Pure PyTorch/MONAI (no Flower), so federated, local and pooled runs share it. It also works
+with Opacus-wrapped model, optimiser and loader (``PrivacyEngine.make_private``): the loader
+is map-style with one item per case (Poisson sampling over cases), the loss is separable per
+sample, and empty Poisson batches still take the noise-only step of the DP mechanism.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.data.utils import worker_init_fn
+from monai.losses import DiceCELoss
+from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.networks.nets import UNet
+from monai.networks.utils import one_hot
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandAdjustContrastd,
+    RandBiasFieldd,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+from nibabel.affines import voxel_sizes
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from fedscan.shared.config import Config, DataConfig
+from fedscan.shared.errors import ConfigError, DataError, FedscanError
+from fedscan.shared.inference import load_nifti, predict_volume, require_largest_component
+from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
+from fedscan.shared.tasks.base import Case, EvalResult, StepCallback, TrainResult
+
+KEYS = ("image", "label")
+
+#: Budget of the per-process cache of preprocessed training volumes (bytes).
+CACHE_BYTES = 2 * 1024**3
+
+
+class SegmentationTask:
+    """MONAI UNet segmentation behind the :class:`~fedscan.shared.tasks.base.Task` seam.
+
+    Args:
+        cfg: the run's config (``data``, ``model``, ``train`` and ``evaluate`` keys).
+    """
+
+    name = "segmentation"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        dims, patch = cfg.model.spatial_dims, cfg.train.patch_size
+        factor = math.prod(cfg.model.strides)
+        if any(p % factor for p in patch[:dims]):
+            raise ConfigError(f"config key 'train.patch_size': the first {dims} entries must be "
+                              f"multiples of {factor} (the product of model.strides)")
+        if not 0.0 <= cfg.train.pos_fraction <= 1.0:
+            raise ConfigError("config key 'train.pos_fraction': must be between 0 and 1")
+        if cfg.data.num_classes > torch.iinfo(LABEL_DTYPE).max + 1:
+            raise ConfigError("config key 'data.num_classes': at most 256 classes")
+        if cfg.evaluate.largest_component:
+            try:
+                require_largest_component()
+            except FedscanError as exc:
+                raise ConfigError(f"config key 'evaluate.largest_component': {exc}") from None
+
+    # -- model and optimiser -----------------------------------------------------------------
+
+    def build_model(self) -> nn.Module:
+        """A UNet whose initial weights depend only on ``cfg.seed`` (same on every site)."""
+        m = self.cfg.model
+        # Instance and group norm keep per-sample statistics, which Opacus requires.
+        norm = ("INSTANCE", {"affine": True}) if m.norm == "instance" else (
+            "GROUP", {"num_groups": 2})
+        with torch.random.fork_rng(devices=[]):  # seed the init without touching global RNG
+            torch.manual_seed(self.cfg.seed)
+            return UNet(
+                spatial_dims=m.spatial_dims,
+                in_channels=self.cfg.data.in_channels,
+                out_channels=self.cfg.data.num_classes,
+                channels=m.channels,
+                strides=m.strides,
+                num_res_units=m.num_res_units,
+                norm=norm,
+                dropout=m.dropout,
+            )
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam, or SGD with momentum 0.9, at ``train.lr`` and ``train.weight_decay``."""
+        t = self.cfg.train
+        if t.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """Every state-dict key: the whole UNet is federated."""
+        return list(model.state_dict().keys())
+
+    # -- training ------------------------------------------------------------------------------
+
+    def train_transforms(self) -> Compose:
+        """Random patch sampling and augmentation applied to a cached preprocessed case.
+
+        Intensity augmentation imitates another scanner (contrast curve, bias field, gain,
+        offset, blur, noise); spatial augmentation stays cheap (a left-right flip).
+        """
+        cfg = self.cfg
+        patch = cfg.train.patch_size
+        pos = cfg.train.pos_fraction
+        lr_axis = next(i for i, c in enumerate(cfg.data.orientation.upper()) if c in "LR")
+        steps = [
+            SpatialPadd(KEYS, spatial_size=patch),
+            # Negatives come from inside the body (image > 0), not the empty background.
+            RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=patch, pos=pos,
+                                   neg=1.0 - pos, num_samples=1, image_key="image",
+                                   image_threshold=0.0),
+            RandFlipd(KEYS, prob=0.5, spatial_axis=lr_axis),
+            RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
+            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+            RandScaleIntensityd("image", factors=0.15, prob=0.5),
+            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+            RandGaussianSmoothd("image", prob=0.15, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
+                                sigma_z=(0.5, 1.0)),
+            RandGaussianNoised("image", prob=0.2, std=0.05),
+        ]
+        if cfg.model.spatial_dims == 2:
+            steps.append(SqueezeDimd(KEYS, dim=-1))  # (C, X, Y, 1) -> (C, X, Y)
+        # Plain tensors: no meta to collate, nothing unusual for Opacus' hooks.
+        steps.append(EnsureTyped(KEYS, track_meta=False))
+        return Compose(steps)
+
+    def make_train_loader(self, cases: list[Case], seed: int) -> DataLoader:
+        """Map-style loader: one item per case, each a fresh random patch of that case.
+
+        Preprocessed volumes are cached per process (across rounds). Batches are
+        ``{"image": (B, C, *patch), "label": (B, 1, *patch)}``.
+
+        Raises:
+            DataError: a case is missing, unreadable, or has bad labels or channels.
+        """
+        if not cases:
+            raise DataError("no training cases")
+        transform = self.train_transforms()
+        transform.set_random_state(seed=seed)
+        dataset = PatchDataset([_cached_volume(c, self.cfg.data) for c in cases], transform)
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.cfg.train.num_workers,
+            # MONAI's worker_init_fn re-seeds the augmentation differently in every worker.
+            worker_init_fn=worker_init_fn,
+            collate_fn=default_collate,
+            drop_last=False,
+        )
+
+    def train_steps(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        steps: int,
+        *,
+        proximal_mu: float = 0.0,
+        on_step: StepCallback | None = None,
+    ) -> TrainResult:
+        """Run exactly ``steps`` optimiser steps of Dice+CE, cycling over ``loader``.
+
+        FedProx's ``mu/2 * ||w - w0||^2`` enters as its gradient ``mu * (w - w0)``, added
+        just before the wrapped optimiser's update: under Opacus that is after clipping and
+        noise, where a data-independent term belongs (a loss term would be missed by the
+        per-sample gradients). The reported loss is Dice+CE without the proximal term.
+
+        An empty batch (Poisson sampling) still counts as a step: a DP optimiser takes its
+        noise-only step, a plain one has nothing to do. ``on_step`` gets the running mean
+        loss.
+
+        Returns:
+            Mean loss over non-empty batches, ``len(loader.dataset)`` examples, ``steps``.
+        """
+        device = next(model.parameters()).device
+        # batch=False keeps Dice per sample, so the loss stays separable for per-sample clipping.
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+        model.train()
+        hook = _proximal_hook(model, optimizer, proximal_mu) if proximal_mu > 0 else None
+        losses: list[float] = []
+        batches = _cycle(loader)
+        try:
+            for step in range(1, steps + 1):
+                batch = next(batches)
+                optimizer.zero_grad(set_to_none=True)
+                if _batch_size(batch) == 0:
+                    _empty_step(optimizer)
+                else:
+                    image = batch["image"].to(device, non_blocking=True)
+                    label = batch["label"].to(device, non_blocking=True)
+                    loss = loss_fn(model(image), label)
+                    loss.backward()
+                    optimizer.step()
+                    losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            if hook is not None:
+                hook.remove()
+        mean = float(np.mean(losses)) if losses else float("nan")
+        return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, cases: list[Case]) -> EvalResult:
+        """Dice (and HD95 in mm) of whole-volume predictions in each case's native grid.
+
+        Prediction is :func:`~fedscan.shared.inference.predict_volume`, the same as the CLI's
+        predict. Dice is the mean over foreground classes (1 when a class is absent from both
+        label and prediction). HD95 is undefined when a class is absent from either; such
+        classes are left out of a case's mean, a case with none defined gets ``nan`` and is
+        left out of the mean over cases (``nan`` when no case has one).
+
+        Returns:
+            Mean ``dice`` (and ``hd95``) over cases, ``len(cases)``, per-case metrics.
+        """
+        if not cases:
+            return EvalResult(metrics={}, num_examples=0, per_case={})
+        cfg = self.cfg
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        per_case: dict[str, dict[str, float]] = {}
+        try:
+            with torch.no_grad():
+                for case in cases:
+                    pred, img = predict_volume(model, case["image"], cfg, device,
+                                               largest_component=cfg.evaluate.largest_component)
+                    label = read_label(case["label"], pred.shape, cfg.data.num_classes)
+                    spacing = native_spacing(img)
+                    per_case[case_id(case)] = case_metrics(
+                        pred, label, cfg.data.num_classes, spacing, hd95=cfg.evaluate.hd95)
+        finally:
+            model.train(was_training)
+        metrics = {"dice": float(np.mean([m["dice"] for m in per_case.values()]))}
+        if cfg.evaluate.hd95:
+            hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]
+            metrics["hd95"] = float(np.mean(hd)) if hd else float("nan")
+        return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
+
+
+# -- training data ---------------------------------------------------------------------------
+
+
+class PatchDataset(Dataset):
+    """One item per case: ``transform`` applied to a copy of its preprocessed volume.
+
+    Args:
+        volumes: preprocessed ``{"image", "label"}`` tensors, one per case.
+        transform: random patch sampling and augmentation (:meth:`train_transforms`).
+    """
+
+    def __init__(self, volumes: list[dict[str, torch.Tensor]], transform: Compose) -> None:
+        self.volumes = volumes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.volumes)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        # Copy, so no transform can ever write into the shared cache.
+        item = self.transform({k: v.clone() for k, v in self.volumes[index].items()})
+        return item[0] if isinstance(item, list) else item  # num_samples=1 gives a list
+
+
+class _VolumeCache:
+    """Process-wide LRU of preprocessed training volumes, bounded in bytes.
+
+    A site trains every round in the same process; reloading and resampling its cases each
+    round would dominate short rounds. Keys hold the file paths, their size and mtime, and
+    the data config, so a changed file or preprocessing never hits a stale entry.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: tuple, value: dict[str, torch.Tensor]) -> None:
+        size = sum(v.numel() * v.element_size() for v in value.values())
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= sum(v.numel() * v.element_size() for v in old.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_CACHE = _VolumeCache(CACHE_BYTES)
+
+
+def _file_key(path: str, what: str) -> tuple:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{what} file not found: {p}")
+    st = p.stat()
+    return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+
+def _cached_volume(case: Case, data: DataConfig) -> dict[str, torch.Tensor]:
+    """The preprocessed ``{"image", "label"}`` of a case (checked), from the cache if there."""
+    key = (_file_key(case["image"], "image"), _file_key(case["label"], "label"),
+           json.dumps(asdict(data), sort_keys=True))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit
+    for k in KEYS:
+        load_nifti(case[k], k)  # header check: a one-line error naming the file
+    try:
+        out = preprocess_transforms(data, KEYS)({k: case[k] for k in KEYS})
+    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        raise DataError(_preprocess_failure(case, exc)) from None
+    image, label = out["image"].as_tensor(), out["label"].as_tensor()
+    if image.shape[0] != data.in_channels:
+        raise DataError(f"{case['image']}: has {image.shape[0]} channel(s), data.in_channels is "
+                        f"{data.in_channels}")
+    if label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
+        raise DataError(f"{case['label']}: grid {tuple(label.shape[1:])} does not match its "
+                        f"image's {tuple(image.shape[1:])} after resampling")
+    if int(label.max()) >= data.num_classes:
+        raise DataError(f"{case['label']}: label value {int(label.max())} is not below "
+                        f"data.num_classes ({data.num_classes})")
+    value = {"image": image.contiguous(), "label": label.contiguous()}
+    _CACHE.put(key, value)
+    return value
+
+
+def _preprocess_failure(case: Case, exc: Exception) -> str:
+    """One line naming the file that broke preprocessing (read failures are checked first)."""
+    for k in KEYS:
+        try:
+            np.asanyarray(load_nifti(case[k], k).dataobj)
+        except Exception as read_exc:  # truncated or corrupt data only fails when read
+            return f"{case[k]}: not a readable NIfTI {k} ({type(read_exc).__name__})"
+    root = exc
+    while root.__cause__ is not None:
+        root = root.__cause__
+    why = str(root).strip().splitlines()
+    return (f"{case['image']} / {case['label']}: could not be preprocessed "
+            f"({type(root).__name__}{': ' + why[0] if why else ''})")
+
+
+def _cycle(loader: DataLoader):
+    """Batches of ``loader``, restarting it (a new shuffle or Poisson draw) when it ends."""
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise DataError("the training loader yields no batches")
+
+
+def _batch_size(batch: object) -> int:
+    """Samples in a batch; 0 for Opacus' empty Poisson batches (whatever their structure)."""
+    if isinstance(batch, Mapping) and torch.is_tensor(batch.get("image")):
+        return int(batch["image"].shape[0])
+    return 0
+
+
+def _empty_step(optimizer: torch.optim.Optimizer) -> None:
+    """The step of an empty batch: Opacus' DP optimiser releases noise only; others skip.
+
+    Skipping the DP step instead would reveal that the batch was empty and leave it out of
+    the privacy accountant, so the noise-only step is taken with zero per-sample gradients.
+    """
+    if not hasattr(optimizer, "noise_multiplier"):
+        return
+    for p in optimizer.params:
+        p.grad_sample = p.new_zeros((0, *p.shape))
+    optimizer.step()
+
+
+def _proximal_hook(model: nn.Module, optimizer: torch.optim.Optimizer, mu: float):
+    """Add ``mu * (w - w0)`` to each gradient right before the inner optimiser's update."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_grad(*_: object) -> None:
+        with torch.no_grad():
+            for p, w0 in zip(params, anchors, strict=True):
+                term = (p - w0).mul_(mu)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+
+    # An Opacus DPOptimizer wraps the real one; hooking the inner one lands after the noise.
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    return inner.register_step_pre_hook(add_proximal_grad)
+
+
+# -- evaluation helpers -------------------------------------------------------------------
+
+
+def case_id(case: Case) -> str:
+    """The case's id, or its image file name without the NIfTI suffix."""
+    if case.get("case"):
+        return str(case["case"])
+    name = Path(case["image"]).name
+    return name.removesuffix(".gz").removesuffix(".nii")
+
+
+def native_spacing(img) -> tuple[float, ...]:
+    """Voxel sizes in mm of a nibabel image (from its affine, right for oblique grids too)."""
+    return tuple(float(s) for s in voxel_sizes(img.affine)[:3])
+
+
+def read_label(path: str, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
+    """A native-grid label map as integer classes, checked against its image's shape.
+
+    Raises:
+        DataError: unreadable, wrong shape, or values outside ``0 .. num_classes - 1``.
+    """
+    try:
+        img = load_nifti(path, "label")
+        arr = np.asanyarray(img.dataobj)
+    except FedscanError as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:  # truncated data only fails when read
+        raise DataError(f"{path}: not a readable NIfTI label ({type(exc).__name__})") from None
+    if arr.ndim == 4 and arr.shape[3] == 1:
+        arr = arr[..., 0]
+    if arr.shape != tuple(shape):
+        raise DataError(f"{path}: shape {arr.shape} differs from its image's {tuple(shape)}")
+    arr = np.rint(arr).astype(np.int64)
+    if arr.min() < 0 or arr.max() >= num_classes:
+        raise DataError(f"{path}: label values {arr.min()}..{arr.max()} outside "
+                        f"0..{num_classes - 1} (data.num_classes)")
+    return arr
+
+
+def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
+                 spacing: tuple[float, ...], *, hd95: bool = True) -> dict[str, float]:
+    """Dice (and HD95 in mm) of one case, averaged over foreground classes.
+
+    Args:
+        pred: predicted classes in the native grid.
+        label: reference classes, same shape.
+        num_classes: classes including background.
+        spacing: voxel sizes in mm, for HD95.
+        hd95: whether to compute HD95.
+
+    Returns:
+        ``{"dice": ..., "hd95": ...}``; ``hd95`` is ``nan`` if no class has it defined.
+    """
+    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes)
+    y = one_hot(torch.as_tensor(label, dtype=torch.long)[None, None], num_classes)
+    # ignore_empty=False: a class absent from both counts as 1, absent from one as 0.
+    dice = compute_dice(p, y, include_background=False, ignore_empty=False)
+    out = {"dice": float(dice.mean())}
+    if hd95:
+        if p[:, 1:].any() and y[:, 1:].any():
+            hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
+                                            spacing=list(spacing))
+            finite = hd[torch.isfinite(hd)]
+            out["hd95"] = float(finite.mean()) if finite.numel() else float("nan")
+        else:
+            out["hd95"] = float("nan")
+    return out
