@@ -1,7 +1,8 @@
 """ClientApp: a hospital trains and evaluates the global model on its own data only.
 
 Only weights and aggregate metrics leave the site: never images, labels, file names or
-per-case values.
+per-case values. With a ``privacy`` block in the site's own config, training is DP-SGD
+(:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedscan.shared.config import Config, SiteConfig
+from fedscan.client.privacy import (
+    load_ledger,
+    privacy_off_record,
+    save_ledger,
+    train_private,
+)
+from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_dataset
 from fedscan.shared.messages import (
     ARRAYS,
     CONFIG,
     METRICS,
     NUM_EXAMPLES,
+    PRIVACY,
     SITE,
     TASK_CONFIG,
     config_for_site,
@@ -51,15 +59,15 @@ def _load_global(cfg: Config, msg: Message) -> tuple[torch.nn.Module, object]:
 
 
 def train(msg: Message, context: Context, site: SiteConfig) -> Message:
-    """Train the received global model for the configured local steps."""
+    """Train the received global model for the configured local steps (DP-SGD if the site
+    has a privacy setting)."""
     config = msg.content[CONFIG]
     cfg = config_for_site(str(config[TASK_CONFIG]), site)
     server_round = int(config.get("server-round", 0))
     torch.manual_seed(cfg.seed + server_round)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg)
-    loader = task.make_train_loader(data.train, seed=cfg.seed * 7919 + server_round)
-    optimizer = task.make_optimizer(model.parameters())
+    mu = float(config.get("proximal-mu", 0.0))
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
@@ -68,14 +76,43 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
             print(f"[{site.name}] round {server_round} step {step}/{total} loss {loss:.4f}",
                   flush=True)
 
-    mu = float(config.get("proximal-mu", 0.0))
-    result = task.train_steps(model, optimizer, loader, steps, proximal_mu=mu, on_step=on_step)
+    privacy = effective_privacy(site.privacy)
+    if privacy is None:
+        loader = task.make_train_loader(data.train, seed=cfg.seed * 7919 + server_round)
+        optimizer = task.make_optimizer(model.parameters())
+        result = task.train_steps(model, optimizer, loader, steps, proximal_mu=mu,
+                                  on_step=on_step)
+        weights = model.state_dict()
+        loss, taken, examples = result.loss, result.steps, result.num_examples
+        privacy_record = privacy_off_record()
+    else:
+        ledger = load_ledger(privacy, context.state, site.state_dir)
+        try:
+            done = train_private(task, cfg, model, data.train, ledger, proximal_mu=mu,
+                                 on_step=on_step)
+        finally:
+            # Saved even if training failed half-way: steps taken count, released or not.
+            save_ledger(ledger, context.state, site.state_dir)
+        privacy_record = ledger.record(done.status, done.result.steps if done.result else 0)
+        print(f"[{site.name}] round {server_round} privacy {done.status}: "
+              f"epsilon {privacy_record['epsilon']:.4f} of {privacy.epsilon:g} after "
+              f"{ledger.steps} "
+              f"steps (sigma {ledger.noise_multiplier:.4f}, q {ledger.sample_rate:.4f})",
+              flush=True)
+        if done.result is None:  # declined: the global model back, weight 0 in aggregation
+            weights = msg.content[ARRAYS].to_torch_state_dict()
+            loss, taken, examples = float("nan"), 0, 0
+        else:
+            weights = done.weights
+            # The training loss is a function of the private cases that no DP mechanism
+            # covers: it stays on the site's console and is not sent.
+            loss, taken, examples = float("nan"), done.result.steps, done.result.num_examples
     shared = set(task.shared_keys(model))
-    weights = {k: v for k, v in model.state_dict().items() if k in shared}
-    metrics = MetricRecord({"loss": float(result.loss), "steps": int(result.steps),
-                            NUM_EXAMPLES: int(result.num_examples)})
+    weights = {k: v for k, v in weights.items() if k in shared}
+    metrics = MetricRecord({"loss": float(loss), "steps": int(taken),
+                            NUM_EXAMPLES: int(examples)})
     content = RecordDict({ARRAYS: to_arrays(weights), METRICS: metrics,
-                          SITE: site_record(site.name)})
+                          SITE: site_record(site.name), PRIVACY: privacy_record})
     return Message(content=content, reply_to=msg)
 
 
@@ -104,3 +141,14 @@ def make_client_app(resolve_site: SiteResolver) -> ClientApp:
         return evaluate(msg, context, resolve_site(context))
 
     return app
+
+
+def _deployed_site(context: Context) -> SiteConfig:
+    from fedscan.client.site_config import site_from_context  # deployment only
+
+    return site_from_context(context)
+
+
+#: The deployment entry point (``[tool.flwr.app.components] clientapp``): each hospital's
+#: SuperNode names its site.yaml with ``--node-config site-config=...``.
+app = make_client_app(_deployed_site)

@@ -7,6 +7,7 @@ raise :class:`ConfigError` naming the path (for example ``train.batch_size``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,11 +23,31 @@ MODES = ("federated", "local", "pooled")
 
 
 @dataclass
+class PrivacyConfig:
+    """A hospital's DP-SGD guarantee: (ε, δ)-DP per training case over the whole run.
+
+    ``epsilon: .inf`` in YAML means "no DP" (useful to exempt one site from a top-level block,
+    and as the ε=∞ point of a benchmark). Without ``noise_multiplier`` the site calibrates σ
+    with Opacus once, for ``rounds x steps per round``, and keeps it for the run.
+    """
+
+    epsilon: float
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: Literal["rdp", "prv"] = "rdp"
+    noise_multiplier: float | None = None
+
+
+@dataclass
 class SiteConfig:
-    """One hospital: its name and its data folder (MSD layout, dataset.json inside)."""
+    """One hospital: its name, its data folder (MSD layout, dataset.json inside), and
+    optionally its own privacy setting and a state folder for what must outlive a process
+    (the ε ledger)."""
 
     name: str
     data: str
+    privacy: PrivacyConfig | None = None
+    state_dir: str | None = None
 
 
 @dataclass
@@ -116,6 +137,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    #: DP-SGD for every site without its own ``privacy`` block; None: no DP.
+    privacy: PrivacyConfig | None = None
+
+    def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
+        """The privacy a site trains under: its own block, else the top-level one.
+
+        Returns None (no DP) when neither is set or the winning block has ``epsilon: .inf``.
+        """
+        return effective_privacy(site.privacy if site.privacy is not None else self.privacy)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -129,6 +159,13 @@ class Config:
             batches = -(-num_train_cases // self.train.batch_size)  # ceil
             return self.train.local_epochs * max(1, batches)
         return self.train.local_steps
+
+
+def effective_privacy(privacy: PrivacyConfig | None) -> PrivacyConfig | None:
+    """``privacy`` unless it is absent or says ``epsilon: .inf`` (no DP)."""
+    if privacy is None or math.isinf(privacy.epsilon):
+        return None
+    return privacy
 
 
 def _type_name(tp: Any) -> str:
@@ -193,8 +230,11 @@ def _from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
             raise ConfigError(f"config key '{key_path}' is required")
     obj = cls(**kwargs)
     # Data folders are relative to the config file, so a config travels with its data.
-    if isinstance(obj, SiteConfig) and base is not None and not Path(obj.data).is_absolute():
-        obj.data = str((base / obj.data).resolve())
+    if isinstance(obj, SiteConfig) and base is not None:
+        if not Path(obj.data).is_absolute():
+            obj.data = str((base / obj.data).resolve())
+        if obj.state_dir is not None and not Path(obj.state_dir).is_absolute():
+            obj.state_dir = str((base / obj.state_dir).resolve())
     return obj
 
 
@@ -229,10 +269,31 @@ def _check_values(cfg: Config) -> None:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
+    _check_privacy(cfg.privacy, "privacy", bad)
+    for i, site in enumerate(cfg.sites):
+        _check_privacy(site.privacy, f"sites[{i}].privacy", bad)
+    for i, test_set in enumerate(cfg.test_sets):
+        if test_set.privacy is not None or test_set.state_dir is not None:
+            raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy "
+                      "or state_dir")
     if cfg.model.norm == "group":
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
             raise bad("model.channels", "group norm (2 groups) needs even channel counts")
+
+
+def _check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:
+    if p is None:
+        return
+    if not p.epsilon > 0:  # also rejects NaN; .inf means "no DP"
+        raise bad(f"{path}.epsilon", "must be > 0 (.inf for no DP)")
+    if not 0.0 < p.delta < 1.0:
+        raise bad(f"{path}.delta", "must be between 0 and 1 (typically below 1/cases)")
+    if not (p.max_grad_norm > 0 and math.isfinite(p.max_grad_norm)):
+        raise bad(f"{path}.max_grad_norm", "must be a positive number")
+    if p.noise_multiplier is not None and not (
+            p.noise_multiplier > 0 and math.isfinite(p.noise_multiplier)):
+        raise bad(f"{path}.noise_multiplier", "must be a positive number (omit it to calibrate)")
 
 
 def parse_config(data: Any, base: Path | None = None) -> Config:

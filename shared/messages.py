@@ -3,7 +3,10 @@
 A train/evaluate message carries ``arrays`` (the global model) and ``config``: the server's
 task config (model, preprocessing, training hyper-parameters) as JSON, never code. A reply
 carries ``arrays`` (train only), ``metrics`` (aggregates over the site's cases, never per-case
-values) and ``site`` (the site's declared name, for the per-site report).
+values), ``site`` (the site's declared name, for the per-site report) and, in a train reply,
+``privacy`` (the site's DP ledger after the round: ε, δ, σ, q, cumulative steps, status).
+
+Privacy settings never travel from server to site: they are each hospital's own.
 """
 
 from __future__ import annotations
@@ -22,19 +25,30 @@ METRICS = "metrics"
 SITE = "site"
 TASK_CONFIG = "task-config"
 NUM_EXAMPLES = "num-examples"
+#: ConfigRecord of a train reply with the site's privacy ledger (not a MetricRecord: its keys
+#: differ between DP and non-DP sites, and Flower requires identical MetricRecord keys).
+PRIVACY = "privacy"
 
 
 def task_config_json(cfg: Config) -> str:
-    """The run config without sites and test sets: what every hospital needs to train."""
+    """The run config without sites, test sets and privacy: what every hospital needs to train.
+
+    Privacy is stripped so the server can neither set nor loosen a hospital's guarantee.
+    """
     data = cfg.to_dict()
     data["sites"], data["test_sets"] = [], []
+    data["privacy"] = None
     return json.dumps(data)
 
 
 def config_for_site(task_json: str, site: SiteConfig) -> Config:
-    """Rebuild the run config on a hospital, with that hospital as the only site."""
+    """Rebuild the run config on a hospital, with that hospital as the only site.
+
+    Privacy comes only from the hospital's own ``site``; anything the server sent is dropped.
+    """
     data = json.loads(task_json)
     data["sites"] = [dataclasses.asdict(site)]
+    data["privacy"] = None
     return parse_config(data)
 
 
@@ -47,6 +61,14 @@ def reply_site(msg: Message) -> str:
     if SITE in msg.content.config_records:
         return str(msg.content.config_records[SITE]["name"])
     return f"node-{msg.metadata.src_node_id}"
+
+
+def reply_privacy(msg: Message) -> dict[str, int | float | str]:
+    """The privacy fields a train reply declares (empty when it declares none)."""
+    if PRIVACY not in msg.content.config_records:
+        return {}
+    return {k: v for k, v in msg.content.config_records[PRIVACY].items()
+            if isinstance(v, (int, float, str))}
 
 
 def to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -45,6 +45,11 @@ _FILE_NOTES = {
     "dice.png": "validation Dice per site after each round; the thick dashed grey line is the "
     "aggregate over sites.",
     "loss.png": "training loss per site after each round.",
+    "epsilon.png": "differential privacy spent (ε) per site after each round; dashed: the "
+    "budget (in the site's colour when sites differ).",
+    "site-state/": "each simulated hospital's own state, such as its privacy ledger "
+    "(`privacy_ledger.json`); a run into this folder again continues those ledgers, so ε never "
+    "resets. In a deployment this state stays at the hospital.",
     "checkpoints/": "the model after each round (`round_NNN.pt`), to inspect or resume a run; "
     "safe to delete once the run is finished.",
 }
@@ -358,8 +363,68 @@ def plot_loss(path: Path, summary: Mapping[str, Any]) -> Path:
     return path
 
 
+def _privacy_sites(summary: Mapping[str, Any]) -> list[str]:
+    """Train keys that reported a DP ledger (a numeric ``epsilon``) in any round."""
+    rounds = _rounds(summary)
+    return [k for k in _train_keys(summary)
+            if any(_num(_dict(_dict(r.get("train")).get(k)).get("epsilon")) is not None
+                   for r in rounds)]
+
+
+def _last_privacy(summary: Mapping[str, Any], site: str) -> dict[str, Any]:
+    """The site's privacy fields from the last round it reported any."""
+    for r in reversed(_rounds(summary)):
+        entry = _dict(_dict(r.get("train")).get(site))
+        if entry.get("status") is not None or _num(entry.get("epsilon")) is not None:
+            return entry
+    return {}
+
+
+def plot_epsilon(path: Path, summary: Mapping[str, Any]) -> Path:
+    """Write the ε-per-round plot: each DP site's cumulative ε, its budget dashed.
+
+    Args:
+        path: the PNG to write.
+        summary: a run summary.
+
+    Returns:
+        ``path``.
+    """
+    rounds = _rounds(summary)
+    xs = _round_axis(rounds)
+    sites = _eval_sites(summary)
+    fig, ax = _new_figure()
+    top = 0.0
+    budgets: dict[str, float] = {}
+    for key in _privacy_sites(summary):
+        idx = sites.index(key) if key in sites else len(sites)
+        ys = _series(rounds, "train", key, "epsilon", xs)
+        top = max(top, *(y for y in ys if math.isfinite(y)))
+        ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=key,
+                color=_site_color(idx), clip_on=False)
+        _bridge_gaps(ax, xs, ys, _site_color(idx))
+        budget = _num(_last_privacy(summary, key).get("epsilon_budget"))
+        if budget is not None and math.isfinite(budget):
+            budgets[key] = budget
+    if len(set(budgets.values())) == 1:  # one shared budget: one line, named in the legend
+        (budget,) = set(budgets.values())
+        ax.axhline(budget, linestyle="--", linewidth=1.2, color="0.4", label=f"budget {budget:g}")
+    else:  # per-site budgets, each in its site's colour
+        for key, budget in budgets.items():
+            idx = sites.index(key) if key in sites else len(sites)
+            ax.axhline(budget, linestyle="--", linewidth=1.2, color=_site_color(idx), alpha=0.7)
+    top = max([top, *budgets.values()])
+    if top > 0:
+        ax.set_ylim(0, top * 1.08)
+    ax.set_ylabel("ε spent (cumulative, at the site's δ)")
+    ax.set_title(f"Privacy spent per round — {_mode_title(summary)}")
+    _finish_axes(ax, xs, "no site reported differential privacy")
+    fig.savefig(path)
+    return path
+
+
 def write_plots(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
-    """Write ``dice.png`` and ``loss.png`` into ``out_dir``.
+    """Write ``dice.png`` and ``loss.png`` (and ``epsilon.png`` for DP runs) into ``out_dir``.
 
     Args:
         out_dir: the run's output folder (created if needed).
@@ -370,7 +435,10 @@ def write_plots(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return [plot_dice(out_dir / "dice.png", summary), plot_loss(out_dir / "loss.png", summary)]
+    paths = [plot_dice(out_dir / "dice.png", summary), plot_loss(out_dir / "loss.png", summary)]
+    if _privacy_sites(summary):
+        paths.append(plot_epsilon(out_dir / "epsilon.png", summary))
+    return paths
 
 
 # --------------------------------------------------------------------------- Markdown
@@ -492,6 +560,45 @@ def _test_set_section(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+_STATUS_NOTES = {
+    "trained": "trained every step asked for",
+    "budget-limited": "trained only the steps its budget still allowed",
+    "declined": "budget spent: sends no update",
+    "off": "no differential privacy",
+}
+
+
+def _privacy_section(summary: Mapping[str, Any]) -> list[str]:
+    """Final privacy per site: ε spent against its budget, and the mechanism behind it."""
+    keys = [k for k in _train_keys(summary) if _last_privacy(summary, k)]
+    if not _privacy_sites(summary):
+        return []
+    lines = ["## Privacy", ""]
+    rows = []
+    for key in keys:
+        p = _last_privacy(summary, key)
+        dp = _num(p.get("epsilon")) is not None
+        rows.append([f"`{_md(key)}`", _fmt(_num(p.get("epsilon"))) if dp else "∞",
+                     _fmt(_num(p.get("epsilon_budget"))) if dp else "∞",
+                     _fmt(_num(p.get("delta"))), _fmt(_num(p.get("noise_multiplier"))),
+                     _fmt(_num(p.get("sample_rate"))), _fmt(p.get("steps") if dp else None),
+                     _fmt(p.get("accountant")), _fmt(p.get("status"))])
+    lines.append(_table(["Site", "ε spent", "ε budget", "δ", "σ (noise multiplier)",
+                         "q (sample rate)", "Steps", "Accountant", "Status"], rows))
+    lines.append("")
+    statuses = sorted({str(_last_privacy(summary, k).get("status")) for k in keys}
+                      & set(_STATUS_NOTES))
+    lines.append("Each site trains with DP-SGD (Opacus): every training case's gradient is "
+                 "scaled down to norm at most `max_grad_norm`, Gaussian noise of σ × that "
+                 "norm is added, and cases are Poisson-sampled at rate q. ε is the site's own "
+                 "accountant over every step of every round, at its δ; each site enforces its "
+                 "budget itself. A DP site does not send its training loss (no DP "
+                 "mechanism covers it): its loss shows as — below. "
+                 "Status: " + "; ".join(f"{s} = {_STATUS_NOTES[s]}" for s in statuses) + ".")
+    lines.append("")
+    return lines
+
+
 def _train_fields(rounds: list[dict[str, Any]]) -> list[str]:
     """Scalar train fields present in any round, known ones first, then in first-seen order.
 
@@ -571,6 +678,10 @@ def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     lines = ["## Files in this folder", ""]
     for name in ("summary.json", "report.md", "dice.png", "loss.png"):
         lines.append(f"- `{name}`: {_FILE_NOTES[name]}")
+    if _privacy_sites(summary):
+        lines.append(f"- `epsilon.png`: {_FILE_NOTES['epsilon.png']}")
+    if (out_dir / "site-state").is_dir():
+        lines.append(f"- `site-state/`: {_FILE_NOTES['site-state/']}")
     if (out_dir / "checkpoints").is_dir() or summary.get("mode") == "federated":
         lines.append(f"- `checkpoints/`: {_FILE_NOTES['checkpoints/']}")
     model = summary.get("model")
@@ -600,8 +711,10 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines = [f"# fedscan run report — {_md(_mode_title(summary))}", "", _overview(summary), ""]
     lines += _final_section(summary)
     lines += _test_set_section(summary)
+    lines += _privacy_section(summary)
     lines += ["## Plots", ""]
-    captions = {"dice.png": "Validation Dice per round", "loss.png": "Training loss per round"}
+    captions = {"dice.png": "Validation Dice per round", "loss.png": "Training loss per round",
+                "epsilon.png": "Privacy spent (ε) per round"}
     # Relative links, so the folder can be moved, zipped or viewed on another machine.
     lines += [f"![{captions.get(p.name, p.stem)}]({p.name})\n" for p in plots]
     lines += _rounds_section(summary)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
 from typing import Any
 
-from fedscan.shared.config import Config
+from fedscan.shared.config import Config, SiteConfig
 from fedscan.shared.errors import FedscanError
 
 
@@ -27,18 +28,26 @@ def simulation_backend(cfg: Config) -> dict[str, Any]:
     }
 
 
+def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
+    """The site as its virtual hospital sees it: privacy resolved (its own block, else the
+    top-level one), and a state folder ``out_dir/site-state/<site>`` for its ε ledger unless
+    it names one, so a resumed run continues each site's ledger."""
+    state_dir = site.state_dir or str(Path(out_dir).resolve() / "site-state" / site.name)
+    return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir)
+
+
 def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Run the federation with one virtual SuperNode per site; returns summary.json's content.
 
     Each virtual hospital is told its site by Flower's ``partition-id`` and reads only its
-    own folder.
+    own folder, with its resolved privacy setting and a state folder under ``out_dir``.
     """
     from flwr.simulation import run_simulation
 
     from fedscan.client.client_app import make_client_app
     from fedscan.server.server_app import make_server_app
 
-    sites = list(cfg.sites)
+    sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
     server_app = make_server_app(cfg, out_dir)
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
