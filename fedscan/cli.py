@@ -43,6 +43,17 @@ def _check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fedscan.simulations import bench
+
+    if args.what == "dp-overhead":
+        print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
+    else:
+        rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
+        print(bench.format_utility(rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedscan", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +84,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with dataset.json")
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_check_data)
+
+    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility"],
+                   help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
+                        "default federation at epsilon 1, 3, 8 and inf")
+    p.add_argument("--out", default="runs/bench-dp-utility",
+                   help="dp-utility: output folder (default: runs/bench-dp-utility)")
+    p.add_argument("--rounds", type=int, help="dp-utility: override the rounds")
+    p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
+    p.set_defaults(func=_bench)
+
+    from fedscan.deploy_cli import add_deployment_commands
+
+    add_deployment_commands(sub)  # certs, server, client
     return parser
 
 

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from fedscan.server.rounds import (
+    load_resume_point,
+    model_fp32_bytes,
+    restore_strategy_state,
+    run_rounds,
+    save_strategy_state,
+)
 from fedscan.server.strategies import RecordingStrategy, build_strategy
+from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
 from fedscan.shared.data import read_test_set
 from fedscan.shared.history import RunHistory
@@ -43,13 +52,23 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
     return results
 
 
-def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
+                   site_grace: float = 0.0,
+                   node_names: dict[int, str] | None = None) -> dict[str, Any]:
     """Train ``cfg.rounds`` rounds with the configured strategy and write the run's outputs.
+
+    Every round ends with a checkpoint of the global model and the strategy's state and a
+    rewritten summary.json, so a crashed run can be continued.
 
     Args:
         grid: Flower grid to the connected hospitals.
         cfg: the run config (sites are listed for the report; their data stays at the sites).
         out_dir: run folder for summary.json, checkpoints, final_model.pt and the report.
+        resume: continue after the last completed round found in ``out_dir`` (rounds already
+            completed are neither lost nor repeated); without one, start at round 1.
+        site_grace: seconds each round waits for every site to be online before it starts
+            with those present (at least ``strategy.min_sites``).
+        node_names: node id -> site name, to name sites that fail before they ever answer.
 
     Returns:
         The summary written to ``out_dir/summary.json``.
@@ -57,30 +76,41 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     history = RunHistory(out_dir, cfg, mode="federated")
     task = build_task(cfg)
     initial = task.build_model().state_dict()
-    strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history)
-    progress = tqdm(total=cfg.rounds, desc="federated rounds", unit="round")
+    history.model_fp32_bytes = model_fp32_bytes(initial)
+    validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites or len(cfg.sites))
+    strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history,
+                                 validator=validator)
+    arrays, first = to_arrays(initial), 1
+    point = load_resume_point(out_dir) if resume else None
+    if point is not None:
+        last, state_dict, chain, summary = point
+        history.resume(summary, last)
+        restore_strategy_state(strategy, chain)
+        arrays, first = to_arrays(state_dict), last + 1
+        log.warning("resuming %s after round %d of %d", out_dir, last, cfg.rounds)
+    elif resume:
+        log.warning("nothing to resume in %s: starting at round 1", out_dir)
+    progress = tqdm(total=cfg.rounds, initial=first - 1, desc="federated rounds", unit="round")
 
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        # Flower calls this before round 1 (round 0) and after every round's evaluation.
-        if server_round > 0:
-            entry = history.finish_round(server_round, arrays.to_torch_state_dict())
-            dice = entry["aggregate"].get("dice")
-            progress.set_postfix(dice=f"{dice:.3f}" if dice is not None else "n/a")
-            progress.update(1)
-        return None
+    def on_round_end(server_round: int, round_arrays: ArrayRecord) -> None:
+        # Strategy state first: a checkpoint listed in summary.json always has its state.
+        save_strategy_state(out_dir, server_round, strategy)
+        entry = history.finish_round(server_round, round_arrays.to_torch_state_dict())
+        dice = entry["aggregate"].get("dice")
+        progress.set_postfix(dice=f"{dice:.3f}" if dice is not None else "n/a")
+        progress.update(1)
 
-    train_config = ConfigRecord({TASK_CONFIG: task_config_json(cfg)})
-    result = strategy.start(
-        grid=grid,
-        initial_arrays=to_arrays(initial),
-        num_rounds=cfg.rounds,
+    task_json = task_config_json(cfg)
+    final_arrays = run_rounds(
+        strategy, grid, arrays, range(first, cfg.rounds + 1),
         timeout=cfg.strategy.round_timeout,
-        train_config=train_config,
-        evaluate_config=ConfigRecord({TASK_CONFIG: task_config_json(cfg)}),
-        evaluate_fn=after_round,
+        train_config=ConfigRecord({TASK_CONFIG: task_json}),
+        evaluate_config=ConfigRecord({TASK_CONFIG: task_json}),
+        history=history, on_round_end=on_round_end,
+        expected_sites=len(cfg.sites), site_grace=site_grace, node_names=node_names,
     )
     progress.close()
-    final_state = result.arrays.to_torch_state_dict() if len(result.arrays) else initial
+    final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     model_path = history.save_final_model(final_state)
     final = {"test_sets": evaluate_test_sets(cfg, final_state)}
     summary = history.write_summary(final=final, model=model_path)
@@ -97,3 +127,24 @@ def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
         run_federation(grid, cfg, Path(out_dir))
 
     return app
+
+
+#: The deployment entry point (``[tool.flwr.app.components] serverapp``): ``fedscan server
+#: start`` passes the server config file, the run folder and whether to resume in the run
+#: config; the SuperLink runs this in a ``flwr-serverapp`` process on the server host.
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    from fedscan.server.deployment import NODES_FILE, load_server_settings
+
+    run_config = context.run_config
+    settings = load_server_settings(str(run_config["server-config"]))
+    run_dir = Path(str(run_config["run-dir"]))
+    nodes = run_dir / NODES_FILE
+    names = json.loads(nodes.read_text()) if nodes.is_file() else {}
+    run_federation(grid, settings.federation, run_dir,
+                   resume=bool(run_config.get("resume", False)),
+                   site_grace=settings.server.site_grace,
+                   node_names={int(k): v for k, v in names.items()})

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
+from fedscan.server.validation import Rejection, UpdateValidator
 from fedscan.shared.config import StrategyConfig
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import METRICS, NUM_EXAMPLES, reply_site
+from fedscan.shared.messages import (
+    METRICS,
+    NUM_EXAMPLES,
+    PRIVACY,
+    reply_privacy,
+    reply_site,
+)
+
+log = logging.getLogger("fedscan.server")
 
 
 def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
@@ -48,23 +60,48 @@ def _metrics(msg: Message) -> dict[str, float]:
     return out
 
 
+def _declined(msg: Message) -> bool:
+    """A reply that trained on no examples (a DP site whose budget is spent)."""
+    return _metrics(msg)["num_examples"] == 0 and PRIVACY in msg.content.config_records
+
+
+def _train_entry(msg: Message) -> dict[str, Any]:
+    """A train reply's metrics with its privacy record (whose cumulative ``steps`` wins)."""
+    return {**_metrics(msg), **reply_privacy(msg)}
+
+
 class RecordingStrategy(Strategy):
     """Delegates to a Flower strategy and records each site's train and evaluate metrics.
 
     Flower's ``Result`` keeps only aggregated metrics; a hospital consortium needs to see each
     site's numbers per round, so the replies are read here before the inner strategy
-    aggregates them.
+    aggregates them. A train reply's ``privacy`` record (ε, δ, σ, q, cumulative steps, status)
+    is recorded with its metrics; for a DP site ``steps`` is then the ledger's cumulative
+    count and ``steps_this_round`` this round's.
+
+    Replies with no examples (a site that declined because its privacy budget is spent) are
+    recorded but not aggregated: they carry the unchanged global model, which FedMedian or
+    FedAdam would otherwise count as a vote for no change.
     """
 
-    def __init__(self, inner: Strategy, history: RunHistory) -> None:
+    def __init__(self, inner: Strategy, history: RunHistory,
+                 validator: UpdateValidator | None = None) -> None:
         self.inner = inner
         self.history = history
+        # Replies are validated before the inner strategy sees them (see validation.py).
+        self.validator = validator
+        self._sent: ArrayRecord | None = None
+
+    def _rejected(self, server_round: int, phase: str, rejected: list[Rejection]) -> None:
+        for r in rejected:
+            self.history.record_rejection(server_round, r.site, phase, r.reason)
 
     def summary(self) -> None:
         self.inner.summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        self._sent = arrays  # the reference for this round's update-norm check
         return self.inner.configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -74,15 +111,48 @@ class RecordingStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        # A site that declined (its privacy budget is spent) trained nothing: record its
+        # status, but neither validate nor aggregate its unchanged copy of the global model.
+        declined = [m for m in replies if not m.has_error() and _declined(m)]
+        for msg in declined:
+            self.history.record_train(server_round, reply_site(msg), _train_entry(msg))
+        replies = [m for m in replies if m.has_error() or not _declined(m)]
+        if self.validator is not None:
+            # A declining site did answer: it counts towards the round's quorum, so one
+            # exhausted budget does not freeze the global model for everyone else.
+            quorum = self.validator.min_valid
+            self.validator.min_valid = max(1, quorum - len(declined))
+            try:
+                replies, rejected = self.validator.check_train(replies, self._sent)
+            finally:
+                self.validator.min_valid = quorum
+            self._rejected(server_round, "train", rejected)
         for msg in replies:
             if not msg.has_error():
-                self.history.record_train(server_round, reply_site(msg), _metrics(msg))
-        return self.inner.aggregate_train(server_round, replies)
+                self.history.record_train(server_round, reply_site(msg), _train_entry(msg))
+        if not any(not m.has_error() for m in replies):
+            return None, None  # nobody trained: the global model stays as it is
+        try:
+            arrays, metrics = self.inner.aggregate_train(server_round, replies)
+        except InconsistentMessageReplies as exc:  # never end a run over one round's replies
+            log.error("round %d: train replies not aggregated (%s); the global model is kept",
+                      server_round, exc)
+            return None, None
+        if arrays is not None and self.validator is not None:
+            arrays = self.validator.conform(arrays)  # back to the model's dtypes (fp32)
+        return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
         replies = list(replies)
+        if self.validator is not None:
+            replies, rejected = self.validator.check_evaluate(replies)
+            self._rejected(server_round, "evaluate", rejected)
         for msg in replies:
             if not msg.has_error():
                 self.history.record_evaluate(server_round, reply_site(msg), _metrics(msg))
-        return self.inner.aggregate_evaluate(server_round, replies)
+        try:
+            return self.inner.aggregate_evaluate(server_round, replies)
+        except InconsistentMessageReplies as exc:
+            log.error("round %d: evaluate replies not aggregated (%s)", server_round, exc)
+            return None

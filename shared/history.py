@@ -62,6 +62,10 @@ class RunHistory:
         self.rounds: list[dict[str, Any]] = []
         self.started = time.time()
         self._round_started = time.time()
+        #: Size of the model's weights as fp32 (the yardstick for bytes per round).
+        self.model_fp32_bytes: int | None = None
+        #: Rounds after which the run was resumed (a restart after a crash).
+        self.resumed_after: list[int] = []
 
     def _round(self, rnd: int) -> dict[str, Any]:
         for entry in self.rounds:
@@ -76,6 +80,27 @@ class RunHistory:
 
     def record_evaluate(self, rnd: int, site: str, metrics: dict[str, Any]) -> None:
         self._round(rnd)["evaluate"][site] = _clean(metrics)
+
+    def record_rejection(self, rnd: int, site: str, phase: str, reason: str) -> None:
+        """A reply the server did not aggregate (see ``server/validation.py``)."""
+        self._round(rnd).setdefault("rejected", []).append(
+            {"site": site, "phase": phase, "reason": reason})
+
+    def record_error(self, rnd: int, site: str, phase: str, reason: str) -> None:
+        """A site that answered with an error, or not at all (Flower's error reply)."""
+        self._round(rnd).setdefault("errors", []).append(
+            {"site": site, "phase": phase, "reason": reason})
+
+    def record_bytes(self, rnd: int, site: str, key: str, num_bytes: int) -> None:
+        """Bytes of one message to or from a site (``key`` e.g. ``train_down``)."""
+        per_site = self._round(rnd).setdefault("bytes", {}).setdefault(site, {})
+        per_site[key] = per_site.get(key, 0) + int(num_bytes)
+
+    def resume(self, summary: dict[str, Any], last_round: int) -> None:
+        """Continue a run: keep the recorded rounds up to ``last_round`` from its summary."""
+        self.rounds = [r for r in summary.get("rounds", []) if r["round"] <= last_round]
+        self.resumed_after = [*summary.get("resumed_after", []), last_round]
+        self.started -= float(summary.get("seconds") or 0.0)
 
     def finish_round(self, rnd: int, state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
         """Close round ``rnd``: aggregate its metrics, time it, checkpoint, rewrite summary.
@@ -123,6 +148,8 @@ class RunHistory:
             },
             "model": model,
             "seconds": round(time.time() - self.started, 3),
+            "model_fp32_bytes": self.model_fp32_bytes,
+            "resumed_after": self.resumed_after,
             "config": self.cfg.to_dict(),
         }
         return _clean(out)
