@@ -22,10 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from flwr.app import Context
 
-from fedscan.shared.config import PrivacyConfig, SiteConfig, _check_privacy, _from_dict
+from fedscan.shared.config import (
+    PrivacyConfig,
+    SiteConfig,
+    _check_privacy,
+    _from_dict,
+    read_yaml,
+)
 from fedscan.shared.errors import ConfigError
 
 #: ``--node-config`` key naming the site config file (set by ``fedscan client start``).
@@ -74,12 +79,7 @@ _PATH_FIELDS = ("data", "ca_cert", "private_key", "state_dir")
 def load_site_settings(path: str | Path) -> SiteSettings:
     """Read and validate ``site.yaml``; errors name the file and the key."""
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"site config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "site config")
     try:
         settings: SiteSettings = _from_dict(SiteSettings, data, "", None)
     except ConfigError as exc:

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedscan.shared.config import Config, _from_dict, parse_config
+from fedscan.shared.config import Config, _from_dict, parse_config, read_yaml
 from fedscan.shared.errors import ConfigError, FedscanError
 
 CONNECTION = "fedscan"
@@ -90,12 +90,7 @@ def load_server_settings(path: str | Path) -> ServerSettings:
     ``public_key`` to admit; relative paths are resolved against the file's folder.
     """
     path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise ConfigError(f"server config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "server config")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = path.parent
