@@ -118,14 +118,8 @@ class RecordingStrategy(Strategy):
             self.history.record_train(server_round, reply_site(msg), _train_entry(msg))
         replies = [m for m in replies if m.has_error() or not _declined(m)]
         if self.validator is not None:
-            # A declining site did answer: it counts towards the round's quorum, so one
-            # exhausted budget does not freeze the global model for everyone else.
-            quorum = self.validator.min_valid
-            self.validator.min_valid = max(1, quorum - len(declined))
-            try:
-                replies, rejected = self.validator.check_train(replies, self._sent)
-            finally:
-                self.validator.min_valid = quorum
+            replies, rejected = self.validator.check_train(replies, self._sent,
+                                                           declined=len(declined))
             self._rejected(server_round, "train", rejected)
         for msg in replies:
             if not msg.has_error():

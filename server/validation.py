@@ -96,14 +96,17 @@ class UpdateValidator:
             norms.append(math.sqrt(total))
         return norms
 
-    def check_train(self, replies: list[Message], reference: ArrayRecord | None
-                    ) -> tuple[list[Message], list[Rejection]]:
+    def check_train(self, replies: list[Message], reference: ArrayRecord | None,
+                    declined: int = 0) -> tuple[list[Message], list[Rejection]]:
         """Split train replies into valid ones and rejections.
 
         Args:
             replies: the round's replies (error replies are passed through untouched: the
                 strategy counts them as failures).
             reference: the global model sent this round (for the update-norm check).
+            declined: sites that answered but declined to train (privacy budget spent);
+                they count towards the quorum, so one exhausted budget does not freeze the
+                global model for everyone else.
         """
         ok: list[Message] = []
         errors: list[Message] = []
@@ -132,10 +135,11 @@ class UpdateValidator:
                 else:
                     keep.append(msg)
             ok = keep
-        if len(ok) < self.min_valid:
+        needed = max(1, self.min_valid - declined)
+        if len(ok) < needed:
             # Too few sites for a round to count (strategy.min_sites): keep the global model.
             rejected += [_reject(m, f"only {len(ok)} valid update(s); a round needs "
-                                    f"{self.min_valid}") for m in ok]
+                                    f"{needed}") for m in ok]
             ok = []
         return ok + errors, rejected
 
