@@ -27,8 +27,8 @@ from flwr.app import Context
 from fedscan.shared.config import (
     PrivacyConfig,
     SiteConfig,
-    _check_privacy,
-    _from_dict,
+    check_privacy,
+    from_dict,
     read_yaml,
 )
 from fedscan.shared.errors import ConfigError
@@ -81,7 +81,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     path = Path(path).expanduser().resolve()
     data = read_yaml(path, "site config")
     try:
-        settings: SiteSettings = _from_dict(SiteSettings, data, "", None)
+        settings: SiteSettings = from_dict(SiteSettings, data, "", None)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
     for name in _PATH_FIELDS:
@@ -97,7 +97,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     def bad(key: str, why: str) -> ConfigError:
         return ConfigError(f"{path}: config key '{key}': {why}")
 
-    _check_privacy(settings.privacy, "privacy", bad)
+    check_privacy(settings.privacy, "privacy", bad)
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise bad("device", f"expected auto, cpu or cuda[:N], got {settings.device!r}")
     return settings

@@ -32,7 +32,7 @@ from typing import Any
 
 import yaml
 
-from fedscan.shared.config import Config, _from_dict, parse_config, read_yaml
+from fedscan.shared.config import Config, from_dict, parse_config, read_yaml
 from fedscan.shared.errors import ConfigError, FedscanError
 
 CONNECTION = "fedscan"
@@ -95,7 +95,7 @@ def load_server_settings(path: str | Path) -> ServerSettings:
         raise ConfigError(f"{path}: expected a mapping at the top level")
     base = path.parent
     try:
-        server = _from_dict(ServerBlock, data.pop("server", {}) or {}, "server", None)
+        server = from_dict(ServerBlock, data.pop("server", {}) or {}, "server", None)
         keys = {}
         sites = data.get("sites")
         if isinstance(sites, list):

@@ -197,7 +197,7 @@ def _convert(value: Any, tp: Any, path: str, base: Path | None) -> Any:
         (item_tp,) = get_args(tp)
         return [_convert(v, item_tp, f"{path}[{i}]", base) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, path, base)
+        return from_dict(tp, value, path, base)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -210,7 +210,7 @@ def _convert(value: Any, tp: Any, path: str, base: Path | None) -> Any:
     raise ConfigError(f"config key '{path}': expected {_type_name(tp)}, got {got} ({value!r})")
 
 
-def _from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
+def from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
     where = f"'{path}'" if path else "the top level"
     if not isinstance(data, dict):
         raise ConfigError(f"config key {where}: expected a mapping, got {type(data).__name__}")
@@ -269,9 +269,9 @@ def _check_values(cfg: Config) -> None:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
-    _check_privacy(cfg.privacy, "privacy", bad)
+    check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
-        _check_privacy(site.privacy, f"sites[{i}].privacy", bad)
+        check_privacy(site.privacy, f"sites[{i}].privacy", bad)
     for i, test_set in enumerate(cfg.test_sets):
         if test_set.privacy is not None or test_set.state_dir is not None:
             raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy "
@@ -282,7 +282,7 @@ def _check_values(cfg: Config) -> None:
             raise bad("model.channels", "group norm (2 groups) needs even channel counts")
 
 
-def _check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:
+def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:
     if p is None:
         return
     if not p.epsilon > 0:  # also rejects NaN; .inf means "no DP"
@@ -306,7 +306,7 @@ def parse_config(data: Any, base: Path | None = None) -> Config:
     Returns:
         The validated config.
     """
-    cfg = _from_dict(Config, data, "", base)
+    cfg = from_dict(Config, data, "", base)
     _check_values(cfg)
     return cfg
 
