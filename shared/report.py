@@ -289,6 +289,15 @@ def _finish_axes(ax: Axes, xs: list[int], empty_text: str) -> None:
                 color="0.4")
 
 
+def _site_line(ax: Any, xs: list[int], ys: list[float], key: str, sites: list[str]) -> None:
+    """One site's series: its colour (``pooled`` gets the next free one), gaps bridged."""
+    color = _site_color(sites.index(key) if key in sites else len(sites))
+    # clip_on=False: a value on the axis limit (Dice 1.0) would otherwise show half a marker.
+    ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=key, color=color,
+            clip_on=False)
+    _bridge_gaps(ax, xs, ys, color)
+
+
 def plot_dice(path: Path, summary: Mapping[str, Any]) -> Path:
     """Write the Dice-per-round plot.
 
@@ -303,14 +312,12 @@ def plot_dice(path: Path, summary: Mapping[str, Any]) -> Path:
     xs = _round_axis(rounds)
     fig, ax = _new_figure()
     if xs:
-        for i, site in enumerate(_eval_sites(summary)):
+        sites = _eval_sites(summary)
+        for site in sites:
             ys = _series(rounds, "evaluate", site, "dice", xs)
             if all(math.isnan(y) for y in ys):
                 continue
-            # clip_on=False: a Dice of exactly 1.0 would otherwise show half a marker.
-            ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=site,
-                    color=_site_color(i), clip_on=False)
-            _bridge_gaps(ax, xs, ys, _site_color(i))
+            _site_line(ax, xs, ys, site, sites)
         agg_ys = _series(rounds, "aggregate", None, "dice", xs)
         if not all(math.isnan(y) for y in agg_ys):
             # Under the site lines and translucent: a site that tracks the aggregate closely
@@ -347,11 +354,7 @@ def plot_loss(path: Path, summary: Mapping[str, Any]) -> Path:
             if not finite:
                 continue
             top = max(top, *finite)
-            # Same colour as the site's Dice line; "pooled" gets the next free colour.
-            idx = sites.index(key) if key in sites else len(sites)
-            ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=key,
-                    color=_site_color(idx), clip_on=False)
-            _bridge_gaps(ax, xs, ys, _site_color(idx))
+            _site_line(ax, xs, ys, key, sites)  # same colour as the site's Dice line
         if ax.lines and top > 0:
             # From 0 so sites compare at a glance; explicit head-room because autoscale's
             # margin is relative to the data's spread and clips markers when it is small.
@@ -397,12 +400,9 @@ def plot_epsilon(path: Path, summary: Mapping[str, Any]) -> Path:
     top = 0.0
     budgets: dict[str, float] = {}
     for key in _privacy_sites(summary):
-        idx = sites.index(key) if key in sites else len(sites)
         ys = _series(rounds, "train", key, "epsilon", xs)
         top = max(top, *(y for y in ys if math.isfinite(y)))
-        ax.plot(xs, ys, marker="o", markersize=5, linewidth=1.5, label=key,
-                color=_site_color(idx), clip_on=False)
-        _bridge_gaps(ax, xs, ys, _site_color(idx))
+        _site_line(ax, xs, ys, key, sites)
         budget = _num(_last_privacy(summary, key).get("epsilon_budget"))
         if budget is not None and math.isfinite(budget):
             budgets[key] = budget
