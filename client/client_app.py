@@ -21,7 +21,7 @@ from fedscan.client.privacy import (
     train_private,
 )
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
-from fedscan.shared.data import SiteData, read_dataset
+from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.messages import (
     ARRAYS,
     CONFIG,
@@ -46,9 +46,7 @@ SiteResolver = Callable[[Context], SiteConfig]
 
 def _site_data(cfg: Config, site: SiteConfig) -> SiteData:
     # The data contract was checked in full before the run; here only dataset.json is read.
-    return read_dataset(site.data, name=site.name, val_fraction=cfg.data.val_fraction,
-                        split_seed=cfg.data.split_seed, num_classes=cfg.data.num_classes,
-                        in_channels=cfg.data.in_channels, check=False)
+    return read_site(site, cfg.data, check=False)
 
 
 def _load_global(cfg: Config, msg: Message) -> tuple[torch.nn.Module, object]:

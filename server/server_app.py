@@ -22,7 +22,7 @@ from fedscan.server.rounds import (
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
-from fedscan.shared.data import read_test_set
+from fedscan.shared.data import read_site_test_set
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import TASK_CONFIG, task_config_json, to_arrays
 from fedscan.shared.report import write_report
@@ -44,8 +44,7 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
     model.load_state_dict(state_dict)
     results = {}
     for test_set in cfg.test_sets:
-        cases = read_test_set(test_set.data, name=test_set.name, num_classes=cfg.data.num_classes,
-                              in_channels=cfg.data.in_channels, check=False)
+        cases = read_site_test_set(test_set, cfg.data, check=False)
         res = task.evaluate(model, cases)
         results[test_set.name] = {**res.metrics, "num_examples": res.num_examples,
                                   "cases": res.per_case}

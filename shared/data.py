@@ -24,6 +24,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from fedscan.shared.config import DataConfig, SiteConfig
 from fedscan.shared.errors import DataError
 from fedscan.shared.tasks.base import Case
 
@@ -363,3 +364,16 @@ def read_test_set(
     site = read_dataset(root, name=name, num_classes=num_classes, in_channels=in_channels,
                         check=check)
     return sorted(site.cases, key=lambda c: c["case"])
+
+
+def read_site(site: SiteConfig, data: DataConfig, *, check: bool) -> SiteData:
+    """A configured site's data, split and checked with the run's ``data`` settings."""
+    return read_dataset(site.data, name=site.name, val_fraction=data.val_fraction,
+                        split_seed=data.split_seed, num_classes=data.num_classes,
+                        in_channels=data.in_channels, check=check)
+
+
+def read_site_test_set(test_set: SiteConfig, data: DataConfig, *, check: bool) -> list[Case]:
+    """A configured held-out folder's cases, checked with the run's ``data`` settings."""
+    return read_test_set(test_set.data, name=test_set.name, num_classes=data.num_classes,
+                         in_channels=data.in_channels, check=check)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fedscan.server.server_app import evaluate_test_sets
 from fedscan.shared.config import Config
-from fedscan.shared.data import SiteData, read_dataset
+from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.history import RunHistory
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
@@ -24,9 +24,7 @@ from fedscan.shared.tasks.base import resolve_device
 
 
 def _read_sites(cfg: Config) -> list[SiteData]:
-    return [read_dataset(s.data, name=s.name, val_fraction=cfg.data.val_fraction,
-                         split_seed=cfg.data.split_seed, num_classes=cfg.data.num_classes,
-                         in_channels=cfg.data.in_channels, check=False) for s in cfg.sites]
+    return [read_site(s, cfg.data, check=False) for s in cfg.sites]
 
 
 def _metrics(result: Any) -> dict[str, Any]:

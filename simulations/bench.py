@@ -165,16 +165,14 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
     """
     from fedscan.client.privacy import GRAD_SAMPLE_MODE, PrivacyLedger, make_private
     from fedscan.shared.config import PrivacyConfig
-    from fedscan.shared.data import read_dataset
+    from fedscan.shared.data import read_site
     from fedscan.shared.tasks import build_task
     from fedscan.simulations.run import default_config
 
     cfg = cfg or default_config()
     task = build_task(cfg)
     site = cfg.sites[0]
-    cases = read_dataset(site.data, name=site.name, val_fraction=cfg.data.val_fraction,
-                         split_seed=cfg.data.split_seed, num_classes=cfg.data.num_classes,
-                         in_channels=cfg.data.in_channels, check=False).train
+    cases = read_site(site, cfg.data, check=False).train
     loader = task.make_train_loader(cases, seed=0)
     batch = next(iter(loader))
     base = task.build_model()

@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 
 from fedscan.shared.config import MODES, Config, load_config, parse_config
-from fedscan.shared.data import read_dataset, read_test_set
+from fedscan.shared.data import read_site, read_site_test_set
 
 
 def quiet_flower() -> None:
@@ -37,12 +37,9 @@ def default_config() -> Config:
 def check_data(cfg: Config) -> None:
     """Validate every site's and test set's data contract in full before any training."""
     for site in cfg.sites:
-        read_dataset(site.data, name=site.name, val_fraction=cfg.data.val_fraction,
-                     split_seed=cfg.data.split_seed, num_classes=cfg.data.num_classes,
-                     in_channels=cfg.data.in_channels, check=True)
+        read_site(site, cfg.data, check=True)
     for test_set in cfg.test_sets:
-        read_test_set(test_set.data, name=test_set.name, num_classes=cfg.data.num_classes,
-                      in_channels=cfg.data.in_channels, check=True)
+        read_site_test_set(test_set, cfg.data, check=True)
 
 
 def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
