@@ -52,6 +52,29 @@ class EvalResult:
 #: Called after every optimiser step with (step, steps, loss) for progress reporting.
 StepCallback = Callable[[int, int, float], None]
 
+#: ``(model, batch) -> per-sample losses`` of shape ``(B,)``; item i may depend on batch item
+#: i and on public data only, never on another private case (per-sample clipping needs it).
+PhaseLoss = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+@dataclass
+class Phase:
+    """One optimiser update within a local step: which parameters it moves, by which loss.
+
+    Segmentation has one phase (the UNet, Dice+CE); a CycleGAN has two (generators, then
+    discriminators). A DP site clips and noises each phase's per-sample gradients on its own
+    fresh Poisson batch, so every phase update is one step of the site's accountant.
+
+    Attributes:
+        name: e.g. ``"generators"``.
+        params: the parameters this phase updates (the others are held fixed).
+        loss: per-sample losses of a batch, see :data:`PhaseLoss`.
+    """
+
+    name: str
+    params: list[nn.Parameter]
+    loss: PhaseLoss
+
 
 class Task(Protocol):
     """Interface both sides use. A new task is a new module under ``shared/tasks/``."""
@@ -88,6 +111,9 @@ class Task(Protocol):
 
     def shared_keys(self, model: nn.Module) -> list[str]:
         """State-dict keys that leave the site; the rest stay local."""
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        """The updates of one local step, in order (what DP-SGD clips and noises)."""
 
 
 def resolve_device(name: str) -> torch.device:
