@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client.privacy import (
@@ -25,6 +25,8 @@ from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.messages import (
     ARRAYS,
     CONFIG,
+    EVALUATE_RECEIVED,
+    EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
@@ -35,7 +37,7 @@ from fedscan.shared.messages import (
     to_arrays,
 )
 from fedscan.shared.tasks import build_task
-from fedscan.shared.tasks.base import resolve_device
+from fedscan.shared.tasks.base import EvalResult, resolve_device
 
 log = logging.getLogger("fedscan.client")
 
@@ -62,9 +64,14 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     config = msg.content[CONFIG]
     cfg = config_for_site(str(config[TASK_CONFIG]), site)
     server_round = int(config.get("server-round", 0))
-    torch.manual_seed(cfg.seed + server_round)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg)
+    evaluation = None
+    if bool(config.get(EVALUATE_RECEIVED, False)):
+        # The previous round's model, evaluated here instead of in an evaluate message that
+        # would download the same weights a second time.
+        evaluation = _evaluation_record(task.evaluate(model, data.validation))
+    torch.manual_seed(cfg.seed + server_round)
     mu = float(config.get("proximal-mu", 0.0))
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
@@ -111,7 +118,19 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
                             NUM_EXAMPLES: int(examples)})
     content = RecordDict({ARRAYS: to_arrays(weights), METRICS: metrics,
                           SITE: site_record(site.name), PRIVACY: privacy_record})
+    if evaluation is not None:
+        content[EVALUATION] = evaluation
     return Message(content=content, reply_to=msg)
+
+
+def _metric_values(result: EvalResult) -> dict[str, float | int]:
+    values: dict[str, float | int] = {k: float(v) for k, v in result.metrics.items()}
+    values[NUM_EXAMPLES] = int(result.num_examples)
+    return values
+
+
+def _evaluation_record(result: EvalResult) -> ConfigRecord:
+    return ConfigRecord(_metric_values(result))
 
 
 def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
@@ -120,9 +139,8 @@ def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg)
     result = task.evaluate(model, data.validation)
-    values = {k: float(v) for k, v in result.metrics.items()}
-    values[NUM_EXAMPLES] = int(result.num_examples)
-    content = RecordDict({METRICS: MetricRecord(values), SITE: site_record(site.name)})
+    content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
+                          SITE: site_record(site.name)})
     return Message(content=content, reply_to=msg)
 
 

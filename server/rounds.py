@@ -29,7 +29,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import SITE, reply_site, site_record
+from fedscan.shared.messages import EVALUATE_RECEIVED, SITE, reply_site, site_record
 
 log = logging.getLogger("fedscan.server")
 
@@ -140,7 +140,11 @@ def run_rounds(
 ) -> ArrayRecord:
     """Run ``rounds`` (e.g. ``range(k + 1, n + 1)``) and return the final global model.
 
-    Mirrors Flower's ``Strategy.start`` loop, without its initial round-0 evaluation. Before
+    Mirrors Flower's ``Strategy.start`` loop, without its initial round-0 evaluation and with
+    one model transfer per round each way: round r's train message also has the sites
+    evaluate round r-1's model (``evaluate-received``), and one evaluate message after the
+    last round evaluates the final model. Bytes are recorded per round as ``train_down`` /
+    ``train_up`` and, for that last message, ``final_evaluate_down`` / ``_up``. Before
     each round it waits up to ``site_grace`` seconds for ``expected_sites`` to be online;
     after that the strategy starts the round with those connected (at least its minimum), so
     a site that is down does not stall the federation and one that comes back rejoins.
@@ -178,14 +182,17 @@ def run_rounds(
                 history.record_error(rnd, site, phase, f"no reply within {timeout:.0f}s")
         return replies
 
+    last = None
     for rnd in rounds:
         deadline = time.monotonic() + site_grace
         while (len(list(grid.get_node_ids())) < expected_sites
                and time.monotonic() < deadline):
             time.sleep(1.0)
         log.info("round %d: train (%d sites online)", rnd, len(list(grid.get_node_ids())))
-        replies = exchange(rnd, "train",
-                           strategy.configure_train(rnd, arrays, train_config, grid))
+        # From round 2 on, the received model is round rnd-1's aggregate: the sites evaluate
+        # it before training, so the model crosses the network once per round each way.
+        config = ConfigRecord({**train_config, EVALUATE_RECEIVED: rnd > 1})
+        replies = exchange(rnd, "train", strategy.configure_train(rnd, arrays, config, grid))
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         trained = next((r["train"] for r in history.rounds if r["round"] == rnd), {})
         if new_arrays is None and not trained:
@@ -197,9 +204,12 @@ def run_rounds(
             log.warning("round %d: no update aggregated; the global model is unchanged", rnd)
         else:
             arrays = new_arrays
-        log.info("round %d: evaluate", rnd)
-        replies = exchange(rnd, "evaluate",
-                           strategy.configure_evaluate(rnd, arrays, evaluate_config, grid))
-        strategy.aggregate_evaluate(rnd, replies)
         on_round_end(rnd, arrays)
+        last = rnd
+    if last is not None:
+        # The final model is the only one not evaluated by a following train message.
+        log.info("round %d: final evaluation", last)
+        replies = exchange(last, "final_evaluate",
+                           strategy.configure_evaluate(last, arrays, evaluate_config, grid))
+        strategy.aggregate_evaluate(last, replies)
     return arrays

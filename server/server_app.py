@@ -94,9 +94,12 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     def on_round_end(server_round: int, round_arrays: ArrayRecord) -> None:
         # Strategy state first: a checkpoint listed in summary.json always has its state.
         save_strategy_state(out_dir, server_round, strategy)
-        entry = history.finish_round(server_round, round_arrays.to_torch_state_dict())
-        dice = entry["aggregate"].get("dice")
-        progress.set_postfix(dice=f"{dice:.3f}" if dice is not None else "n/a")
+        history.finish_round(server_round, round_arrays.to_torch_state_dict())
+        # A round's model is evaluated at the start of the next one: show the latest known.
+        known = [r for r in history.rounds if r["aggregate"].get("dice") is not None]
+        if known:
+            progress.set_postfix_str(f"dice {known[-1]['aggregate']['dice']:.3f} "
+                                     f"(round {known[-1]['round']} model)")
         progress.update(1)
 
     task_json = task_config_json(cfg)

@@ -11,13 +11,14 @@ from flwr.serverapp import Grid
 from flwr.serverapp.exception import InconsistentMessageReplies
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Strategy
 
-from fedscan.server.validation import Rejection, UpdateValidator
+from fedscan.server.validation import Rejection, UpdateValidator, check_evaluation
 from fedscan.shared.config import StrategyConfig
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import (
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
+    reply_evaluation,
     reply_privacy,
     reply_site,
 )
@@ -108,9 +109,26 @@ class RecordingStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
+    def _record_received_evaluation(self, server_round: int, replies: list[Message]) -> None:
+        """Record the previous round's model evaluation that train replies carry."""
+        for msg in replies:
+            if msg.has_error():
+                continue
+            metrics = reply_evaluation(msg)
+            if metrics is None:
+                continue
+            site = reply_site(msg)
+            reason = check_evaluation(metrics)
+            if reason:
+                self.history.record_rejection(server_round - 1, site, "evaluate", reason)
+                continue
+            metrics["num_examples"] = metrics.pop(NUM_EXAMPLES)
+            self.history.record_evaluate(server_round - 1, site, metrics)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        self._record_received_evaluation(server_round, replies)
         # A site that declined (its privacy budget is spent) trained nothing: record its
         # status, but neither validate nor aggregate its unchanged copy of the global model.
         declined = [m for m in replies if not m.has_error() and _declined(m)]

@@ -181,7 +181,12 @@ def _check_metrics(msg: Message) -> str | None:
     records = msg.content.metric_records
     if len(records) != 1:
         return f"expected exactly one MetricRecord, got {len(records)}"
-    record = next(iter(records.values()))
+    return check_evaluation(dict(next(iter(records.values())).items()))
+
+
+def check_evaluation(record: dict) -> str | None:
+    """Why a site's evaluation metrics are unusable (no positive example count, an infinite
+    value), or None when they are fine."""
     n = record.get(NUM_EXAMPLES)
     if not isinstance(n, (int, float)) or isinstance(n, bool) or not n > 0:
         return f"{NUM_EXAMPLES!r} must be a positive number, got {n!r}"

@@ -79,7 +79,23 @@ class RunHistory:
         self._round(rnd)["train"][site] = _clean(metrics)
 
     def record_evaluate(self, rnd: int, site: str, metrics: dict[str, Any]) -> None:
-        self._round(rnd)["evaluate"][site] = _clean(metrics)
+        """A site's validation metrics of round ``rnd``'s global model.
+
+        In a federated run they arrive with the next round's train replies (or the final
+        evaluation), so the round's aggregate is updated here, after the round has closed.
+        """
+        entry = self._round(rnd)
+        entry["evaluate"][site] = _clean(metrics)
+        self._aggregate(entry)
+
+    @staticmethod
+    def _aggregate(entry: dict[str, Any]) -> None:
+        """Example-weighted means over sites of every metric (dice, hd95, psnr, ...)."""
+        keys = {k for m in entry["evaluate"].values() for k in m if k != "num_examples"}
+        for key in sorted(keys):
+            value = weighted_mean(entry["evaluate"], key)
+            if value is not None:
+                entry["aggregate"][key] = value
 
     def record_rejection(self, rnd: int, site: str, phase: str, reason: str) -> None:
         """A reply the server did not aggregate (see ``server/validation.py``)."""
@@ -108,10 +124,7 @@ class RunHistory:
         The summary is rewritten every round, so a crash loses at most the round in flight.
         """
         entry = self._round(rnd)
-        for key in ("dice", "hd95"):
-            value = weighted_mean(entry["evaluate"], key)
-            if value is not None:
-                entry["aggregate"][key] = value
+        self._aggregate(entry)
         now = time.time()
         entry["seconds"] = round(now - self._round_started, 3)
         self._round_started = now

@@ -6,6 +6,12 @@ carries ``arrays`` (train only), ``metrics`` (aggregates over the site's cases, 
 values), ``site`` (the site's declared name, for the per-site report) and, in a train reply,
 ``privacy`` (the site's DP ledger after the round: ε, δ, σ, q, cumulative steps, status).
 
+The model crosses the network once per round each way: a train message with
+``evaluate-received`` set asks the site to first evaluate the model it received (the previous
+round's aggregate) and to put those metrics in the reply's ``evaluation`` record, instead of a
+separate evaluate message re-sending the same weights. Only the run's final model gets an
+evaluate message of its own.
+
 Privacy settings never travel from server to site: they are each hospital's own.
 """
 
@@ -28,6 +34,11 @@ NUM_EXAMPLES = "num-examples"
 #: ConfigRecord of a train reply with the site's privacy ledger (not a MetricRecord: its keys
 #: differ between DP and non-DP sites, and Flower requires identical MetricRecord keys).
 PRIVACY = "privacy"
+#: Train config flag: evaluate the received model before training it.
+EVALUATE_RECEIVED = "evaluate-received"
+#: ConfigRecord of a train reply with the received model's validation metrics (a second
+#: MetricRecord would break Flower's one-MetricRecord-per-reply aggregation).
+EVALUATION = "evaluation"
 
 
 def task_config_json(cfg: Config) -> str:
@@ -69,6 +80,14 @@ def reply_privacy(msg: Message) -> dict[str, int | float | str]:
         return {}
     return {k: v for k, v in msg.content.config_records[PRIVACY].items()
             if isinstance(v, (int, float, str))}
+
+
+def reply_evaluation(msg: Message) -> dict[str, float] | None:
+    """The validation metrics a train reply carries for the model it received, if any."""
+    if EVALUATION not in msg.content.config_records:
+        return None
+    return {k: v for k, v in msg.content.config_records[EVALUATION].items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def to_arrays(state_dict: dict[str, torch.Tensor]) -> ArrayRecord:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedscan.server.rounds import RoundFailed
@@ -24,6 +24,7 @@ class ScriptedGrid:
         self.declared = declared or SITES
         self.broken_round = broken_round
         self.train_rounds: list[int] = []
+        self.evaluate_messages = 0
         self._n = 0
 
     def get_node_ids(self):
@@ -46,12 +47,23 @@ class ScriptedGrid:
                 content["arrays"] = ArrayRecord({k: v + step if v.is_floating_point() else v
                                                  for k, v in state.items()})
                 content["metrics"] = MetricRecord({"loss": 1.0, "num-examples": 2})
+                if msg.content["config"]["evaluate-received"]:
+                    content["evaluation"] = ConfigRecord({"dice": dice(state, node),
+                                                          "num-examples": 1})
             else:
-                content["metrics"] = MetricRecord({"dice": 0.5 + step, "num-examples": 1})
+                self.evaluate_messages += 1
+                state = msg.content["arrays"].to_torch_state_dict()
+                content["metrics"] = MetricRecord({"dice": dice(state, node), "num-examples": 1})
             reply = Message(content, reply_to=msg)
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies
+
+
+def dice(state, node):
+    """A fake score that identifies the model a site evaluated (its mean weight) and the site."""
+    mean = torch.cat([v.flatten().float() for v in state.values()]).mean().item()
+    return round(mean, 6) + node
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +121,33 @@ def test_registered_name_wins_over_declared_name(tmp_path):
     assert set(entry["train"]) == set(SITES.values())
     assert set(entry["bytes"]) == set(SITES.values())
     assert summary["model_fp32_bytes"] > 0
+
+
+def test_each_round_model_is_evaluated_once_by_the_next_train_message(tmp_path):
+    grid = ScriptedGrid()
+    summary = run_federation(grid, config(3), tmp_path)
+    assert grid.evaluate_messages == 3  # only the final model gets an evaluate message
+    for entry in summary["rounds"]:
+        state = load_model(tmp_path / "checkpoints" / f"round_{entry['round']:03d}.pt")[1]
+        # Round r's metrics are those of round r's checkpoint, whichever message carried them.
+        assert entry["evaluate"] == {site: {"dice": pytest.approx(dice(state, node)),
+                                            "num_examples": 1}
+                                     for node, site in SITES.items()}
+        # One model down and one up per round (the ratio to the model's size is checked with
+        # the real model in test_deployment.py; this toy model is smaller than the config).
+        assert all(set(t) <= {"train_down", "train_up", "final_evaluate_down",
+                              "final_evaluate_up"} for t in entry["bytes"].values())
+    assert all("final_evaluate_down" in t for t in summary["rounds"][-1]["bytes"].values())
+    assert not any("final_evaluate_down" in t for r in summary["rounds"][:-1]
+                   for t in r["bytes"].values())
+
+
+def test_resumed_run_evaluates_the_last_checkpoint_in_its_first_train_message(tmp_path):
+    run_federation(ScriptedGrid(), config(1), tmp_path)  # "crash" before any evaluation
+    (tmp_path / "summary.json").write_text(
+        (tmp_path / "summary.json").read_text())  # summary as the crash left it
+    summary = run_federation(ScriptedGrid(), config(2), tmp_path, resume=True)
+    state = load_model(tmp_path / "checkpoints" / "round_001.pt")[1]
+    assert summary["rounds"][0]["evaluate"]["site-a"]["dice"] == pytest.approx(dice(state, 11))
+    assert summary["rounds"][0]["aggregate"]["dice"] == pytest.approx(
+        sum(dice(state, n) for n in SITES) / 3)
