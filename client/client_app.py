@@ -22,6 +22,7 @@ from fedscan.client.privacy import (
 )
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_site
+from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
     CONFIG,
@@ -37,7 +38,7 @@ from fedscan.shared.messages import (
     to_arrays,
 )
 from fedscan.shared.tasks import build_task
-from fedscan.shared.tasks.base import EvalResult, resolve_device
+from fedscan.shared.tasks.base import EvalResult, Task, resolve_device
 
 log = logging.getLogger("fedscan.client")
 
@@ -51,11 +52,38 @@ def _site_data(cfg: Config, site: SiteConfig) -> SiteData:
     return read_site(site, cfg.data, check=False)
 
 
-def _load_global(cfg: Config, msg: Message) -> tuple[torch.nn.Module, object]:
+#: ``context.state`` key of the weights that never leave the site (``Task.shared_keys``'
+#: complement: a CycleGAN's discriminators, FedBN's normalisation layers).
+LOCAL_WEIGHTS = "local-weights"
+
+
+def _load_global(cfg: Config, msg: Message, context: Context) -> tuple[torch.nn.Module, Task]:
+    """The task and its model: the received global weights plus this site's local ones.
+
+    Raises:
+        FedscanError: the received arrays are not exactly the weights the task shares.
+    """
     task = build_task(cfg)
     model = task.build_model()
-    model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+    received = msg.content[ARRAYS].to_torch_state_dict()
+    shared = set(task.shared_keys(model))
+    if set(received) != shared:
+        odd = sorted(set(received) ^ shared)
+        raise FedscanError(f"received {len(received)} arrays but the {task.name} task shares "
+                           f"{len(shared)}; mismatched keys: {', '.join(odd[:3])}"
+                           f"{' ...' if len(odd) > 3 else ''}")
+    state = model.state_dict()
+    state.update(received)
+    if LOCAL_WEIGHTS in context.state.array_records:  # kept from this site's earlier rounds
+        state.update(context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict())
+    model.load_state_dict(state)
     return model.to(resolve_device(cfg.device)), task
+
+
+def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[str]) -> None:
+    local = {k: v for k, v in weights.items() if k not in shared}
+    if local:
+        context.state[LOCAL_WEIGHTS] = to_arrays(local)
 
 
 def train(msg: Message, context: Context, site: SiteConfig) -> Message:
@@ -65,7 +93,7 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     cfg = config_for_site(str(config[TASK_CONFIG]), site)
     server_round = int(config.get("server-round", 0))
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg)
+    model, task = _load_global(cfg, msg, context)
     evaluation = None
     if bool(config.get(EVALUATE_RECEIVED, False)):
         # The previous round's model, evaluated here instead of in an evaluate message that
@@ -113,6 +141,7 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
             # covers: it stays on the site's console and is not sent.
             loss, taken, examples = float("nan"), done.result.steps, done.result.num_examples
     shared = set(task.shared_keys(model))
+    _keep_local(context, weights, shared)
     weights = {k: v for k, v in weights.items() if k in shared}
     metrics = MetricRecord({"loss": float(loss), "steps": int(taken),
                             NUM_EXAMPLES: int(examples)})
@@ -137,7 +166,7 @@ def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
     """Evaluate the received global model on the site's validation cases."""
     cfg = config_for_site(str(msg.content[CONFIG][TASK_CONFIG]), site)
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg)
+    model, task = _load_global(cfg, msg, context)
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
                           SITE: site_record(site.name)})

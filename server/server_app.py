@@ -41,7 +41,13 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
         return {}
     task = build_task(cfg)
     model = task.build_model().to(resolve_device(cfg.device))
-    model.load_state_dict(state_dict)
+    missing = set(model.state_dict()) - set(state_dict)
+    if missing:
+        # Site-local weights (FedBN's norms) are not in the global model: the server has
+        # only their initial values, so its test-set numbers are not the sites' models.
+        log.warning("test sets: %d site-local weights evaluated at their initial values",
+                    len(missing))
+    model.load_state_dict(state_dict, strict=False)
     results = {}
     for test_set in cfg.test_sets:
         cases = read_site_test_set(test_set, cfg.data, check=False)
@@ -74,7 +80,11 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     """
     history = RunHistory(out_dir, cfg, mode="federated")
     task = build_task(cfg)
-    initial = task.build_model().state_dict()
+    model = task.build_model()
+    shared = set(task.shared_keys(model))
+    # Only the weights the task shares make up the global model (a CycleGAN's
+    # discriminators, FedBN's normalisation layers stay at the sites).
+    initial = {k: v for k, v in model.state_dict().items() if k in shared}
     history.model_fp32_bytes = model_fp32_bytes(initial)
     validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites or len(cfg.sites))
     strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history,

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from fedscan.shared.config import MODES, Config, load_config, parse_config
+from fedscan.shared.config import MODES, Config, parse_config, read_yaml
 from fedscan.shared.data import read_site, read_site_test_set
 
 
@@ -22,16 +22,32 @@ def quiet_flower() -> None:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
-def default_config() -> Config:
-    """The embedded default: three phantom hospitals plus a held-out scanner as test set."""
+def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the embedded phantom hospitals as its sites (and the held-out scanner as
+    its test set) where it names none, generating them on first use."""
     from fedscan.shared.phantoms import ensure_default_federation
 
+    if "sites" in data:
+        return data
     folders = ensure_default_federation()
-    sites = [{"name": n, "data": str(p)} for n, p in folders.items() if n != "heldout"]
-    data: dict[str, Any] = {"sites": sites, "rounds": 5}
-    if "heldout" in folders:
+    data = {**data, "sites": [{"name": n, "data": str(p)} for n, p in folders.items()
+                              if n != "heldout"]}
+    if "heldout" in folders and "test_sets" not in data:
         data["test_sets"] = [{"name": "heldout", "data": str(folders["heldout"])}]
-    return parse_config(data)
+    return data
+
+
+def default_config() -> Config:
+    """The embedded default: three phantom hospitals plus a held-out scanner as test set."""
+    return parse_config(with_phantom_sites({"rounds": 5}))
+
+
+def read_simulation_config(path: str | Path) -> Config:
+    """A simulation config file; one that lists no ``sites`` runs on the phantom hospitals."""
+    data = read_yaml(path)
+    if isinstance(data, dict):
+        data = with_phantom_sites(data)
+    return parse_config(data, base=Path(path).resolve().parent)
 
 
 def check_data(cfg: Config) -> None:
@@ -63,7 +79,7 @@ def simulate(config: str | Path | None, modes: list[str], out: Path,
     With several modes each writes into ``out/<mode>/`` and a comparison is written to ``out``.
     """
     quiet_flower()
-    cfg = load_config(config) if config else default_config()
+    cfg = read_simulation_config(config) if config else default_config()
     if rounds is not None:
         cfg.rounds = rounds
     check_data(cfg)
