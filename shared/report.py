@@ -696,6 +696,36 @@ def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _network_section(summary: Mapping[str, Any]) -> list[str]:
+    """Bytes per round (largest site) against the model's fp32 size, rejections, errors."""
+    rounds = _rounds(summary)
+    model = _num(summary.get("model_fp32_bytes"))
+    if not model or not any(r.get("bytes") or r.get("rejected") or r.get("errors")
+                            for r in rounds):
+        return []
+    rows = []
+    for r in rounds:
+        traffic = _dict(r.get("bytes")).values()
+
+        def most(key: str, traffic=traffic) -> str:
+            values = [_num(_dict(t).get(key)) for t in traffic]
+            values = [v for v in values if v is not None]
+            return f"{max(values) / model:.3f}" if values else MISSING
+
+        rejected = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
+                             f"{_md(str(x.get('reason')))}" for x in r.get("rejected") or [])
+        errors = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
+                           f"{_md(str(x.get('reason'))[:120])}" for x in r.get("errors") or [])
+        rows.append([str(r.get("round")), most("train_down"), most("train_up"),
+                     rejected or "none", errors or "none"])
+    return ["## Network and faults", "",
+            f"Bytes per site and round as a multiple of the model's fp32 size "
+            f"({int(model):,} bytes; largest site shown). The final model's evaluation adds "
+            f"one more download per site once per run.", "",
+            _table(["Round", "Down ÷ model", "Up ÷ model", "Rejected updates", "Errors"], rows),
+            ""]
+
+
 def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the plots and ``report.md`` for one run into ``out_dir``.
 
@@ -718,6 +748,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     # Relative links, so the folder can be moved, zipped or viewed on another machine.
     lines += [f"![{captions.get(p.name, p.stem)}]({p.name})\n" for p in plots]
     lines += _rounds_section(summary)
+    lines += _network_section(summary)
     lines += _model_lines(summary)
     lines += _files_lines(out_dir, summary)
     path = out_dir / "report.md"

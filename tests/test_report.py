@@ -211,3 +211,22 @@ def test_site_mean_dice_falls_back_to_final() -> None:
     summary = copy.deepcopy(_pooled())
     summary["final"] = {"dice": 0.77}
     assert site_mean_dice(summary) == pytest.approx(0.77)
+
+
+def test_report_lists_bytes_rejections_and_errors(tmp_path):
+    from fedscan.shared.report import write_report
+
+    summary = {"mode": "federated", "task": "segmentation", "sites": ["a", "b"],
+               "model_fp32_bytes": 1000,
+               "rounds": [{"round": 1, "train": {}, "evaluate": {}, "aggregate": {},
+                           "bytes": {"a": {"train_down": 1040, "train_up": 1046},
+                                     "b": {"train_down": 1030, "train_up": 1020}},
+                           "rejected": [{"site": "b", "phase": "train",
+                                         "reason": "non-finite values in conv.weight"}],
+                           "errors": [{"site": "c", "phase": "train",
+                                       "reason": "no reply within 60s"}]}]}
+    text = write_report(tmp_path, summary).read_text()
+    section = text.split("## Network and faults")[1]
+    row = next(line for line in section.splitlines() if line.startswith("| 1 "))
+    assert "1.040" in row and "1.046" in row
+    assert "non-finite values in conv.weight" in row and "no reply within 60s" in row
