@@ -9,11 +9,15 @@ Everything privacy-related happens here, at the site, under the site's own
 - :func:`load_ledger` / :func:`save_ledger` keep it in Flower's ``context.state`` and in
   ``<state_dir>/privacy_ledger.json``; on start the copy with more steps wins, so ε never
   resets.
-- :func:`train_private` runs one round of DP-SGD with Opacus' ``PrivacyEngine`` whose
-  accountant is the restored ledger, after checking how many steps still fit the budget.
+- :func:`train_private` runs one round of DP-SGD after checking how many steps still fit the
+  budget: for every phase of the task (:class:`~fedscan.shared.tasks.base.Phase`) a fresh
+  Poisson batch, each case's gradient by its own forward/backward pass
+  (:func:`per_sample_grads`, see the note there), then Opacus' ``DPOptimizer`` (clipping,
+  noise) whose step hook is the ledger's accountant. One local step is one such update per
+  phase, and every update is one accountant step.
 
 The unit of privacy is a training case (one patient's scan): Poisson sampling picks each case
-with probability ``q = 1 / ceil(cases / batch_size)`` per step (Opacus' rate, expected batch
+with probability ``q = 1 / ceil(cases / batch_size)`` per update (Opacus' rate, expected batch
 about ``batch_size``), and each case's gradient is clipped to ``max_grad_norm``.
 
 Noise and Poisson sampling draw from generators seeded from OS entropy, never from the run's
@@ -28,35 +32,38 @@ import math
 import os
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
-from opacus import PrivacyEngine
 from opacus.accountants import create_accountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.data_loader import DPDataLoader
+from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from fedscan.shared.config import Config, PrivacyConfig
 from fedscan.shared.errors import FedscanError
-from fedscan.shared.tasks.base import Case, StepCallback, Task, TrainResult
+from fedscan.shared.tasks.base import Case, Phase, StepCallback, Task, TrainResult
 
 #: ``context.state`` key of the ledger (a ConfigRecord holding its JSON).
 LEDGER_KEY = "privacy-ledger"
 #: File name of the ledger in a site's state folder.
 LEDGER_FILE = "privacy_ledger.json"
-#: Opacus per-sample gradient mode. functorch was the fastest mode whose clipped update matches
-#: hooks mode for the MONAI UNet (PReLU rules out "ew"; ghost clipping has no Conv3d norm
-#: sampler and was slower); see ``fedscan bench dp-overhead``.
-GRAD_SAMPLE_MODE = "functorch"
+#: How per-sample gradients are computed: one forward/backward per case (:func:`per_sample_grads`).
+#: Exact, and the fastest on CPU of the modes ``fedscan bench dp-overhead`` compares (Opacus'
+#: hooks, functorch, ghost clipping).
+GRAD_SAMPLE_MODE = "micro-batch"
 LEDGER_FORMAT = 1
 
 Status = Literal["trained", "budget-limited", "declined", "off"]
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 History = list[tuple[float, float, int]]
 
 
@@ -81,6 +88,8 @@ class PrivacyLedger:
         self.accountant.history = [(float(s), float(q), int(n)) for s, q, n in history or []]
         self.noise_multiplier = noise_multiplier
         self.sample_rate = sample_rate
+        #: DP updates (accountant steps) per local step: the task's number of phases.
+        self.updates_per_step = 1
 
     @property
     def history(self) -> History:
@@ -88,7 +97,7 @@ class PrivacyLedger:
 
     @property
     def steps(self) -> int:
-        """DP-SGD steps taken over the whole run (every round)."""
+        """DP-SGD updates (accountant steps) taken over the whole run (every round)."""
         return sum(int(n) for _, _, n in self.accountant.history)
 
     def epsilon(self) -> float:
@@ -103,9 +112,9 @@ class PrivacyLedger:
         """Fix q and σ for the run (σ only once) and return σ.
 
         σ is the config's ``noise_multiplier`` if set, else calibrated with Opacus so that
-        ``planned_steps`` (rounds x local steps) at rate ``sample_rate`` spend exactly the
-        budget. A later change of q (the site gained cases) is recorded; the history keeps
-        the old steps at the old rate.
+        ``planned_steps`` updates (rounds x local steps x phases) at rate ``sample_rate``
+        spend exactly the budget. A later change of q (the site gained cases) is recorded;
+        the history keeps the old steps at the old rate.
         """
         self.sample_rate = float(sample_rate)
         if self.privacy.noise_multiplier is not None:
@@ -181,7 +190,11 @@ class PrivacyLedger:
                    sample_rate=data.get("sample_rate"))
 
     def record(self, status: Status, steps_this_round: int) -> ConfigRecord:
-        """What the train reply says about privacy (a ConfigRecord: no None allowed)."""
+        """What the train reply says about privacy (a ConfigRecord: no None allowed).
+
+        ``steps`` is the accountant's cumulative count of updates, ``steps_this_round`` the
+        local steps of this round (``updates_per_step`` updates each).
+        """
         return ConfigRecord({
             "status": status,
             "epsilon": float(self.epsilon()),
@@ -191,6 +204,7 @@ class PrivacyLedger:
             "sample_rate": float(self.sample_rate or 0.0),
             "steps": int(self.steps),
             "steps_this_round": int(steps_this_round),
+            "updates_per_step": int(self.updates_per_step),
             "accountant": self.privacy.accountant,
             "max_grad_norm": float(self.privacy.max_grad_norm),
         })
@@ -278,9 +292,9 @@ class PrivateRound:
 
     Attributes:
         status: ``trained``, ``budget-limited`` (fewer steps than asked) or ``declined``.
-        result: the task's train result (``None`` when declined).
-        weights: the trained model's state dict without Opacus' ``_module.`` prefix
-            (``None`` when declined).
+        result: the task's train result (``None`` when declined); ``steps`` counts local
+            steps, each of which is one DP update per phase.
+        weights: the trained model's state dict (``None`` when declined).
     """
 
     status: Status
@@ -294,41 +308,15 @@ def _secret_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def make_private(model: nn.Module, optimizer_factory: OptimizerFactory,
-                 loader: torch.utils.data.DataLoader,
-                 ledger: PrivacyLedger, *, mode: str = GRAD_SAMPLE_MODE
-                 ) -> tuple[PrivacyEngine, nn.Module, torch.optim.Optimizer, Any]:
-    """Opacus' ``make_private`` with the ledger's accountant, σ, clipping and Poisson sampling.
+def dp_ready(model: nn.Module) -> nn.Module:
+    """``model`` made and checked fit for per-sample clipping (Opacus' ``ModuleValidator``).
 
-    Args:
-        model: a fresh model (Opacus hooks cannot be attached twice, opacus#608).
-        optimizer_factory: builds the optimiser from parameters (after the model is fixed).
-        loader: the task's training loader (its generator must be secret, see below).
-        ledger: the site's ledger, already :meth:`~PrivacyLedger.setup`.
-        mode: Opacus grad-sample mode.
-
-    Returns:
-        (engine, wrapped model, DP optimiser, Poisson loader).
+    A copy: BatchNorm (which mixes the cases of a batch) would be replaced; the UNet's
+    instance or group norm passes unchanged.
     """
-    model = ModuleValidator.fix(model)  # a no-op for InstanceNorm/GroupNorm UNets
+    model = ModuleValidator.fix(model)
     ModuleValidator.validate(model, strict=True)
-    optimizer = optimizer_factory(model.parameters())
-    engine = PrivacyEngine(accountant=ledger.privacy.accountant)
-    # The engine continues the site's ledger instead of starting a fresh ε each round.
-    engine.accountant.load_state_dict({"history": ledger.history,
-                                       "mechanism": ledger.privacy.accountant})
-    dp_model, dp_optimizer, dp_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader,
-        noise_multiplier=ledger.noise_multiplier, max_grad_norm=ledger.privacy.max_grad_norm,
-        poisson_sampling=True, noise_generator=_secret_generator(), grad_sample_mode=mode)
-    if not math.isclose(dp_loader.sample_rate, ledger.sample_rate, rel_tol=1e-12):
-        raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate}, the ledger assumed "
-                           f"{ledger.sample_rate}")
-    # Opacus builds an empty batch from the first non-empty one it collated; if the very first
-    # Poisson draw is empty it falls back to dataset[0]'s fields, which fails for dict samples.
-    # Collating one sample (not used for training) teaches it the batch structure up front.
-    dp_loader.collate_fn([dp_loader.dataset[0]])
-    return engine, dp_model, dp_optimizer, dp_loader
+    return model
 
 
 def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
@@ -336,30 +324,285 @@ def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
                   on_step: StepCallback | None = None) -> PrivateRound:
     """One round of DP-SGD at a site, within what its budget still allows.
 
-    The site asks for ``cfg.steps_per_round`` steps, trains as many as fit its ε (possibly
-    fewer: ``budget-limited``; none: ``declined``) and updates ``ledger`` with exactly the
-    steps Opacus' accountant counted. Persisting the ledger is the caller's job.
+    The site asks for ``cfg.steps_per_round`` local steps. A local step is one DP update per
+    phase of the task (:meth:`~fedscan.shared.tasks.base.Task.phases`), each an accountant
+    step at (σ, q), so the ledger plans ``rounds x local steps x phases`` updates. The round
+    trains the whole local steps that fit the ε budget (possibly fewer: ``budget-limited``;
+    none: ``declined``) and the ledger's accountant counts every update as it is released.
+    Persisting the ledger is the caller's job.
     """
     requested = cfg.steps_per_round(len(cases))
-    # Secret seed: Poisson sampling uses the loader's generator (see _secret_generator).
+    model = dp_ready(model)
+    phases = task.phases(model)
+    if not phases:
+        raise FedscanError(f"task {task.name!r} has no training phases")
+    per_step = len(phases)
+    # Secret seed: it drives the augmentation; Poisson sampling gets its own secret generator.
     loader = task.make_train_loader(cases, seed=secrets.randbits(63))
-    sample_rate = 1.0 / len(loader)  # what Opacus' DPDataLoader uses: 1 / batches per epoch
-    ledger.setup(sample_rate, planned_steps=cfg.rounds * requested)
-    steps = ledger.steps_that_fit(requested)
+    sample_rate = 1.0 / len(loader)  # Opacus' DPDataLoader rate: 1 / batches per epoch
+    ledger.updates_per_step = per_step
+    ledger.setup(sample_rate, planned_steps=cfg.rounds * requested * per_step)
+    # ε grows with the updates, so the whole local steps that fit are those of the updates
+    # that fit, rounded down.
+    steps = ledger.steps_that_fit(requested * per_step) // per_step
     if steps == 0:
         return PrivateRound("declined", None, None)
-    engine, dp_model, dp_optimizer, dp_loader = make_private(
-        model, task.make_optimizer, loader, ledger)
     before = ledger.steps
-    try:
-        result = task.train_steps(dp_model, dp_optimizer, dp_loader, steps,
-                                  proximal_mu=proximal_mu, on_step=on_step)
-    finally:
-        # Whatever happened, every step Opacus released is in the ledger.
-        ledger.accountant.load_state_dict(engine.accountant.state_dict())
-    if ledger.steps != before + steps:
-        raise RuntimeError(f"accountant counted {ledger.steps - before} steps, trained {steps}")
-    weights = {k: v.detach().clone() for k, v in dp_model._module.state_dict().items()}
-    dp_model.remove_hooks()
+    result = dp_train_steps(task, model, phases, loader, ledger, steps,
+                            proximal_mu=proximal_mu, on_step=on_step)
+    if ledger.steps != before + steps * per_step:
+        raise RuntimeError(f"accountant counted {ledger.steps - before} updates, trained "
+                           f"{steps} steps x {per_step} phases")
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     status: Status = "trained" if steps == requested else "budget-limited"
     return PrivateRound(status, result, weights)
+
+
+def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
+                   loader: torch.utils.data.DataLoader, ledger: PrivacyLedger, steps: int, *,
+                   proximal_mu: float = 0.0, on_step: StepCallback | None = None,
+                   workers: int | None = None) -> TrainResult:
+    """``steps`` local steps of DP-SGD; each step updates every phase in turn.
+
+    Each phase update draws a fresh Poisson batch (Opacus' ``DPDataLoader`` at the ledger's
+    q, secret generator), computes each case's gradient of ``phase.loss`` for the phase's
+    parameters (:func:`per_sample_grads`), and lets an Opacus ``DPOptimizer`` over the task's
+    optimiser clip them to ``max_grad_norm``, add N(0, σ²C²) noise from a secret generator,
+    divide by the expected batch size, step the ledger's accountant once at (σ, q) and update.
+    An empty batch still takes that step (noise only). With ``proximal_mu > 0`` FedProx's
+    gradient ``mu * (w - w0)`` is added after the noise, just before the update, as
+    :meth:`SegmentationTask.train_steps` does: it is data-independent, so it costs no privacy.
+
+    Args:
+        task: builds the phases' optimisers.
+        model: a :func:`dp_ready` model; ``phases`` must be its phases.
+        phases: the task's phases for ``model``.
+        loader: the task's training loader; its ``1 / len`` is the ledger's q.
+        ledger: the site's ledger, already :meth:`~PrivacyLedger.setup`; its accountant
+            takes one step per phase update.
+        steps: local steps.
+        proximal_mu: FedProx μ (0: off).
+        on_step: called after each local step with the running mean per-case loss.
+        workers: CPU threads for per-sample passes (default: see :class:`SamplePool`).
+
+    Returns:
+        Mean per-case loss over the non-empty batches, ``len(loader.dataset)``, ``steps``.
+    """
+    if ledger.noise_multiplier is None or ledger.sample_rate is None:
+        raise RuntimeError("the ledger is not set up")
+    q = ledger.sample_rate
+    dp_loader = DPDataLoader.from_data_loader(loader, generator=_secret_generator())
+    if not math.isclose(dp_loader.sample_rate, q, rel_tol=1e-12):
+        raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate}, the ledger assumed {q}")
+    # Opacus builds an empty batch from the first non-empty one it collated; collating one
+    # sample (not used for training) up front teaches it the batch structure.
+    dp_loader.collate_fn([dp_loader.dataset[0]])
+    # Opacus' make_private divides by int(N q); the expected batch size is N q itself.
+    expected_batch = len(loader.dataset) * q
+    noise = _secret_generator()
+    optimizers = []
+    for phase in phases:
+        optimizer = DPOptimizer(
+            task.make_optimizer(phase.params), noise_multiplier=ledger.noise_multiplier,
+            max_grad_norm=ledger.privacy.max_grad_norm, expected_batch_size=expected_batch,
+            loss_reduction="mean", generator=noise)
+        optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=q))
+        optimizers.append(optimizer)
+    # Anchors at the round's start, before any phase moves.
+    hooks = ([_proximal_hook(o.original_optimizer, proximal_mu) for o in optimizers]
+             if proximal_mu > 0 else [])
+    device = next(iter(phases[0].params)).device
+    model.train()
+    losses: list[float] = []
+    batches = _cycle(dp_loader)
+    try:
+        with SamplePool(workers, expected_batch, device) as pool:
+            for step in range(1, steps + 1):
+                for phase, optimizer in zip(phases, optimizers, strict=True):
+                    batch = next(batches)
+                    optimizer.zero_grad(set_to_none=True)
+                    grads, case_losses = per_sample_grads(phase, model, batch, pool=pool)
+                    for p, g in zip(phase.params, grads, strict=True):
+                        p.grad_sample = g
+                    optimizer.step()  # clip, noise, accountant step, update
+                    if len(case_losses):
+                        losses.append(float(case_losses.mean()))
+                if on_step is not None:
+                    on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
+    finally:
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        for hook in hooks:
+            hook.remove()
+    mean = float(np.mean(losses)) if losses else float("nan")
+    return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
+
+
+# -- per-sample gradients by micro-batch ---------------------------------------------------------
+#
+# Opacus computes per-sample gradients inside one batched backward pass (hooks, functorch,
+# ghost clipping). On CPU each of those cost 2.9-3.6x a plain step for the default 3D UNet
+# (``fedscan bench dp-overhead``): the 3D convolutions' per-sample weight gradients are
+# unfolds or grouped convolutions far slower than the fused kernel of a plain backward. Here
+# each case gets its own ordinary forward/backward (a batch of one), which is exact by
+# construction and runs the plain kernels; a batch of one uses the CPU's cores poorly, so the
+# cases of a batch run concurrently, each on its share of the cores (:class:`SamplePool`).
+# It also needs nothing from the model: a multi-network task (a CycleGAN whose generators
+# are called several times per loss) works as is, where Opacus' module hooks assume each
+# module is called once per batch. Everything else stays Opacus': Poisson sampling, clipping,
+# noise, the accountant.
+
+
+class SamplePool:
+    """Threads that run the per-sample passes of a batch concurrently on the CPU.
+
+    torch's intra-op threads are split between ``workers`` threads (each gets
+    ``threads // workers``), so a batch of B cases runs as about B/workers rounds of
+    single-case passes that together use every core. Autograd runs a CPU backward on the
+    calling thread and ``torch.autograd.grad`` writes no ``.grad``, so the passes share the
+    model safely; a phase loss must not mutate shared state (its contract already forbids
+    mixing cases).
+
+    Args:
+        workers: threads (default: the expected batch size rounded up, at most torch's
+            intra-op threads; 1 runs the passes one after another on the calling thread).
+        expected_batch: the expected Poisson batch size (for the default).
+        device: CUDA runs the passes sequentially (the device parallelises each).
+    """
+
+    def __init__(self, workers: int | None = None, expected_batch: float = 1.0,
+                 device: torch.device | None = None) -> None:
+        total = torch.get_num_threads()
+        if workers is None:
+            workers = math.ceil(expected_batch)
+        if device is not None and device.type != "cpu":
+            workers = 1
+        self.workers = max(1, min(int(workers), total))
+        self.threads_each = max(1, total // self.workers)
+        self._executor: ThreadPoolExecutor | None = None
+        if self.workers == 1:
+            return
+        ready = threading.Barrier(self.workers + 1)
+
+        def init() -> None:
+            torch.set_num_threads(self.threads_each)  # this thread's OpenMP team size
+            ready.wait()
+
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="fedscan-dp",
+                                            initializer=init)
+        for _ in range(self.workers):  # each submit starts a thread: none is idle yet
+            self._executor.submit(int)
+        try:
+            ready.wait(timeout=60)
+        finally:
+            # torch.set_num_threads also sets the default of threads started later; restore it.
+            torch.set_num_threads(total)
+
+    def map(self, fn: Callable[[int], Any], n: int) -> list[Any]:
+        if self._executor is None:
+            return [fn(i) for i in range(n)]
+        return list(self._executor.map(fn, range(n)))
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> SamplePool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def per_sample_grads(phase: Phase, model: nn.Module, batch: Any, *,
+                     pool: SamplePool | None = None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each case's gradient of ``phase.loss`` for ``phase.params``, one pass per case.
+
+    Every tensor in ``batch`` must be batch-first (as Opacus' Poisson loader and its empty
+    batches assume): case ``i`` gets row ``i`` of each, moved to the phase's device.
+    Parameters the loss does not reach get zero gradients.
+
+    Returns:
+        ``(grad_samples, losses)``: one ``(B, *p.shape)`` tensor per parameter, in Opacus'
+        ``p.grad_sample`` layout, and the ``(B,)`` per-case losses (detached).
+    """
+    params = list(phase.params)
+    n = batch_size(batch)
+    if n == 0:
+        return [p.new_zeros((0, *p.shape)) for p in params], torch.zeros(0)
+    device = params[0].device
+
+    def one(i: int) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        loss = phase.loss(model, _case(batch, i, n, device))
+        if loss.shape != (1,):
+            raise ValueError(f"phase {phase.name!r}: the loss of one case has shape "
+                             f"{tuple(loss.shape)}, expected (1,) (one loss per case)")
+        grads = torch.autograd.grad(loss.sum(), params, allow_unused=True,
+                                    materialize_grads=True)
+        return loss.detach(), grads
+
+    results = (pool or SamplePool(1)).map(one, n)
+    losses = torch.cat([loss for loss, _ in results]).cpu()
+    grads = [torch.stack(per_param) for per_param in zip(*(g for _, g in results), strict=True)]
+    return grads, losses
+
+
+def batch_size(batch: Any) -> int:
+    """Cases in a (possibly nested) batch: the leading size of its first tensor; 0 if none."""
+    leaf = _first_tensor(batch)
+    return int(leaf.shape[0]) if leaf is not None and leaf.dim() else 0
+
+
+def _first_tensor(batch: Any) -> torch.Tensor | None:
+    if torch.is_tensor(batch):
+        return batch
+    values = batch.values() if isinstance(batch, Mapping) else (
+        batch if isinstance(batch, (list, tuple)) else ())
+    for value in values:
+        leaf = _first_tensor(value)
+        if leaf is not None:
+            return leaf
+    return None
+
+
+def _case(batch: Any, i: int, n: int, device: torch.device) -> Any:
+    """Case ``i`` of an ``n``-case batch: row ``i`` of every tensor, as a batch of one."""
+    if torch.is_tensor(batch):
+        if batch.dim() == 0 or batch.shape[0] != n:
+            raise ValueError(f"a batch tensor of shape {tuple(batch.shape)} is not batch-first "
+                             f"over the batch's {n} cases")
+        return batch[i:i + 1].to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _case(v, i, n, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_case(v, i, n, device) for v in batch)
+    return batch
+
+
+def _cycle(loader: torch.utils.data.DataLoader):
+    """Poisson batches for ever: each is an independent draw, epochs are only bookkeeping."""
+    while True:
+        yield from loader
+
+
+def _proximal_hook(optimizer: torch.optim.Optimizer, mu: float):
+    """Add ``mu * (w - w0)`` to each of ``optimizer``'s gradients just before its update.
+
+    Hooked on the optimiser that a ``DPOptimizer`` wraps, so the term lands after clipping
+    and noise (as in :meth:`SegmentationTask.train_steps`); ``w0`` is the weights now.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_grad(*_: object) -> None:
+        with torch.no_grad():
+            for p, w0 in zip(params, anchors, strict=True):
+                term = (p - w0).mul_(mu)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+
+    return optimizer.register_step_pre_hook(add_proximal_grad)

@@ -26,6 +26,14 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _harmonize(args: argparse.Namespace) -> int:
+    from fedscan.shared.harmonisation_io import harmonise_file
+
+    out = harmonise_file(args.model, args.image, args.out, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
 def _phantoms(args: argparse.Namespace) -> int:
     from fedscan.shared.phantoms import generate_federation
 
@@ -74,6 +82,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the largest connected component (brain masks)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("harmonize", help="translate a scan into the consortium's reference "
+                                         "domain with a trained harmonisation model")
+    p.add_argument("--model", required=True, help="final_model.pt of a harmonisation run")
+    p.add_argument("--image", required=True, help="input NIfTI (any orientation and spacing)")
+    p.add_argument("--out", required=True, help="output NIfTI (input's shape and affine)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.set_defaults(func=_harmonize)
 
     p = sub.add_parser("phantoms", help="write the synthetic phantom hospitals to a folder")
     p.add_argument("--out", required=True)

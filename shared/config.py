@@ -75,6 +75,9 @@ class ModelConfig:
     num_res_units: int = 1
     norm: Literal["instance", "group"] = "instance"
     dropout: float = 0.0
+    #: FedBN: the normalisation layers' weights stay at each site (in Flower's context
+    #: state) and only the rest is federated, a cheap answer to scanner shift.
+    local_norm: bool = False
 
 
 @dataclass
@@ -122,13 +125,51 @@ class EvaluateConfig:
 
 
 @dataclass
+class HarmonisationConfig:
+    """CycleGAN scanner harmonisation (``task: harmonisation``): site domain -> reference domain.
+
+    The training-loop keys are shared with segmentation rather than repeated here, because the
+    federation, DP and inference code read them for every task: ``model.spatial_dims`` (2D or
+    3D networks), ``train.patch_size`` (training patches and inference windows),
+    ``train.batch_size`` (and so the DP sampling rate), ``train.local_steps`` and
+    ``train.num_workers``. The networks' own keys are below; the other ``model`` keys and
+    ``train.lr``/``optimizer`` describe the segmentation UNet only.
+    """
+
+    #: Public reference-domain dataset (MSD folder; labels unused). Required to train, not to
+    #: build, aggregate or apply a model. Relative to the config file like site folders.
+    reference: str | None = None
+    #: Generator UNet (both directions): channels per level and strides between levels.
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    strides: list[int] = field(default_factory=lambda: [2, 2])
+    num_res_units: int = 1
+    #: Generators predict a correction added to their input (identity at initialisation).
+    residual: bool = True
+    #: Hidden units of the generators' per-voxel intensity curve (0: none; needs residual).
+    curve_units: int = 16
+    #: Normalisation in the generators and discriminators ("none" is Opacus-safe too).
+    norm: Literal["instance", "group", "none"] = "instance"
+    disc_norm: Literal["instance", "group", "none"] = "instance"
+    #: PatchGAN discriminators: first-layer channels (doubled per layer) and conv layers.
+    disc_channels: int = 16
+    disc_layers: int = 2
+    #: Adam learning rate (betas 0.5, 0.999 as in CycleGAN).
+    lr: float = 2e-4
+    #: Weights of the cycle-consistency and identity L1 terms (adversarial weight is 1),
+    #: CycleGAN's defaults. A smaller identity weight lets the generators change contrast
+    #: more freely, and drift more.
+    lambda_cycle: float = 10.0
+    lambda_identity: float = 5.0
+
+
+@dataclass
 class Config:
     """A fedscan run: who takes part, what is trained, for how long."""
 
     sites: list[SiteConfig]
     test_sets: list[SiteConfig] = field(default_factory=list)
     rounds: int = 5
-    task: Literal["segmentation"] = "segmentation"
+    task: Literal["segmentation", "harmonisation"] = "segmentation"
     mode: Literal["federated", "local", "pooled"] = "federated"
     seed: int = 0
     device: str = "auto"
@@ -137,6 +178,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    harmonisation: HarmonisationConfig = field(default_factory=HarmonisationConfig)
     #: DP-SGD for every site without its own ``privacy`` block; None: no DP.
     privacy: PrivacyConfig | None = None
 
@@ -235,6 +277,9 @@ def from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
             obj.data = str((base / obj.data).resolve())
         if obj.state_dir is not None and not Path(obj.state_dir).is_absolute():
             obj.state_dir = str((base / obj.state_dir).resolve())
+    if (isinstance(obj, HarmonisationConfig) and base is not None and obj.reference is not None
+            and not Path(obj.reference).is_absolute()):
+        obj.reference = str((base / obj.reference).resolve())
     return obj
 
 

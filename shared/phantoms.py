@@ -694,3 +694,119 @@ def ensure_default_federation() -> dict[str, Path]:
         Folder name to dataset folder, as :func:`generate_federation`.
     """
     return generate_federation(default_federation_root(), seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Harmonisation: the public reference domain and paired ground truth
+# --------------------------------------------------------------------------------------------
+
+#: Cases in the default public reference-domain dataset.
+REFERENCE_CASES = 16
+
+
+def _reference_marker(seed: int, n_cases: int) -> str:
+    return f"{PHANTOM_VERSION} reference seed={seed} cases={n_cases}\n"
+
+
+def generate_reference_set(root: Path, seed: int = 0, n_cases: int = REFERENCE_CASES) -> Path:
+    """Generate the public reference-domain dataset under ``root`` unless it is already there.
+
+    Clean heads (:data:`REFERENCE_PROFILE`: RAS 4 mm, linear contrast, no bias or noise) of
+    anatomies drawn under the site name ``"reference"``, so no site's patient appears in it.
+    Written as one MSD folder (all cases under ``training``; labels are the brain masks,
+    unused by harmonisation) to a temporary sibling, marked complete, then renamed into
+    place, like :func:`generate_federation`.
+
+    Args:
+        root: destination folder; must be missing, empty or a previous reference set.
+        seed: seed of the anatomies (same seed, identical files).
+        n_cases: number of cases.
+
+    Returns:
+        ``root``.
+
+    Raises:
+        DataError: ``root`` holds something else.
+    """
+    root = Path(root).expanduser()
+    marker = _reference_marker(seed, n_cases)
+
+    def current() -> bool:
+        try:
+            return (root / COMPLETE_MARKER).read_text() == marker
+        except OSError:
+            return False
+
+    if current():
+        return root
+    ours = (root / COMPLETE_MARKER).is_file()
+    if root.exists() and not ours and (not root.is_dir() or any(root.iterdir())):
+        raise DataError(f"{root}: exists and is not a fedscan reference dataset; remove it or "
+                        "choose another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        cases = []
+        for index in range(n_cases):
+            anatomy_rng, _ = case_rngs(seed, "reference", index)
+            image, label, affine = render_clean(sample_anatomy(anatomy_rng), REFERENCE_PROFILE)
+            cases.append((f"reference_{index:03d}", image, label, affine))
+        write_dataset(tmp, cases, None,
+                      f"Synthetic T1-like head phantoms in the harmonisation reference domain "
+                      f"({REFERENCE_PROFILE.orientation}, {REFERENCE_PROFILE.spacing} mm, "
+                      f"linear contrast, no bias or noise), seed {seed}")
+        (tmp / COMPLETE_MARKER).write_text(marker)
+        if current():
+            return root  # another process finished while we worked
+        if ours:
+            stale = root.parent / f".{root.name}.stale-{uuid.uuid4().hex[:8]}"
+            os.replace(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        elif root.exists():
+            root.rmdir()  # found empty above; fails loudly if someone has filled it since
+        try:
+            os.replace(tmp, root)
+        except OSError:
+            if not current():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def default_reference_root() -> Path:
+    """Cache folder of the default reference set, next to the default federation."""
+    return default_federation_root().parent / f"reference-v{PHANTOM_FORMAT}-seed0"
+
+
+def ensure_reference_set() -> Path:
+    """Generate the default reference set (seed 0) in the cache folder unless it is there."""
+    return generate_reference_set(default_reference_root(), seed=0)
+
+
+def reference_truth(
+    seed: int, site: str, index: int, profile: ScannerProfile
+) -> tuple[np.ndarray, np.ndarray]:
+    """Paired ground truth for harmonisation (evaluation only, never for training).
+
+    The same head as case ``index`` of ``site`` in a federation generated with ``seed``,
+    rendered as the reference domain sees tissue (linear contrast, no bias or noise, stored
+    as plain ``float32``) but on the site's own grid (orientation, spacing, field of view of
+    ``profile``), so it compares voxel by voxel with the site's image and with a harmonised
+    output, which stays in the input's grid.
+
+    Args:
+        seed: the federation's seed.
+        site: the site's folder name (as in :data:`FEDERATION_LAYOUT`).
+        index: the case index within the site.
+        profile: the site's scanner profile (only its grid is used).
+
+    Returns:
+        (image ``float32``, 4x4 affine), the affine equal to the site image's.
+    """
+    anatomy_rng, _ = case_rngs(seed, site, index)
+    # Defaults are the reference contrast: gamma 1, no bias or noise, scale 1, offset 0.
+    grid_only = ScannerProfile(f"{profile.name}-truth", profile.orientation, profile.spacing,
+                               fov_mm=profile.fov_mm, gamma=REFERENCE_PROFILE.gamma)
+    image, _, affine = render_clean(sample_anatomy(anatomy_rng), grid_only)
+    return image, affine

@@ -1,9 +1,11 @@
 """Benchmarks of differential privacy: what DP-SGD costs in time and in Dice.
 
-- :func:`dp_overhead`: time of one DP-SGD step (Opacus) against one plain step for the
-  default model, patch and batch, for each per-sample-gradient mode Opacus offers, with each
-  mode's clipped update checked against hooks mode (noise 0) so only exact modes count; and
-  the same ratio for whole training steps (data loading included) as a site runs them.
+- :func:`dp_overhead`: time of one DP-SGD step against one plain step for the default model,
+  patch and batch, for fedscan's micro-batch per-sample gradients (the sites' mode, in
+  parallel threads and one case after another) and each per-sample-gradient mode Opacus
+  offers, with each mode's clipped update checked against Opacus' hooks mode (noise 0) so
+  only exact modes count; and the same ratio for whole training steps (data loading
+  included) as a site runs them.
 - :func:`dp_utility`: the default federation at ε ∈ {1, 3, 8, ∞}, final Dice and its ratio to
   the non-private run.
 
@@ -28,8 +30,11 @@ from torch import nn
 
 from fedscan.shared.config import Config
 
-#: Opacus per-sample gradient modes tried; "ghost" also with a per-sample loss (see below).
-MODES = ("hooks", "functorch", "ew", "ghost")
+#: Per-sample gradient modes tried: fedscan's micro-batches (threads as the sites run them, and
+#: one case at a time), then Opacus' modes; "ghost" also with a per-sample loss (see below).
+MICRO = "micro-batch"
+MICRO_SEQUENTIAL = "micro-batch, sequential"
+MODES = (MICRO, MICRO_SEQUENTIAL, "hooks", "functorch", "ew", "ghost")
 #: A mode is exact when its clipped update differs from hooks mode by at most this (relative).
 EXACT_RTOL = 1e-4
 #: ε values of the utility benchmark (inf: no DP).
@@ -119,8 +124,34 @@ def _dp_objects(model: nn.Module, mode: str, batch: dict[str, torch.Tensor], noi
     return dp_model, dp_opt, criterion
 
 
+def _micro_objects(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], noise: float,
+                   optimizer: Callable[[Any], torch.optim.Optimizer], workers: int | None,
+                   max_grad_norm: float = 1.0):
+    """A DP step by micro-batches, as :func:`~fedscan.client.privacy.dp_train_steps` takes it."""
+    from opacus.optimizers import DPOptimizer
+
+    from fedscan.client.privacy import SamplePool, dp_ready, per_sample_grads
+
+    model = dp_ready(model)
+    (phase,) = task.phases(model)
+    size = batch["image"].shape[0]
+    opt = DPOptimizer(optimizer(phase.params), noise_multiplier=noise, max_grad_norm=max_grad_norm,
+                      expected_batch_size=size, loss_reduction="mean",
+                      generator=torch.Generator().manual_seed(0))
+    pool = SamplePool(workers, size)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        grads, _ = per_sample_grads(phase, model, batch, pool=pool)
+        for p, g in zip(phase.params, grads, strict=True):
+            p.grad_sample = g
+        opt.step()
+
+    return model, step, pool
+
+
 def _clipped_update(model: nn.Module, mode: str, batch: dict[str, torch.Tensor],
-                    loss: nn.Module | None = None) -> torch.Tensor:
+                    loss: nn.Module | None = None, task: Any = None) -> torch.Tensor:
     """Parameter change of one SGD(lr=1) DP step with noise 0 and a clipping bound of 0.1.
 
     With noise 0 the update is the mean of per-sample clipped gradients: equal across modes
@@ -128,6 +159,14 @@ def _clipped_update(model: nn.Module, mode: str, batch: dict[str, torch.Tensor],
     """
     model = copy.deepcopy(model)
     before = [p.detach().clone() for p in model.parameters()]
+    if mode in (MICRO, MICRO_SEQUENTIAL):
+        dp_model, step, pool = _micro_objects(
+            task, model, batch, 0.0, lambda ps: torch.optim.SGD(ps, lr=1.0),
+            1 if mode == MICRO_SEQUENTIAL else None, max_grad_norm=0.1)
+        with pool:
+            step()
+        return torch.cat([(b - p.detach()).flatten()
+                          for b, p in zip(before, dp_model.parameters(), strict=True)])
     dp_model, dp_opt, criterion = _dp_objects(
         model, mode, batch, 0.0, lambda ps: torch.optim.SGD(ps, lr=1.0), loss, max_grad_norm=0.1)
     dp_opt.zero_grad()
@@ -154,16 +193,16 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
 
     Every mode runs on the same real batch (patches of the first site), plain and DP steps
     interleaved so machine noise hits both alike; the median step time is kept. Exactness
-    of each mode: its noise-free clipped update against hooks mode's.
+    of each mode: its noise-free clipped update against Opacus' hooks mode's.
 
     Args:
         cfg: the config (default: the embedded federation).
-        modes: Opacus grad-sample modes to try.
+        modes: per-sample gradient modes to try (:data:`MODES`).
         repeats: timed steps per mode (after ``warmup``).
         warmup: untimed steps first (allocations, functorch tracing).
         train_steps: whole training steps timed per variant as a site runs them (0: skip).
     """
-    from fedscan.client.privacy import GRAD_SAMPLE_MODE, PrivacyLedger, make_private
+    from fedscan.client.privacy import GRAD_SAMPLE_MODE, PrivacyLedger, dp_train_steps
     from fedscan.shared.config import PrivacyConfig
     from fedscan.shared.data import read_site
     from fedscan.shared.tasks import build_task
@@ -190,7 +229,7 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
         loss_fn(plain_model(image), label).backward()
         plain_opt.step()
 
-    reference = _clipped_update(base, "hooks", batch)
+    reference = _clipped_update(base, "hooks", batch)  # Opacus' reference implementation
     variants = [(m, None) for m in modes]
     if "ghost" in modes:
         variants.append(("ghost", PerSampleDiceCE()))
@@ -198,24 +237,34 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
         name = mode if loss is None else f"{mode} (per-sample loss)"
         res = ModeResult(name)
         result.modes.append(res)
+        pool = None
         try:
-            update = _clipped_update(base, mode, batch, loss)
+            update = _clipped_update(base, mode, batch, loss, task)
             res.rel_error = float((update - reference).norm() / reference.norm())
-            dp_model, dp_opt, criterion = _dp_objects(copy.deepcopy(base), mode, batch, 1.0,
-                                                      task.make_optimizer, loss)
+            if mode in (MICRO, MICRO_SEQUENTIAL):
+                _, dp_step, pool = _micro_objects(
+                    task, copy.deepcopy(base), batch, 1.0, task.make_optimizer,
+                    1 if mode == MICRO_SEQUENTIAL else None)
+            else:
+                dp_model, dp_opt, criterion = _dp_objects(copy.deepcopy(base), mode, batch,
+                                                          1.0, task.make_optimizer, loss)
+
+                def dp_step(m=dp_model, o=dp_opt, c=criterion) -> None:
+                    o.zero_grad(set_to_none=True)
+                    c(m(image), label).backward()
+                    o.step()
         except Exception as exc:  # a mode that cannot handle a layer (e.g. ew and PReLU)
             res.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
             continue
 
-        def dp_step(m=dp_model, o=dp_opt, c=criterion) -> None:
-            o.zero_grad(set_to_none=True)
-            c(m(image), label).backward()
-            o.step()
-
         plain, dp = [], []
-        for _ in range(3):  # interleaved blocks
-            plain += _time_steps(plain_step, warmup, max(1, repeats // 3))
-            dp += _time_steps(dp_step, warmup, max(1, repeats // 3))
+        try:
+            for _ in range(3):  # interleaved blocks
+                plain += _time_steps(plain_step, warmup, max(1, repeats // 3))
+                dp += _time_steps(dp_step, warmup, max(1, repeats // 3))
+        finally:
+            if pool is not None:
+                pool.close()
         res.plain_ms, res.dp_ms = 1e3 * statistics.median(plain), 1e3 * statistics.median(dp)
 
     if train_steps > 0:
@@ -231,10 +280,9 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
             dp_loader = task.make_train_loader(cases, seed=1)
             ledger = PrivacyLedger(privacy)
             ledger.setup(1.0 / len(dp_loader), planned_steps=train_steps)
-            _, dp_model, dp_opt, dp_loader = make_private(
-                copy.deepcopy(base), task.make_optimizer, dp_loader, ledger)
+            model = copy.deepcopy(base)
             started = time.perf_counter()
-            task.train_steps(dp_model, dp_opt, dp_loader, train_steps)
+            dp_train_steps(task, model, task.phases(model), dp_loader, ledger, train_steps)
             dp_times.append((time.perf_counter() - started) / train_steps)
         result.train_plain_ms = 1e3 * min(plain_times)
         result.train_dp_ms = 1e3 * min(dp_times)

@@ -24,11 +24,19 @@ def quiet_flower() -> None:
 
 def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the embedded phantom hospitals as its sites (and the held-out scanner as
-    its test set) where it names none, generating them on first use."""
+    its test set) where it names none, generating them on first use; a harmonisation run also
+    gets the phantoms' public reference set unless it names one."""
     from fedscan.shared.phantoms import ensure_default_federation
 
     if "sites" in data:
         return data
+    if data.get("task") == "harmonisation":
+        from fedscan.shared.phantoms import ensure_reference_set
+
+        block = data.get("harmonisation") or {}
+        if isinstance(block, dict) and block.get("reference") is None:
+            # The phantoms' public reference set: clean scans of other heads, with labels.
+            data = {**data, "harmonisation": {**block, "reference": str(ensure_reference_set())}}
     folders = ensure_default_federation()
     data = {**data, "sites": [{"name": n, "data": str(p)} for n, p in folders.items()
                               if n != "heldout"]}
@@ -56,6 +64,14 @@ def check_data(cfg: Config) -> None:
         read_site(site, cfg.data, check=True)
     for test_set in cfg.test_sets:
         read_site_test_set(test_set, cfg.data, check=True)
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """The run's main number: mean site Dice, or a harmonisation run's validation metrics."""
+    if summary["final"]["dice"] is not None:
+        return f"mean site Dice {summary['final']['dice']:.4f}"
+    last = summary["rounds"][-1]["aggregate"] if summary["rounds"] else {}
+    return ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no metrics"
 
 
 def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
@@ -90,9 +106,12 @@ def simulate(config: str | Path | None, modes: list[str], out: Path,
         started = time.time()
         print(f"== {mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}", flush=True)
         summaries[mode] = run_mode(cfg, mode, target)
-        final = summaries[mode]["final"]["dice"]
-        dice = f"{final:.4f}" if final is not None else "n/a"
-        print(f"== {mode} done in {time.time() - started:.0f}s: mean site Dice {dice}", flush=True)
+        print(f"== {mode} done in {time.time() - started:.0f}s: "
+              f"{headline(summaries[mode])}", flush=True)
+        if cfg.task == "harmonisation" and mode == "federated":
+            from fedscan.simulations.harmonisation import run_study
+
+            run_study(cfg, target)
     if len(modes) > 1:
         from fedscan.shared.report import format_comparison, write_comparison
 

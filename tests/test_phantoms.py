@@ -16,10 +16,22 @@ from fedscan.shared.errors import DataError
 SITES = ("site-a", "site-b", "site-c")
 
 
+#: The default layout's sites and profiles with a few cases each (the default sites hold
+#: hundreds of cases so that DP-SGD has enough of them; generating those takes ~40 s).
+SMALL_COUNTS = {"site-a": (5, 2), "site-b": (4, 1), "site-c": (4, None), "heldout": (2, None)}
+
+
+def _small_layout() -> tuple:
+    return tuple((name, profile, *SMALL_COUNTS[name])
+                 for name, profile, _, _ in P.FEDERATION_LAYOUT)
+
+
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The full default layout, generated once for the module (~3 s)."""
-    return P.generate_federation(tmp_path_factory.mktemp("fed") / "phantoms", seed=0)
+def federation(tmp_path_factory: pytest.TempPathFactory):
+    """The default layout with fewer cases, generated once for the module (~1 s)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(P, "FEDERATION_LAYOUT", _small_layout())
+        yield P.generate_federation(tmp_path_factory.mktemp("fed") / "phantoms", seed=0)
 
 
 @pytest.fixture
@@ -148,7 +160,7 @@ def test_render_clean_is_render_without_bias_and_noise() -> None:
 
 
 def test_dataset_json_has_msd_structure(federation: dict[str, Path]) -> None:
-    expected = {"site-a": (9, 3), "site-b": (8, 2), "site-c": (8, None), "heldout": (4, None)}
+    expected = {name: (n - (n_val or 0), n_val) for name, (n, n_val) in SMALL_COUNTS.items()}
     all_ids: list[str] = []
     for name, (n_train, n_val) in expected.items():
         folder = federation[name]
@@ -227,9 +239,10 @@ def test_write_dataset_rejects_unknown_validation_id(tmp_path: Path) -> None:
 
 def test_default_root_honours_cache_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FEDSCAN_CACHE_DIR", str(tmp_path))
-    assert P.default_federation_root() == tmp_path / "phantoms-v1-seed0"
+    name = f"phantoms-v{P.PHANTOM_FORMAT}-seed0"
+    assert P.default_federation_root() == tmp_path / name
     monkeypatch.delenv("FEDSCAN_CACHE_DIR")
-    assert P.default_federation_root() == Path.home() / ".cache" / "fedscan" / "phantoms-v1-seed0"
+    assert P.default_federation_root() == Path.home() / ".cache" / "fedscan" / name
 
 
 def test_profile_rejects_bad_values() -> None:

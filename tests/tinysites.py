@@ -35,3 +35,26 @@ def make_sites(root: Path, n_cases: int = 3) -> dict[str, Path]:
         write_dataset(root / profile.name, cases, [cases[-1][0]], description="tiny test site")
         out[profile.name] = root / profile.name
     return out
+
+
+def train_message(cfg, arrays, rnd: int, **config):
+    """A train message as the server sends it to node 42 (round ``rnd``)."""
+    import time
+
+    from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
+
+    from fedscan.shared.messages import task_config_json
+
+    md = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=1, dst_node_id=42,
+                  reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=3600,
+                  message_type=MessageType.TRAIN)
+    record = ConfigRecord({"task-config": task_config_json(cfg), "server-round": rnd, **config})
+    return Message(content=RecordDict({"arrays": arrays, "config": record}), metadata=md)
+
+
+def client_context():
+    """A ClientApp context for node 42 with empty state (a fresh process)."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=42, node_config={"partition-id": 0}, state=RecordDict(),
+                   run_config={})

@@ -12,4 +12,8 @@ def build_task(cfg: Config) -> Task:
         from fedscan.shared.tasks.segmentation import SegmentationTask
 
         return SegmentationTask(cfg)
+    if cfg.task == "harmonisation":
+        from fedscan.shared.tasks.harmonisation import HarmonisationTask
+
+        return HarmonisationTask(cfg)
     raise ValueError(f"unknown task {cfg.task!r}")

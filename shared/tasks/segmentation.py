@@ -45,7 +45,7 @@ from fedscan.shared.config import Config, DataConfig
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import load_nifti, predict_volume, require_largest_component
 from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
-from fedscan.shared.tasks.base import Case, EvalResult, StepCallback, TrainResult
+from fedscan.shared.tasks.base import Case, EvalResult, Phase, StepCallback, TrainResult
 
 KEYS = ("image", "label")
 
@@ -108,8 +108,14 @@ class SegmentationTask:
         return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        """Every state-dict key: the whole UNet is federated."""
-        return list(model.state_dict().keys())
+        """Every state-dict key, except the normalisation layers' with ``model.local_norm``
+        (FedBN: each site keeps its own)."""
+        keys = list(model.state_dict().keys())
+        if not self.cfg.model.local_norm:
+            return keys
+        local = {f"{name}.{k}" for name, module in model.named_modules()
+                 if isinstance(module, _NORM_TYPES) for k in module.state_dict()}
+        return [k for k in keys if k not in local]
 
     # -- training ------------------------------------------------------------------------------
 
@@ -223,6 +229,25 @@ class SegmentationTask:
         mean = float(np.mean(losses)) if losses else float("nan")
         return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
 
+    def phases(self, model: nn.Module) -> list[Phase]:
+        """One phase, ``unet``: every parameter, per-case Dice+CE.
+
+        The mean of the per-case losses is :meth:`train_steps`' batch loss (Dice per sample,
+        cross-entropy over equally many voxels per case), so DP-SGD on this phase follows
+        the same objective.
+        """
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def loss(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            image, label = batch["image"], batch["label"]
+            if image.shape[0] == 0:
+                return image.new_zeros(0)
+            pred = net(image)
+            return torch.stack([loss_fn(pred[i:i + 1], label[i:i + 1])
+                                for i in range(pred.shape[0])])
+
+        return [Phase("unet", [p for p in model.parameters() if p.requires_grad], loss)]
+
     # -- evaluation ----------------------------------------------------------------------------
 
     def evaluate(self, model: nn.Module, cases: list[Case]) -> EvalResult:
@@ -263,6 +288,10 @@ class SegmentationTask:
 
 
 # -- training data ---------------------------------------------------------------------------
+
+
+#: Layers FedBN keeps local (instance and group norm: the ones Opacus accepts).
+_NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.GroupNorm)
 
 
 class PatchDataset(Dataset):

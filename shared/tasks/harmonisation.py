@@ -1,0 +1,563 @@
+"""Scanner harmonisation task: an unpaired CycleGAN from a site's domain to a public reference.
+
+Each site trains two generators (site -> reference, reference -> site) and two PatchGAN
+discriminators on random patches of its own scans and of a public reference-domain dataset
+that every site holds. Only the generators are federated; each site keeps its
+discriminators, which know its scanner (as in FedMed-GAN).
+
+Pure PyTorch/MONAI (no Flower). Every loss is per sample: item i of a batch depends on the
+site's case i and on public reference patches only, so a DP site can clip per sample. One
+local step is two :class:`~fedscan.shared.tasks.base.Phase` updates (generators, then
+discriminators), each on its own batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict
+
+import numpy as np
+import torch
+from monai.data.utils import worker_init_fn
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import PatchDiscriminator, UNet
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    RandFlipd,
+    Randomizable,
+    RandSpatialCropd,
+    SpatialPadd,
+    SqueezeDimd,
+)
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from fedscan.shared.config import Config, DataConfig
+from fedscan.shared.data import read_dataset
+from fedscan.shared.errors import ConfigError, DataError, FedscanError
+from fedscan.shared.harmonisation_io import preprocess_image, psnr, ssim, translate
+from fedscan.shared.inference import load_nifti
+from fedscan.shared.preprocessing import preprocess_transforms
+from fedscan.shared.tasks.base import Case, EvalResult, Phase, StepCallback, TrainResult
+
+# The volume cache and loop helpers are segmentation's: one cache budget per process, and
+# the same handling of empty Poisson batches for every task.
+from fedscan.shared.tasks.segmentation import (
+    _CACHE,
+    _batch_size,
+    _cycle,
+    _empty_step,
+    _file_key,
+    case_id,
+)
+
+GENERATORS = ("g_site2ref", "g_ref2site")
+DISCRIMINATORS = ("d_site", "d_ref")
+
+
+class Generator(nn.Module):
+    """A MONAI UNet mapping an image to an image of the same shape.
+
+    With ``residual`` it predicts a correction added to its input through a zero-initialised
+    1x1 convolution, so it starts as the identity: harmonisation is a small change of
+    contrast, bias and noise, not a new image. With ``curve_units`` a per-voxel intensity
+    curve (a 1x1 convolution MLP, also zero-initialised) is added as well: the UNet's
+    normalisation layers hide absolute intensities from it, but a scanner's contrast curve
+    (gamma) is a function of exactly those.
+
+    Args:
+        spatial_dims: 2 or 3.
+        channels_in: image channels.
+        channels: UNet channels per level.
+        strides: UNet strides between levels.
+        num_res_units: residual units per UNet block.
+        norm: MONAI norm spec, or None (no BatchNorm: Opacus needs per-sample statistics).
+        residual: add the (zero-initialised) corrections to the input.
+        curve_units: hidden units of the intensity curve; 0 for none (needs ``residual``).
+    """
+
+    def __init__(self, spatial_dims: int, channels_in: int, channels: list[int],
+                 strides: list[int], num_res_units: int, norm: tuple | None, residual: bool,
+                 curve_units: int = 0) -> None:
+        super().__init__()
+        self.residual = residual
+        width = channels[0] if residual else channels_in
+        self.body = UNet(spatial_dims=spatial_dims, in_channels=channels_in, out_channels=width,
+                         channels=channels, strides=strides, num_res_units=num_res_units,
+                         norm=norm)
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.head = conv(width, channels_in, kernel_size=1) if residual else None
+        self.curve = (nn.Sequential(conv(channels_in, curve_units, kernel_size=1), nn.Tanh(),
+                                    conv(curve_units, channels_in, kernel_size=1))
+                      if residual and curve_units else None)
+        for last in (self.head, self.curve[-1] if self.curve is not None else None):
+            if last is not None:
+                nn.init.zeros_(last.weight)
+                nn.init.zeros_(last.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            return self.body(x)
+        out = x + self.head(self.body(x))
+        return out if self.curve is None else out + self.curve(x)
+
+
+class Discriminator(nn.Module):
+    """MONAI's PatchDiscriminator returning only its final patch scores ``(B, 1, *grid)``."""
+
+    def __init__(self, spatial_dims: int, channels_in: int, channels: int, num_layers: int,
+                 norm: tuple) -> None:
+        super().__init__()
+        # bias=True: the default (False) assumes batch norm's shift follows every conv.
+        self.net = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels,
+                                      in_channels=channels_in, num_layers_d=num_layers,
+                                      norm=norm, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)[-1]
+
+
+class CycleGAN(nn.Module):
+    """The four networks of a CycleGAN; the forward pass is the site-to-reference generator.
+
+    Attributes:
+        g_site2ref: site domain to reference domain (what harmonisation applies).
+        g_ref2site: reference domain to site domain.
+        d_site: scores site-domain patches (real site vs translated reference).
+        d_ref: scores reference-domain patches (real reference vs translated site).
+    """
+
+    def __init__(self, g_site2ref: Generator, g_ref2site: Generator, d_site: Discriminator,
+                 d_ref: Discriminator) -> None:
+        super().__init__()
+        self.g_site2ref = g_site2ref
+        self.g_ref2site = g_ref2site
+        self.d_site = d_site
+        self.d_ref = d_ref
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.g_site2ref(x)
+
+
+# -- losses ---------------------------------------------------------------------------------
+
+#: LSGAN: mean squared error of raw discriminator scores against 1 (real) or 0 (fake).
+_LSGAN = PatchAdversarialLoss(reduction="none", criterion="least_squares",
+                              no_activation_leastsq=True)
+
+
+def _per_sample_mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+def adversarial_loss(scores: torch.Tensor, real: bool) -> torch.Tensor:
+    """LSGAN loss of discriminator scores ``(B, 1, *grid)`` against real (1) or fake (0).
+
+    Returns:
+        ``(B,)``, the mean over each sample's patch scores.
+    """
+    (per_element,) = _LSGAN(scores, target_is_real=real, for_discriminator=True)
+    return _per_sample_mean(per_element)
+
+
+def l1_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference per sample, ``(B,)``."""
+    return _per_sample_mean((a - b).abs())
+
+
+def _unwrap(model: nn.Module) -> CycleGAN:
+    """The CycleGAN inside an Opacus ``GradSampleModule`` (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+def generator_terms(model: nn.Module, batch: dict[str, torch.Tensor], *,
+                    identity: bool = True) -> dict[str, torch.Tensor]:
+    """The generators' loss terms, each per sample ``(B,)`` and unweighted.
+
+    ``adversarial``: both translations scored as real by the (fixed) discriminators;
+    ``cycle``: L1 of site -> ref -> site and ref -> site -> ref reconstructions;
+    ``identity``: L1 of each generator applied to its own target domain (keeps a reference
+    image unchanged, which anchors intensities and anatomy); left out (two generator passes
+    saved) with ``identity=False``.
+    """
+    m = _unwrap(model)
+    x, r = batch["image"], batch["reference"]
+    fake_ref, fake_site = m.g_site2ref(x), m.g_ref2site(r)
+    terms = {
+        "adversarial": adversarial_loss(m.d_ref(fake_ref), True)
+        + adversarial_loss(m.d_site(fake_site), True),
+        "cycle": l1_loss(m.g_ref2site(fake_ref), x) + l1_loss(m.g_site2ref(fake_site), r),
+    }
+    if identity:
+        terms["identity"] = l1_loss(m.g_site2ref(r), r) + l1_loss(m.g_ref2site(x), x)
+    return terms
+
+
+def generator_loss(model: nn.Module, batch: dict[str, torch.Tensor], lambda_cycle: float,
+                   lambda_identity: float) -> torch.Tensor:
+    """``adversarial + lambda_cycle * cycle + lambda_identity * identity``, per sample."""
+    t = generator_terms(model, batch, identity=lambda_identity > 0)
+    loss = t["adversarial"] + lambda_cycle * t["cycle"]
+    return loss + lambda_identity * t["identity"] if "identity" in t else loss
+
+
+def discriminator_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """LSGAN loss of both discriminators on real patches vs detached translations, ``(B,)``.
+
+    Halved per discriminator, as in CycleGAN, to slow them down relative to the generators.
+    """
+    m = _unwrap(model)
+    x, r = batch["image"], batch["reference"]
+    with torch.no_grad():  # fakes are inputs here: no generator gradients needed
+        fake_ref, fake_site = m.g_site2ref(x), m.g_ref2site(r)
+    d_ref = adversarial_loss(m.d_ref(r), True) + adversarial_loss(m.d_ref(fake_ref), False)
+    d_site = adversarial_loss(m.d_site(x), True) + adversarial_loss(m.d_site(fake_site), False)
+    return 0.5 * (d_ref + d_site)
+
+
+# -- the task -------------------------------------------------------------------------------
+
+
+class HarmonisationTask:
+    """CycleGAN harmonisation behind the :class:`~fedscan.shared.tasks.base.Task` seam.
+
+    Args:
+        cfg: the run's config (``data``, ``model.spatial_dims``/``norm``, ``train`` patch,
+            batch and steps, ``harmonisation`` keys).
+
+    Raises:
+        ConfigError: inconsistent harmonisation keys, naming the key.
+    """
+
+    name = "harmonisation"
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        h, dims, patch = cfg.harmonisation, cfg.model.spatial_dims, cfg.train.patch_size
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"config key 'harmonisation.{key}': {why}")
+
+        if len(h.channels) < 2 or any(c < 1 for c in h.channels):
+            raise bad("channels", "needs at least two positive channel counts")
+        if len(h.strides) != len(h.channels) - 1 or any(s < 1 for s in h.strides):
+            raise bad("strides", "needs one positive entry fewer than harmonisation.channels")
+        factor = math.prod(h.strides)
+        if any(p % factor for p in patch[:dims]):
+            raise ConfigError(f"config key 'train.patch_size': the first {dims} entries must be "
+                              f"multiples of {factor} (the product of harmonisation.strides)")
+        if h.num_res_units < 0 or h.curve_units < 0:
+            raise bad("curve_units", "num_res_units and curve_units must be >= 0")
+        if h.disc_layers < 1 or h.disc_channels < 1:
+            raise bad("disc_layers", "disc_layers and disc_channels must be >= 1")
+        # Each stride-2 conv (kernel 4, padding 1) halves the patch, the last two lose a voxel.
+        side = min(patch[:dims]) // 2**h.disc_layers - 2
+        if side < 2:
+            raise bad("disc_layers", f"too many layers for train.patch_size {patch[:dims]}: "
+                      "the discriminator's score grid would be empty")
+        if not (h.lr > 0 and math.isfinite(h.lr)):
+            raise bad("lr", "must be a positive number")
+        if h.lambda_cycle < 0 or h.lambda_identity < 0:
+            raise bad("lambda_cycle", "lambda_cycle and lambda_identity must be >= 0")
+        if h.norm == "group" and any(c % 2 for c in h.channels):
+            raise bad("channels", "group norm (2 groups) needs even channel counts")
+        if h.disc_norm == "group" and h.disc_channels % 2:
+            raise bad("disc_channels", "group norm (2 groups) needs an even channel count")
+
+    # -- model and optimiser -----------------------------------------------------------------
+
+    def build_model(self) -> CycleGAN:
+        """Two generators and two discriminators; initial weights depend only on ``cfg.seed``."""
+        cfg, h = self.cfg, self.cfg.harmonisation
+        dims, c = cfg.model.spatial_dims, cfg.data.in_channels
+
+        def generator() -> Generator:
+            return Generator(dims, c, h.channels, h.strides, h.num_res_units, _norm(h.norm),
+                             h.residual, h.curve_units)
+
+        def discriminator() -> Discriminator:
+            return Discriminator(dims, c, h.disc_channels, h.disc_layers, _norm(h.disc_norm))
+
+        with torch.random.fork_rng(devices=[]):  # seed the init without touching global RNG
+            torch.manual_seed(cfg.seed)
+            return CycleGAN(generator(), generator(), discriminator(), discriminator())
+
+    def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """Adam at ``harmonisation.lr`` with CycleGAN's betas (0.5, 0.999)."""
+        return torch.optim.Adam(params, lr=self.cfg.harmonisation.lr, betas=(0.5, 0.999))
+
+    def shared_keys(self, model: nn.Module) -> list[str]:
+        """The generators' state-dict keys; the discriminators stay at the site."""
+        return [k for k in _unwrap(model).state_dict() if k.split(".", 1)[0] in GENERATORS]
+
+    def phases(self, model: nn.Module) -> list[Phase]:
+        """Generators (adversarial + cycle + identity), then discriminators (real vs fake)."""
+        m = _unwrap(model)
+        h = self.cfg.harmonisation
+
+        def g_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+            return generator_loss(model, batch, h.lambda_cycle, h.lambda_identity)
+
+        return [
+            Phase("generators", [p for n in GENERATORS for p in getattr(m, n).parameters()],
+                  g_loss),
+            Phase("discriminators",
+                  [p for n in DISCRIMINATORS for p in getattr(m, n).parameters()],
+                  discriminator_loss),
+        ]
+
+    # -- training ------------------------------------------------------------------------------
+
+    def patch_transforms(self) -> Compose:
+        """Random patch (padded if the volume is smaller) and a left-right flip.
+
+        No intensity augmentation: intensities are exactly what the generators must learn to
+        map, so a random contrast change would teach them the wrong domain.
+        """
+        cfg = self.cfg
+        patch = cfg.train.patch_size
+        lr_axis = next(i for i, c in enumerate(cfg.data.orientation.upper()) if c in "LR")
+        steps = [
+            SpatialPadd("image", spatial_size=patch),
+            RandSpatialCropd("image", roi_size=patch, random_size=False),
+            RandFlipd("image", prob=0.5, spatial_axis=lr_axis),
+        ]
+        if cfg.model.spatial_dims == 2:
+            steps.append(SqueezeDimd("image", dim=-1))  # (C, X, Y, 1) -> (C, X, Y)
+        steps.append(EnsureTyped("image", track_meta=False))
+        return Compose(steps)
+
+    def reference_cases(self) -> list[Case]:
+        """Every case of the public reference dataset (``harmonisation.reference``).
+
+        Raises:
+            ConfigError: no reference folder is configured.
+            DataError: the folder violates the data contract.
+        """
+        ref = self.cfg.harmonisation.reference
+        if ref is None:
+            raise ConfigError("config key 'harmonisation.reference': required to train (a "
+                              "public reference-domain dataset folder, MSD layout)")
+        data = self.cfg.data
+        site = read_dataset(ref, name="reference", in_channels=data.in_channels, check=False)
+        return site.cases
+
+    def make_train_loader(self, cases: list[Case], seed: int) -> DataLoader:
+        """Map-style loader: one item per site case, with a random reference patch.
+
+        Item i is ``{"image": random patch of case i, "reference": random patch of a random
+        reference case}``, so Poisson sampling over the site's cases is sampling over
+        patients. Preprocessed volumes (site and reference) are cached per process. Batches
+        are ``{"image": (B, C, *patch), "reference": (B, C, *patch)}``.
+
+        Raises:
+            DataError: a case is missing, unreadable or has the wrong channel count.
+            ConfigError: no reference dataset is configured.
+        """
+        if not cases:
+            raise DataError("no training cases")
+        data = self.cfg.data
+        reference_cases = self.reference_cases()  # a missing reference fails before any load
+        site = [_cached_image(c["image"], data) for c in cases]
+        reference = [_cached_image(c["image"], data) for c in reference_cases]
+        dataset = UnpairedPatchDataset(site, reference, self.patch_transforms())
+        dataset.set_random_state(seed=seed % 2**32)
+        return DataLoader(
+            dataset,
+            batch_size=self.cfg.train.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+            num_workers=self.cfg.train.num_workers,
+            # MONAI's worker_init_fn re-seeds the dataset (patches, reference picks) per worker.
+            worker_init_fn=worker_init_fn,
+            collate_fn=default_collate,
+            drop_last=False,
+        )
+
+    def train_steps(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loader: DataLoader,
+        steps: int,
+        *,
+        proximal_mu: float = 0.0,
+        on_step: StepCallback | None = None,
+    ) -> TrainResult:
+        """Run ``steps`` local steps; each updates the generators, then the discriminators.
+
+        Each phase draws its own batch and takes one ``optimizer`` step with gradients of
+        its loss for its own parameters only (Adam skips parameters without a gradient, so
+        one optimiser serves both). FedProx's ``mu * (w - w0)`` is added to the generators'
+        gradients only: they are what the server averages; the discriminators never leave.
+        An empty batch (Poisson sampling) takes the DP optimiser's noise-only step.
+
+        Returns:
+            Mean generator loss over non-empty batches, ``len(loader.dataset)``, ``steps``.
+        """
+        m = _unwrap(model)
+        device = next(m.parameters()).device
+        phases = self.phases(model)
+        anchors = ({id(p): p.detach().clone() for p in phases[0].params}
+                   if proximal_mu > 0 else {})
+        model.train()
+        losses: list[float] = []
+        batches = _cycle(loader)
+        try:
+            for step in range(1, steps + 1):
+                for phase in phases:
+                    batch = next(batches)
+                    optimizer.zero_grad(set_to_none=True)
+                    if _batch_size(batch) == 0:
+                        _empty_step(optimizer)
+                        continue
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                    loss = phase.loss(model, batch).mean()
+                    grads = torch.autograd.grad(loss, phase.params)
+                    for p, g in zip(phase.params, grads, strict=True):
+                        w0 = anchors.get(id(p))
+                        p.grad = g if w0 is None else g + proximal_mu * (p.detach() - w0)
+                    optimizer.step()
+                    if phase.name == "generators":
+                        losses.append(loss.item())
+                if on_step is not None:
+                    on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+        mean = float(np.mean(losses)) if losses else float("nan")
+        return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
+
+    # -- evaluation ----------------------------------------------------------------------------
+
+    def evaluate(self, model: nn.Module, cases: list[Case]) -> EvalResult:
+        """Cycle consistency on a site's cases, which needs no paired ground truth.
+
+        Each preprocessed image ``x`` goes site -> reference -> site through whole-volume
+        sliding windows; ``cycle_psnr`` and ``cycle_ssim`` compare the reconstruction with
+        ``x`` (data range 1, the preprocessed scale), and ``change`` is the mean absolute
+        difference between ``x`` and its harmonised version (0 means the generator does
+        nothing). Only means over cases leave the site.
+
+        Returns:
+            Mean ``cycle_psnr``, ``cycle_ssim`` and ``change``, ``len(cases)``, per case.
+        """
+        if not cases:
+            return EvalResult(metrics={}, num_examples=0, per_case={})
+        m = _unwrap(model)
+        device = next(m.parameters()).device
+        was_training = m.training
+        m.eval()
+        per_case: dict[str, dict[str, float]] = {}
+        try:
+            for case in cases:
+                try:
+                    image, _ = preprocess_image(case["image"], self.cfg)
+                except FedscanError as exc:
+                    raise DataError(str(exc)) from None
+                x = image.as_tensor().float()
+                fake = translate(m.g_site2ref, x, self.cfg, device)
+                rec = translate(m.g_ref2site, fake, self.cfg, device)
+                per_case[case_id(case)] = _cycle_metrics(x, rec, fake, self.cfg)
+        finally:
+            m.train(was_training)
+        metrics = {k: float(np.mean([c[k] for c in per_case.values()]))
+                   for k in ("cycle_psnr", "cycle_ssim", "change")}
+        return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
+
+
+def _cycle_metrics(x: torch.Tensor, rec: torch.Tensor, fake: torch.Tensor,
+                   cfg: Config) -> dict[str, float]:
+    """Cycle PSNR/SSIM (first channel, clipped to [0, 1]) and mean change of one case."""
+    a = x[0].clamp(0, 1).numpy()
+    b = rec[0].clamp(0, 1).numpy()
+    if cfg.model.spatial_dims == 2 or min(a.shape) < 11:
+        # SSIM's 11-voxel window: thin volumes (2D runs on few slices) are scored per slice.
+        s = float(np.mean([ssim(a[..., k], b[..., k]) for k in range(a.shape[-1])]))
+    else:
+        s = ssim(a, b)
+    return {"cycle_psnr": psnr(b, a), "cycle_ssim": s,
+            "change": float((fake - x).abs().mean())}
+
+
+def _norm(name: str) -> tuple | None:
+    """MONAI norm spec; instance and group norm keep per-sample statistics (Opacus)."""
+    if name == "instance":
+        return ("INSTANCE", {"affine": True})
+    if name == "group":
+        return ("GROUP", {"num_groups": 2})
+    return None
+
+
+# -- training data ---------------------------------------------------------------------------
+
+
+class UnpairedPatchDataset(Randomizable, Dataset):
+    """One item per site case: a random patch of it and of a random reference volume.
+
+    Randomizable, so MONAI's ``worker_init_fn`` re-seeds the reference picks and the patch
+    transform in each worker.
+
+    Args:
+        site: preprocessed site images ``(C, *spatial)``, one per case (private).
+        reference: preprocessed reference images (public).
+        transform: random patch sampling (:meth:`HarmonisationTask.patch_transforms`).
+    """
+
+    def __init__(self, site: list[torch.Tensor], reference: list[torch.Tensor],
+                 transform: Compose) -> None:
+        if not reference:
+            raise DataError("the reference dataset has no cases")
+        self.site = site
+        self.reference = reference
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None,
+                         state: np.random.RandomState | None = None) -> UnpairedPatchDataset:
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data: object = None) -> None:
+        self._ref = int(self.R.randint(len(self.reference)))
+
+    def __len__(self) -> int:
+        return len(self.site)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        self.randomize()
+        # Copies (clone), so no transform can ever write into the shared cache.
+        image = self.transform({"image": self.site[index].clone()})["image"]
+        reference = self.transform({"image": self.reference[self._ref].clone()})["image"]
+        return {"image": image, "reference": reference}
+
+
+def _cached_image(path: str, data: DataConfig) -> torch.Tensor:
+    """A preprocessed ``(C, *spatial)`` image, from the process-wide cache if there.
+
+    Raises:
+        DataError: missing, unreadable, unpreprocessable or wrong channel count.
+    """
+    key = ("harmonisation-image", _file_key(path, "image"),
+           json.dumps(asdict(data), sort_keys=True))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        return hit["image"]
+    try:
+        load_nifti(path)  # header check: a one-line error naming the file
+        image = preprocess_transforms(data, ("image",))({"image": path})["image"].as_tensor()
+    except FedscanError as exc:
+        raise DataError(str(exc)) from None
+    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise DataError(f"{path}: could not be read or preprocessed ({type(root).__name__})") \
+            from None
+    if image.shape[0] != data.in_channels:
+        raise DataError(f"{path}: has {image.shape[0]} channel(s), data.in_channels is "
+                        f"{data.in_channels}")
+    _CACHE.put(key, {"image": image.contiguous()})
+    return image.contiguous()

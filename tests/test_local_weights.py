@@ -1,0 +1,69 @@
+"""Weights a task keeps at the site (FedBN's normalisation layers) never leave it, persist in
+the ClientApp's context state across rounds, and the received model is evaluated in the train
+exchange. Real ClientApp handlers, real tiny NIfTI sites, no runtime."""
+
+import pytest
+import torch
+
+from fedscan.client.client_app import LOCAL_WEIGHTS, make_client_app
+from fedscan.shared.config import SiteConfig, parse_config
+from fedscan.shared.errors import FedscanError
+from fedscan.shared.messages import to_arrays
+from fedscan.shared.tasks import build_task
+from tests.tinysites import client_context, make_sites, train_message
+
+
+@pytest.fixture(scope="module")
+def fedbn(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fedbn")
+    folders = make_sites(root)
+    cfg = parse_config({
+        "sites": [{"name": "site-a", "data": str(folders["site-a"])}], "rounds": 2,
+        "data": {"spacing": [8, 8, 8]},
+        "model": {"channels": [4, 8, 16], "strides": [2, 2], "num_res_units": 0,
+                  "local_norm": True},
+        "train": {"patch_size": [16, 16, 16], "batch_size": 2, "local_steps": 2},
+        "evaluate": {"hd95": False}})
+    site = SiteConfig("site-a", str(folders["site-a"]))
+    return cfg, site
+
+
+def _shared(cfg):
+    task = build_task(cfg)
+    model = task.build_model()
+    keys = set(task.shared_keys(model))
+    return {k: v for k, v in model.state_dict().items() if k in keys}, model
+
+
+def test_norm_layers_stay_local_and_persist_across_rounds(fedbn):
+    cfg, site = fedbn
+    shared, model = _shared(cfg)
+    norm_keys = set(model.state_dict()) - set(shared)
+    assert norm_keys and all(".N." in k or "norm" in k.lower() for k in norm_keys)
+    app = make_client_app(lambda ctx: site)
+    context = client_context()
+    reply1 = app(train_message(cfg, to_arrays(shared), 1), context)
+    assert not reply1.has_error(), reply1.error
+    assert set(reply1.content["arrays"]) == set(shared)  # norms never leave the site
+    local1 = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()
+    assert set(local1) == norm_keys
+    assert any(not torch.equal(local1[k], model.state_dict()[k]) for k in norm_keys)  # trained
+    reply2 = app(train_message(cfg, reply1.content["arrays"], 2, **{"evaluate-received": True}),
+                 context)
+    assert not reply2.has_error(), reply2.error
+    local2 = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()
+    # Round 2 continued from round 1's local norms: its weights moved on from them, and the
+    # evaluation of the received model came back in the train reply.
+    assert any(not torch.equal(local1[k], local2[k]) for k in norm_keys)
+    evaluation = dict(reply2.content["evaluation"])
+    assert 0.0 <= evaluation["dice"] <= 1.0 and evaluation["num-examples"] == 1
+    assert "evaluation" not in reply1.content.config_records  # round 1: nothing to evaluate
+
+
+def test_site_refuses_arrays_that_are_not_the_shared_weights(fedbn):
+    cfg, site = fedbn
+    _, model = _shared(cfg)
+    app = make_client_app(lambda ctx: site)
+    # Flower's runtime turns the exception into an error reply (the server records it).
+    with pytest.raises(FedscanError, match=r"mismatched keys: .*\.N\."):
+        app(train_message(cfg, to_arrays(model.state_dict()), 1), client_context())
