@@ -51,7 +51,14 @@ from torch import nn
 
 from fedscan.shared.config import Config, PrivacyConfig
 from fedscan.shared.errors import FedscanError
-from fedscan.shared.tasks.base import Case, Phase, StepCallback, Task, TrainResult
+from fedscan.shared.tasks.base import (
+    Case,
+    Phase,
+    StepCallback,
+    Task,
+    TrainResult,
+    proximal_hook,
+)
 
 #: ``context.state`` key of the ledger (a ConfigRecord holding its JSON).
 LEDGER_KEY = "privacy-ledger"
@@ -409,7 +416,7 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
         optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=q))
         optimizers.append(optimizer)
     # Anchors at the round's start, before any phase moves.
-    hooks = ([_proximal_hook(o.original_optimizer, proximal_mu) for o in optimizers]
+    hooks = ([proximal_hook(o, proximal_mu) for o in optimizers]
              if proximal_mu > 0 else [])
     device = next(iter(phases[0].params)).device
     model.train()
@@ -587,22 +594,3 @@ def _cycle(loader: torch.utils.data.DataLoader):
         yield from loader
 
 
-def _proximal_hook(optimizer: torch.optim.Optimizer, mu: float):
-    """Add ``mu * (w - w0)`` to each of ``optimizer``'s gradients just before its update.
-
-    Hooked on the optimiser that a ``DPOptimizer`` wraps, so the term lands after clipping
-    and noise (as in :meth:`SegmentationTask.train_steps`); ``w0`` is the weights now.
-    """
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    anchors = [p.detach().clone() for p in params]
-
-    def add_proximal_grad(*_: object) -> None:
-        with torch.no_grad():
-            for p, w0 in zip(params, anchors, strict=True):
-                term = (p - w0).mul_(mu)
-                if p.grad is None:
-                    p.grad = term
-                else:
-                    p.grad.add_(term)
-
-    return optimizer.register_step_pre_hook(add_proximal_grad)

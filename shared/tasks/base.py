@@ -116,6 +116,32 @@ class Task(Protocol):
         """The updates of one local step, in order (what DP-SGD clips and noises)."""
 
 
+def proximal_hook(optimizer: torch.optim.Optimizer, mu: float):
+    """FedProx: add ``mu * (w - w0)`` to each gradient right before the optimiser's update.
+
+    ``w0`` are the weights when the hook is made (the received global model). A DP optimiser
+    is hooked on the optimiser it wraps, so the data-independent term lands after clipping and
+    noise, where it belongs (a loss term would be missed by per-sample gradients).
+
+    Returns:
+        The hook handle (``.remove()`` it after the round).
+    """
+    inner = getattr(optimizer, "original_optimizer", optimizer)
+    params = [p for group in inner.param_groups for p in group["params"]]
+    anchors = [p.detach().clone() for p in params]
+
+    def add_proximal_grad(*_: object) -> None:
+        with torch.no_grad():
+            for p, w0 in zip(params, anchors, strict=True):
+                term = (p - w0).mul_(mu)
+                if p.grad is None:
+                    p.grad = term
+                else:
+                    p.grad.add_(term)
+
+    return inner.register_step_pre_hook(add_proximal_grad)
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present, else CPU."""
     if name == "auto":

@@ -45,7 +45,14 @@ from fedscan.shared.config import Config, DataConfig
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import load_nifti, predict_volume, require_largest_component
 from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
-from fedscan.shared.tasks.base import Case, EvalResult, Phase, StepCallback, TrainResult
+from fedscan.shared.tasks.base import (
+    Case,
+    EvalResult,
+    Phase,
+    StepCallback,
+    TrainResult,
+    proximal_hook,
+)
 
 KEYS = ("image", "label")
 
@@ -204,7 +211,7 @@ class SegmentationTask:
         # batch=False keeps Dice per sample, so the loss stays separable for per-sample clipping.
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         model.train()
-        hook = _proximal_hook(model, optimizer, proximal_mu) if proximal_mu > 0 else None
+        hook = proximal_hook(optimizer, proximal_mu) if proximal_mu > 0 else None
         losses: list[float] = []
         batches = _cycle(loader)
         try:
@@ -436,25 +443,6 @@ def _empty_step(optimizer: torch.optim.Optimizer) -> None:
     for p in optimizer.params:
         p.grad_sample = p.new_zeros((0, *p.shape))
     optimizer.step()
-
-
-def _proximal_hook(model: nn.Module, optimizer: torch.optim.Optimizer, mu: float):
-    """Add ``mu * (w - w0)`` to each gradient right before the inner optimiser's update."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    anchors = [p.detach().clone() for p in params]
-
-    def add_proximal_grad(*_: object) -> None:
-        with torch.no_grad():
-            for p, w0 in zip(params, anchors, strict=True):
-                term = (p - w0).mul_(mu)
-                if p.grad is None:
-                    p.grad = term
-                else:
-                    p.grad.add_(term)
-
-    # An Opacus DPOptimizer wraps the real one; hooking the inner one lands after the noise.
-    inner = getattr(optimizer, "original_optimizer", optimizer)
-    return inner.register_step_pre_hook(add_proximal_grad)
 
 
 # -- evaluation helpers -------------------------------------------------------------------
