@@ -65,8 +65,8 @@ LEDGER_KEY = "privacy-ledger"
 #: File name of the ledger in a site's state folder.
 LEDGER_FILE = "privacy_ledger.json"
 #: How per-sample gradients are computed: one forward/backward per case (:func:`per_sample_grads`).
-#: Exact, and the fastest on CPU of the modes ``fedscan bench dp-overhead`` compares (Opacus'
-#: hooks, functorch, ghost clipping).
+#: Exact, and the fastest on CPU of the modes ``fedscan bench dp-overhead`` compares (1.8x a
+#: plain step; Opacus' hooks, functorch and ghost clipping 2.8-3.9x).
 GRAD_SAMPLE_MODE = "micro-batch"
 LEDGER_FORMAT = 1
 
@@ -448,16 +448,18 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
 # -- per-sample gradients by micro-batch ---------------------------------------------------------
 #
 # Opacus computes per-sample gradients inside one batched backward pass (hooks, functorch,
-# ghost clipping). On CPU each of those cost 2.9-3.6x a plain step for the default 3D UNet
+# ghost clipping). On CPU each of those cost 2.8-3.9x a plain step for the default 3D UNet
 # (``fedscan bench dp-overhead``): the 3D convolutions' per-sample weight gradients are
 # unfolds or grouped convolutions far slower than the fused kernel of a plain backward. Here
 # each case gets its own ordinary forward/backward (a batch of one), which is exact by
-# construction and runs the plain kernels; a batch of one uses the CPU's cores poorly, so the
-# cases of a batch run concurrently, each on its share of the cores (:class:`SamplePool`).
-# It also needs nothing from the model: a multi-network task (a CycleGAN whose generators
-# are called several times per loss) works as is, where Opacus' module hooks assume each
-# module is called once per batch. Everything else stays Opacus': Poisson sampling, clipping,
-# noise, the accountant.
+# construction and runs the plain kernels: 1.8x a plain step of batch 2 on 2 CPU cores.
+# It is not 1x because a batch of one is not half the work of a batch of two on CPU: PyTorch
+# runs batch-1 3D convolutions on its native kernel rather than oneDNN (a size heuristic), and
+# that kernel barely uses a second core, so the cases of a batch run concurrently, each on its
+# share of the cores (:class:`SamplePool`; 2.05x one after another). It also needs nothing
+# from the model: a multi-network task (a CycleGAN whose generators are called several times
+# per loss) works as is, where Opacus' module hooks assume each module is called once per
+# batch. Everything else stays Opacus': Poisson sampling, clipping, noise, the accountant.
 
 
 class SamplePool:

@@ -19,11 +19,12 @@ SITES = ("site-a", "site-b", "site-c")
 #: The default layout's sites and profiles with a few cases each (the default sites hold
 #: hundreds of cases so that DP-SGD has enough of them; generating those takes ~40 s).
 SMALL_COUNTS = {"site-a": (5, 2), "site-b": (4, 1), "site-c": (4, None), "heldout": (2, None)}
+#: The real default layout (the ``federation`` fixture patches the module's for its tests).
+DEFAULT_LAYOUT = P.FEDERATION_LAYOUT
 
 
 def _small_layout() -> tuple:
-    return tuple((name, profile, *SMALL_COUNTS[name])
-                 for name, profile, _, _ in P.FEDERATION_LAYOUT)
+    return tuple((name, profile, *SMALL_COUNTS[name]) for name, profile, _, _ in DEFAULT_LAYOUT)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +158,24 @@ def test_render_clean_is_render_without_bias_and_noise() -> None:
     np.testing.assert_array_equal(lab_c, lab_noisy_c)
     assert clean_c.min() == site.offset  # air stays air without noise
     assert not np.array_equal(clean_c, noisy_c)
+
+
+def test_default_layout_sizes() -> None:
+    """Sites big enough for DP-SGD at ε=8, validation small (evaluated every round)."""
+    from fedscan.shared.config import DataConfig
+    from fedscan.shared.data import _split
+
+    data = DataConfig()
+    layout = {name: (n, n_val) for name, _, n, n_val in DEFAULT_LAYOUT}
+    assert list(layout) == [*SITES, "heldout"]
+    assert layout["site-c"][1] is None  # the consumer's deterministic split must kick in
+    for name in SITES:
+        n, n_val = layout[name]
+        if n_val is None:  # what the consumer's default split holds out
+            cases = [{"case": str(i)} for i in range(n)]
+            n_val = len(_split(cases, data.val_fraction, data.split_seed)[1])
+        assert n - n_val >= 40 and 2 <= n_val <= 10, (name, n, n_val)
+    assert layout["heldout"][1] is None and layout["heldout"][0] <= 10
 
 
 def test_dataset_json_has_msd_structure(federation: dict[str, Path]) -> None:
