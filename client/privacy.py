@@ -59,6 +59,7 @@ from fedscan.shared.tasks.base import (
     TrainResult,
     proximal_hook,
 )
+from fedscan.shared.tasks.common import cycle
 
 #: ``context.state`` key of the ledger (a ConfigRecord holding its JSON).
 LEDGER_KEY = "privacy-ledger"
@@ -421,7 +422,7 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
     device = next(iter(phases[0].params)).device
     model.train()
     losses: list[float] = []
-    batches = _cycle(dp_loader)
+    batches = cycle(dp_loader)
     try:
         with SamplePool(workers, expected_batch, device) as pool:
             for step in range(1, steps + 1):
@@ -590,9 +591,5 @@ def _case(batch: Any, i: int, n: int, device: torch.device) -> Any:
     return batch
 
 
-def _cycle(loader: torch.utils.data.DataLoader):
-    """Poisson batches for ever: each is an independent draw, epochs are only bookkeeping."""
-    while True:
-        yield from loader
 
 

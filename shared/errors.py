@@ -15,3 +15,10 @@ class DataError(FedscanError):
 
 class ConfigError(FedscanError):
     """A YAML config key is unknown, missing or has the wrong type or value."""
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost ``__cause__`` of a chain (MONAI wraps reader errors several times)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc

@@ -26,14 +26,19 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.metrics import PSNRMetric, SSIMMetric
-from monai.transforms import Compose, Invertd
+from monai.transforms import Invertd
 from torch import nn
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
 from fedscan.shared.errors import FedscanError
-from fedscan.shared.inference import load_nifti, sliding_window_logits
-from fedscan.shared.preprocessing import ForegroundPercentileScale, preprocess_transforms
+from fedscan.shared.inference import (
+    image_like,
+    load_nifti,
+    preprocess_image,
+    sliding_window_logits,
+)
+from fedscan.shared.preprocessing import ForegroundPercentileScale
 from fedscan.shared.tasks.base import resolve_device
 
 if TYPE_CHECKING:
@@ -172,35 +177,6 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
 # -- inference ------------------------------------------------------------------------------
 
 
-def _why(exc: BaseException) -> str:
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
-
-
-def preprocess_image(image_path: str | Path, cfg: Config) -> tuple[MetaTensor, Compose]:
-    """The preprocessed ``(C, *spatial)`` image and the transform that made it (to invert).
-
-    Raises:
-        FedscanError: one line naming the file when it is missing, unreadable, cannot be
-            preprocessed or has the wrong channel count.
-    """
-    image_path = Path(image_path)
-    load_nifti(image_path)  # header check: missing or corrupt files named on one line
-    pre = preprocess_transforms(cfg.data, keys=("image",))
-    try:
-        image = pre({"image": str(image_path)})["image"]
-    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        root: BaseException = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        raise FedscanError(f"{image_path}: could not be read or preprocessed ({_why(root)})") \
-            from None
-    if image.shape[0] != cfg.data.in_channels:
-        raise FedscanError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
-                           f"{cfg.data.in_channels} (data.in_channels)")
-    return image, pre
-
-
 def translate(generator: nn.Module, image: torch.Tensor, cfg: Config,
               device: torch.device | str = "cpu") -> torch.Tensor:
     """Run one generator over a whole preprocessed ``(C, *spatial)`` image.
@@ -247,20 +223,6 @@ def harmonise_volume(generator: nn.Module, image_path: str | Path, cfg: Config,
     if array.shape[:3] != expected:  # a broken trace must never write a misaligned image
         raise RuntimeError(f"{image_path}: harmonised shape {array.shape} != image {expected}")
     return image_like(array, img)
-
-
-def image_like(array: np.ndarray, like: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-    """A ``float32`` NIfTI of ``array`` with the geometry (qform, sform, units) of ``like``."""
-    out = nib.Nifti1Image(array.astype(np.float32), like.affine)
-    out.set_data_dtype(np.float32)
-    header = like.header
-    if hasattr(header, "get_qform"):
-        qform, qcode = header.get_qform(coded=True)
-        sform, scode = header.get_sform(coded=True)
-        out.set_qform(qform if qform is not None else like.affine, code=int(qcode))
-        out.set_sform(sform if sform is not None else like.affine, code=int(scode))
-        out.header.set_xyzt_units(*header.get_xyzt_units())
-    return out
 
 
 def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:

@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import Invertd, KeepLargestConnectedComponent
+from monai.transforms import Compose, Invertd, KeepLargestConnectedComponent
 from monai.utils import optional_import
 from torch import nn
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
-from fedscan.shared.errors import FedscanError
+from fedscan.shared.errors import FedscanError, root_cause
 from fedscan.shared.preprocessing import preprocess_transforms
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
@@ -79,6 +79,27 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, cfg: Config,
     return logits[0]
 
 
+def preprocess_image(image_path: str | Path, cfg: Config) -> tuple[MetaTensor, Compose]:
+    """The preprocessed ``(C, *spatial)`` image and the transform that made it (to invert).
+
+    Raises:
+        FedscanError: one line naming the file when it is missing, unreadable, cannot be
+            preprocessed or has the wrong channel count.
+    """
+    image_path = Path(image_path)
+    load_nifti(image_path)  # header check: missing or corrupt files named on one line
+    pre = preprocess_transforms(cfg.data, keys=("image",))
+    try:
+        image = pre({"image": str(image_path)})["image"]
+    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        raise FedscanError(f"{image_path}: could not be read or preprocessed "
+                           f"({_why(root_cause(exc))})") from None
+    if image.shape[0] != cfg.data.in_channels:
+        raise FedscanError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
+                           f"{cfg.data.in_channels} (data.in_channels)")
+    return image, pre
+
+
 def predict_volume(
     model: nn.Module,
     image_path: str | Path,
@@ -109,19 +130,7 @@ def predict_volume(
     """
     image_path = Path(image_path)
     img = load_nifti(image_path)
-    pre = preprocess_transforms(cfg.data, keys=("image",))
-    try:
-        data = pre({"image": str(image_path)})
-    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        root = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
-        raise FedscanError(f"{image_path}: could not be read or preprocessed ({_why(root)})") \
-            from None
-    image = data["image"]
-    if image.shape[0] != cfg.data.in_channels:
-        raise FedscanError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
-                           f"{cfg.data.in_channels} (data.in_channels)")
+    image, pre = preprocess_image(image_path, cfg)
 
     with torch.no_grad():
         probs = torch.softmax(sliding_window_logits(model, image, cfg, torch.device(device)), 0)
@@ -142,10 +151,11 @@ def predict_volume(
     return labels, img
 
 
-def label_image(labels: np.ndarray, like: nib.spatialimages.SpatialImage) -> nib.Nifti1Image:
-    """A ``uint8`` NIfTI of ``labels`` with the geometry (qform, sform, units) of ``like``."""
-    out = nib.Nifti1Image(labels.astype(np.uint8), like.affine)
-    out.set_data_dtype(np.uint8)
+def image_like(array: np.ndarray, like: nib.spatialimages.SpatialImage,
+               dtype: type = np.float32) -> nib.Nifti1Image:
+    """A NIfTI of ``array`` as ``dtype`` with the geometry (qform, sform, units) of ``like``."""
+    out = nib.Nifti1Image(array.astype(dtype), like.affine)
+    out.set_data_dtype(dtype)
     header = like.header
     if hasattr(header, "get_qform"):
         # Copy both transforms and their codes, so viewers that prefer either agree.
@@ -195,5 +205,5 @@ def predict_file(
     labels, img = predict_volume(model, image_path, cfg, dev, largest_component=keep)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    label_image(labels, img).to_filename(out_path)
+    image_like(labels, img, np.uint8).to_filename(out_path)
     return out_path

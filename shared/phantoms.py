@@ -21,6 +21,7 @@ import os
 import shutil
 import uuid
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -612,58 +613,38 @@ def _marker_text(seed: int) -> str:
     return f"{PHANTOM_VERSION} seed={seed}\n"
 
 
-def _is_current(root: Path, seed: int) -> bool:
-    marker = root / COMPLETE_MARKER
+def _is_marked(root: Path, marker: str) -> bool:
     try:
-        return marker.read_text() == _marker_text(seed)
+        return (root / COMPLETE_MARKER).read_text() == marker
     except OSError:
         return False
 
 
-def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Generate the phantom federation under ``root`` unless it is already there.
+def _publish(root: Path, marker: str, what: str, write: Callable[[Path], None]) -> None:
+    """Make ``root`` hold what ``write(folder)`` writes, unless it already carries ``marker``.
 
-    Writes ``site-a`` (410 cases, 10 validation), ``site-b`` (380, 8), ``site-c`` (50, no
-    validation list) and ``heldout`` (4, all training): about 850 cases, 2 minutes and
-    300 MB. Everything is written to a temporary sibling folder, marked complete and then
-    renamed into place, so an interrupted run never leaves a half dataset at ``root``.
+    Everything is written to a temporary sibling folder, marked complete and then renamed
+    into place, so an interrupted run never leaves a half dataset at ``root``; a stale folder
+    of ours (another version or seed) is replaced, anything else is refused.
 
-    Args:
-        root: destination folder; must be missing, empty or a previous phantom federation.
-        seed: seed for anatomies, bias fields and noise (same seed, identical files).
-
-    Returns:
-        Folder name (``site-a``, ``site-b``, ``site-c``, ``heldout``) to its dataset folder.
+    Raises:
+        DataError: ``root`` exists and is not ours (``what`` names what we expected).
     """
-    root = Path(root).expanduser()
-    folders = {name: root / name for name, *_ in FEDERATION_LAYOUT}
-    if _is_current(root, seed):
-        return folders
+    if _is_marked(root, marker):
+        return
     ours = (root / COMPLETE_MARKER).is_file()
     if root.exists() and not ours and (not root.is_dir() or any(root.iterdir())):
         # Never delete a folder we did not write.
-        raise DataError(f"{root}: exists and is not a fedscan phantom dataset; remove it or "
-                        "choose another folder")
-
+        raise DataError(f"{root}: exists and is not a fedscan {what}; remove it or choose "
+                        "another folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        for site, profile, n_cases, n_val in FEDERATION_LAYOUT:
-            cases = []
-            for index in range(n_cases):
-                anatomy_rng, scanner_rng = case_rngs(seed, site, index)
-                image, label, affine = render(sample_anatomy(anatomy_rng), profile, scanner_rng)
-                cases.append((f"{site}_{index:03d}", image, label, affine))
-            val_ids = None if n_val is None else [c[0] for c in cases[n_cases - n_val:]]
-            description = (f"Synthetic T1-like head phantoms, scanner profile {profile.name} "
-                           f"({profile.orientation}, spacing {profile.spacing} mm), seed {seed}")
-            write_dataset(tmp / site, cases, val_ids, description)
-        (tmp / COMPLETE_MARKER).write_text(_marker_text(seed))
-
-        if _is_current(root, seed):
-            return folders  # another process finished while we worked
+        write(tmp)
+        (tmp / COMPLETE_MARKER).write_text(marker)
+        if _is_marked(root, marker):
+            return  # another process finished while we worked
         if (root / COMPLETE_MARKER).is_file():
-            # A stale federation of ours (other version or seed): move aside, then drop.
             stale = root.parent / f".{root.name}.stale-{uuid.uuid4().hex[:8]}"
             os.replace(root, stale)
             shutil.rmtree(stale, ignore_errors=True)
@@ -673,11 +654,60 @@ def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
             os.replace(tmp, root)
         except OSError:
             # Another process finished first; its result is as good as ours.
-            if not _is_current(root, seed):
+            if not _is_marked(root, marker):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return folders
+
+
+def write_phantom_site(folder: Path, site: str, profile: ScannerProfile, n_cases: int,
+                       n_val: int | None, seed: int) -> None:
+    """Write one phantom hospital: cases ``<site>_000..`` rendered under ``profile``.
+
+    Case i's head and scanner effects depend only on ``(seed, site, i)`` (:func:`case_rngs`),
+    so its paired truth can be re-rendered (:func:`reference_truth`).
+
+    Args:
+        folder: the site's dataset folder.
+        site: the site name (keys the random streams).
+        profile: the scanner.
+        n_cases: number of cases.
+        n_val: the last ``n_val`` cases are listed as validation; None writes no list.
+        seed: the federation's seed.
+    """
+    cases = []
+    for index in range(n_cases):
+        anatomy_rng, scanner_rng = case_rngs(seed, site, index)
+        image, label, affine = render(sample_anatomy(anatomy_rng), profile, scanner_rng)
+        cases.append((f"{site}_{index:03d}", image, label, affine))
+    val_ids = None if n_val is None else [c[0] for c in cases[n_cases - n_val:]]
+    description = (f"Synthetic T1-like head phantoms, scanner profile {profile.name} "
+                   f"({profile.orientation}, spacing {profile.spacing} mm), seed {seed}")
+    write_dataset(folder, cases, val_ids, description)
+
+
+def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
+    """Generate the phantom federation under ``root`` unless it is already there.
+
+    Writes ``site-a`` (410 cases, 10 validation), ``site-b`` (380, 8), ``site-c`` (50, no
+    validation list) and ``heldout`` (4, all training): about 850 cases, 2 minutes and
+    300 MB, atomically (a temporary sibling renamed into place).
+
+    Args:
+        root: destination folder; must be missing, empty or a previous phantom federation.
+        seed: seed for anatomies, bias fields and noise (same seed, identical files).
+
+    Returns:
+        Folder name (``site-a``, ``site-b``, ``site-c``, ``heldout``) to its dataset folder.
+    """
+    root = Path(root).expanduser()
+
+    def write(folder: Path) -> None:
+        for site, profile, n_cases, n_val in FEDERATION_LAYOUT:
+            write_phantom_site(folder / site, site, profile, n_cases, n_val, seed)
+
+    _publish(root, _marker_text(seed), "phantom dataset", write)
+    return {name: root / name for name, *_ in FEDERATION_LAYOUT}
 
 
 def default_federation_root() -> Path:
@@ -733,48 +763,19 @@ def generate_reference_set(root: Path, seed: int = 0, n_cases: int = REFERENCE_C
         DataError: ``root`` holds something else.
     """
     root = Path(root).expanduser()
-    marker = _reference_marker(seed, n_cases)
 
-    def current() -> bool:
-        try:
-            return (root / COMPLETE_MARKER).read_text() == marker
-        except OSError:
-            return False
-
-    if current():
-        return root
-    ours = (root / COMPLETE_MARKER).is_file()
-    if root.exists() and not ours and (not root.is_dir() or any(root.iterdir())):
-        raise DataError(f"{root}: exists and is not a fedscan reference dataset; remove it or "
-                        "choose another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    def write(folder: Path) -> None:
         cases = []
         for index in range(n_cases):
             anatomy_rng, _ = case_rngs(seed, "reference", index)
             image, label, affine = render_clean(sample_anatomy(anatomy_rng), REFERENCE_PROFILE)
             cases.append((f"reference_{index:03d}", image, label, affine))
-        write_dataset(tmp, cases, None,
+        write_dataset(folder, cases, None,
                       f"Synthetic T1-like head phantoms in the harmonisation reference domain "
                       f"({REFERENCE_PROFILE.orientation}, {REFERENCE_PROFILE.spacing} mm, "
                       f"linear contrast, no bias or noise), seed {seed}")
-        (tmp / COMPLETE_MARKER).write_text(marker)
-        if current():
-            return root  # another process finished while we worked
-        if ours:
-            stale = root.parent / f".{root.name}.stale-{uuid.uuid4().hex[:8]}"
-            os.replace(root, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        elif root.exists():
-            root.rmdir()  # found empty above; fails loudly if someone has filled it since
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not current():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _publish(root, _reference_marker(seed, n_cases), "reference dataset", write)
     return root
 
 

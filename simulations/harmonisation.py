@@ -134,6 +134,7 @@ def downstream_dice(cfg: Config, site: SiteConfig, harmonised: dict[str, str],
         ``reference_raw``, ``reference_harmonised``, ``fedbn_raw`` (mean Dice over the site's
         cases) and ``cases``.
     """
+    from fedscan.shared.checkpoint import load_model
     from fedscan.shared.tasks import build_task
     from fedscan.simulations.baselines import run_pooled
     from fedscan.simulations.federated import run_federated
@@ -141,8 +142,6 @@ def downstream_dice(cfg: Config, site: SiteConfig, harmonised: dict[str, str],
     ref_cfg = segmentation_config(cfg, [{"name": "reference", "data": reference}])
     print("[study] training the reference-domain segmentation model", flush=True)
     run_pooled(ref_cfg, out_dir / "reference-segmentation")
-    from fedscan.shared.checkpoint import load_model
-
     _, state, _ = load_model(out_dir / "reference-segmentation" / "final_model.pt")
     task = build_task(ref_cfg)
     model = task.build_model().to(resolve_device(cfg.device))
@@ -163,11 +162,12 @@ def downstream_dice(cfg: Config, site: SiteConfig, harmonised: dict[str, str],
             .get("num_examples")}
 
 
-def _middle_slice(path: str | Path) -> np.ndarray:
+def _middle_slice(image: str | Path | nib.Nifti1Image) -> np.ndarray:
     """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]."""
     from fedscan.shared.harmonisation_io import normalise_intensity
 
-    img = nib.as_closest_canonical(nib.load(path))
+    img = nib.as_closest_canonical(image if isinstance(image, nib.Nifti1Image)
+                                   else nib.load(image))
     # Reorienting leaves negative strides, which torch (inside the scaling) refuses.
     data = normalise_intensity(np.ascontiguousarray(img.get_fdata(dtype=np.float32)))
     return np.rot90(data[:, :, data.shape[2] // 2])
@@ -186,16 +186,13 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
         raw_path = next(c["image"] for c in _all_cases(cfg, site) if _case_id(c) == cid)
         truth, affine = reference_truth(seed, site.name, int(_CASE_ID.match(cid)["index"]),
                                         SITE_PROFILES[site.name])
-        truth_path = path.parent / f".truth-{cid}.nii.gz"
-        nib.save(nib.Nifti1Image(truth, affine), truth_path)
         m = sites[site.name]
         images = [(_middle_slice(raw_path), f"{site.name} raw\nPSNR {m['psnr_raw']:.1f} dB, "
                    f"SSIM {m['ssim_raw']:.3f}"),
                   (_middle_slice(sites[site.name]["harmonised"][cid]),
                    f"harmonised\nPSNR {m['psnr_harmonised']:.1f} dB, "
                    f"SSIM {m['ssim_harmonised']:.3f}"),
-                  (_middle_slice(truth_path), "reference-domain truth")]
-        truth_path.unlink()
+                  (_middle_slice(nib.Nifti1Image(truth, affine)), "reference-domain truth")]
         for col, (image, title) in enumerate(images):
             axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_title(title, fontsize=9)

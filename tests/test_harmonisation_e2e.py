@@ -5,7 +5,6 @@ downstream Dice, FedBN row, panels), and ``fedscan harmonize`` on an anisotropic
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,37 +12,16 @@ import pytest
 import torch
 
 from fedscan.shared.checkpoint import load_model
-from fedscan.shared.phantoms import (
-    SITE_PROFILES,
-    case_rngs,
-    generate_reference_set,
-    render,
-    sample_anatomy,
-    write_dataset,
-)
+from fedscan.shared.phantoms import SITE_PROFILES, generate_reference_set, write_phantom_site
 
 SITES = ("site-a", "site-c")
-
-
-def phantom_site(root: Path, name: str, n: int) -> Path:
-    """``n`` cases of a phantom hospital, exactly as ``fedscan phantoms`` renders them."""
-    profile = SITE_PROFILES[name]
-    cases = []
-    for index in range(n):
-        anatomy_rng, scanner_rng = case_rngs(0, name, index)
-        image, label, affine = render(sample_anatomy(anatomy_rng), profile, scanner_rng)
-        cases.append((f"{name}_{index:03d}", image, label, affine))
-    write_dataset(root / name, cases, [cases[-1][0]],
-                  description=f"Synthetic T1-like head phantoms, scanner profile {name} "
-                              f"({profile.orientation}, spacing {profile.spacing} mm), seed 0")
-    return root / name
 
 
 @pytest.fixture(scope="module")
 def harmonised_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("harmonise")
-    for name in SITES:
-        phantom_site(root / "data", name, 3)
+    for name in SITES:  # exactly as `fedscan phantoms` renders them, fewer cases
+        write_phantom_site(root / "data" / name, name, SITE_PROFILES[name], 3, 1, seed=0)
     generate_reference_set(root / "data" / "reference", seed=0, n_cases=3)
     cfg = root / "harmonize.yaml"
     cfg.write_text(

@@ -20,7 +20,6 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-from monai.data.utils import worker_init_fn
 from monai.losses import PatchAdversarialLoss
 from monai.networks.nets import PatchDiscriminator, UNet
 from monai.transforms import (
@@ -33,26 +32,27 @@ from monai.transforms import (
     SqueezeDimd,
 )
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from fedscan.shared.config import Config, DataConfig
 from fedscan.shared.data import read_dataset
-from fedscan.shared.errors import ConfigError, DataError, FedscanError
-from fedscan.shared.harmonisation_io import preprocess_image, psnr, ssim, translate
-from fedscan.shared.inference import load_nifti
+from fedscan.shared.errors import ConfigError, DataError, FedscanError, root_cause
+from fedscan.shared.harmonisation_io import psnr, ssim, translate
+from fedscan.shared.inference import load_nifti, preprocess_image
 from fedscan.shared.preprocessing import preprocess_transforms
 from fedscan.shared.tasks.base import Case, EvalResult, Phase, StepCallback, TrainResult
 
 # The volume cache and loop helpers are segmentation's: one cache budget per process, and
 # the same handling of empty Poisson batches for every task.
-from fedscan.shared.tasks.segmentation import (
-    _CACHE,
-    _batch_size,
-    _cycle,
-    _empty_step,
-    _file_key,
-    case_id,
+from fedscan.shared.tasks.common import (
+    VOLUME_CACHE,
+    batch_size,
+    case_loader,
+    cycle,
+    empty_step,
+    file_key,
 )
+from fedscan.shared.tasks.segmentation import case_id
 
 GENERATORS = ("g_site2ref", "g_ref2site")
 DISCRIMINATORS = ("d_site", "d_ref")
@@ -365,17 +365,7 @@ class HarmonisationTask:
         reference = [_cached_image(c["image"], data) for c in reference_cases]
         dataset = UnpairedPatchDataset(site, reference, self.patch_transforms())
         dataset.set_random_state(seed=seed % 2**32)
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=self.cfg.train.num_workers,
-            # MONAI's worker_init_fn re-seeds the dataset (patches, reference picks) per worker.
-            worker_init_fn=worker_init_fn,
-            collate_fn=default_collate,
-            drop_last=False,
-        )
+        return case_loader(dataset, self.cfg.train, seed)
 
     def train_steps(
         self,
@@ -405,14 +395,14 @@ class HarmonisationTask:
                    if proximal_mu > 0 else {})
         model.train()
         losses: list[float] = []
-        batches = _cycle(loader)
+        batches = cycle(loader)
         try:
             for step in range(1, steps + 1):
                 for phase in phases:
                     batch = next(batches)
                     optimizer.zero_grad(set_to_none=True)
-                    if _batch_size(batch) == 0:
-                        _empty_step(optimizer)
+                    if batch_size(batch) == 0:
+                        empty_step(optimizer)
                         continue
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     loss = phase.loss(model, batch).mean()
@@ -540,9 +530,9 @@ def _cached_image(path: str, data: DataConfig) -> torch.Tensor:
     Raises:
         DataError: missing, unreadable, unpreprocessable or wrong channel count.
     """
-    key = ("harmonisation-image", _file_key(path, "image"),
+    key = ("harmonisation-image", file_key(path, "image"),
            json.dumps(asdict(data), sort_keys=True))
-    hit = _CACHE.get(key)
+    hit = VOLUME_CACHE.get(key)
     if hit is not None:
         return hit["image"]
     try:
@@ -551,13 +541,11 @@ def _cached_image(path: str, data: DataConfig) -> torch.Tensor:
     except FedscanError as exc:
         raise DataError(str(exc)) from None
     except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        root: BaseException = exc
-        while root.__cause__ is not None:
-            root = root.__cause__
+        root = root_cause(exc)
         raise DataError(f"{path}: could not be read or preprocessed ({type(root).__name__})") \
             from None
     if image.shape[0] != data.in_channels:
         raise DataError(f"{path}: has {image.shape[0]} channel(s), data.in_channels is "
                         f"{data.in_channels}")
-    _CACHE.put(key, {"image": image.contiguous()})
+    VOLUME_CACHE.put(key, {"image": image.contiguous()})
     return image.contiguous()

@@ -10,15 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import threading
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-from monai.data.utils import worker_init_fn
 from monai.losses import DiceCELoss
 from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.nets import UNet
@@ -39,10 +36,10 @@ from monai.transforms import (
 )
 from nibabel.affines import voxel_sizes
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset
 
 from fedscan.shared.config import Config, DataConfig
-from fedscan.shared.errors import ConfigError, DataError, FedscanError
+from fedscan.shared.errors import ConfigError, DataError, FedscanError, root_cause
 from fedscan.shared.inference import load_nifti, predict_volume, require_largest_component
 from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
 from fedscan.shared.tasks.base import (
@@ -53,11 +50,18 @@ from fedscan.shared.tasks.base import (
     TrainResult,
     proximal_hook,
 )
+from fedscan.shared.tasks.common import (
+    VOLUME_CACHE,
+    batch_size,
+    case_loader,
+    cycle,
+    empty_step,
+    file_key,
+)
 
 KEYS = ("image", "label")
 
 #: Budget of the per-process cache of preprocessed training volumes (bytes).
-CACHE_BYTES = 2 * 1024**3
 
 
 class SegmentationTask:
@@ -171,17 +175,7 @@ class SegmentationTask:
         transform = self.train_transforms()
         transform.set_random_state(seed=seed)
         dataset = PatchDataset([_cached_volume(c, self.cfg.data) for c in cases], transform)
-        return DataLoader(
-            dataset,
-            batch_size=self.cfg.train.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-            num_workers=self.cfg.train.num_workers,
-            # MONAI's worker_init_fn re-seeds the augmentation differently in every worker.
-            worker_init_fn=worker_init_fn,
-            collate_fn=default_collate,
-            drop_last=False,
-        )
+        return case_loader(dataset, self.cfg.train, seed)
 
     def train_steps(
         self,
@@ -213,13 +207,13 @@ class SegmentationTask:
         model.train()
         hook = proximal_hook(optimizer, proximal_mu) if proximal_mu > 0 else None
         losses: list[float] = []
-        batches = _cycle(loader)
+        batches = cycle(loader)
         try:
             for step in range(1, steps + 1):
                 batch = next(batches)
                 optimizer.zero_grad(set_to_none=True)
-                if _batch_size(batch) == 0:
-                    _empty_step(optimizer)
+                if batch_size(batch) == 0:
+                    empty_step(optimizer)
                 else:
                     image = batch["image"].to(device, non_blocking=True)
                     label = batch["label"].to(device, non_blocking=True)
@@ -322,60 +316,11 @@ class PatchDataset(Dataset):
         return item[0] if isinstance(item, list) else item  # num_samples=1 gives a list
 
 
-class _VolumeCache:
-    """Process-wide LRU of preprocessed training volumes, bounded in bytes.
-
-    A site trains every round in the same process; reloading and resampling its cases each
-    round would dominate short rounds. Keys hold the file paths, their size and mtime, and
-    the data config, so a changed file or preprocessing never hits a stale entry.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self._items: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key: tuple, value: dict[str, torch.Tensor]) -> None:
-        size = sum(v.numel() * v.element_size() for v in value.values())
-        with self._lock:
-            if key in self._items:
-                return
-            self._items[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes and len(self._items) > 1:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= sum(v.numel() * v.element_size() for v in old.values())
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._bytes = 0
-
-
-_CACHE = _VolumeCache(CACHE_BYTES)
-
-
-def _file_key(path: str, what: str) -> tuple:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{what} file not found: {p}")
-    st = p.stat()
-    return str(p.resolve()), st.st_size, st.st_mtime_ns
-
-
 def _cached_volume(case: Case, data: DataConfig) -> dict[str, torch.Tensor]:
     """The preprocessed ``{"image", "label"}`` of a case (checked), from the cache if there."""
-    key = (_file_key(case["image"], "image"), _file_key(case["label"], "label"),
+    key = (file_key(case["image"], "image"), file_key(case["label"], "label"),
            json.dumps(asdict(data), sort_keys=True))
-    hit = _CACHE.get(key)
+    hit = VOLUME_CACHE.get(key)
     if hit is not None:
         return hit
     for k in KEYS:
@@ -395,7 +340,7 @@ def _cached_volume(case: Case, data: DataConfig) -> dict[str, torch.Tensor]:
         raise DataError(f"{case['label']}: label value {int(label.max())} is not below "
                         f"data.num_classes ({data.num_classes})")
     value = {"image": image.contiguous(), "label": label.contiguous()}
-    _CACHE.put(key, value)
+    VOLUME_CACHE.put(key, value)
     return value
 
 
@@ -406,43 +351,10 @@ def _preprocess_failure(case: Case, exc: Exception) -> str:
             np.asanyarray(load_nifti(case[k], k).dataobj)
         except Exception as read_exc:  # truncated or corrupt data only fails when read
             return f"{case[k]}: not a readable NIfTI {k} ({type(read_exc).__name__})"
-    root = exc
-    while root.__cause__ is not None:
-        root = root.__cause__
+    root = root_cause(exc)
     why = str(root).strip().splitlines()
     return (f"{case['image']} / {case['label']}: could not be preprocessed "
             f"({type(root).__name__}{': ' + why[0] if why else ''})")
-
-
-def _cycle(loader: DataLoader):
-    """Batches of ``loader``, restarting it (a new shuffle or Poisson draw) when it ends."""
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise DataError("the training loader yields no batches")
-
-
-def _batch_size(batch: object) -> int:
-    """Samples in a batch; 0 for Opacus' empty Poisson batches (whatever their structure)."""
-    if isinstance(batch, Mapping) and torch.is_tensor(batch.get("image")):
-        return int(batch["image"].shape[0])
-    return 0
-
-
-def _empty_step(optimizer: torch.optim.Optimizer) -> None:
-    """The step of an empty batch: Opacus' DP optimiser releases noise only; others skip.
-
-    Skipping the DP step instead would reveal that the batch was empty and leave it out of
-    the privacy accountant, so the noise-only step is taken with zero per-sample gradients.
-    """
-    if not hasattr(optimizer, "noise_multiplier"):
-        return
-    for p in optimizer.params:
-        p.grad_sample = p.new_zeros((0, *p.shape))
-    optimizer.step()
 
 
 # -- evaluation helpers -------------------------------------------------------------------
