@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -20,6 +21,7 @@ from fedscan.client.privacy import (
     save_ledger,
     train_private,
 )
+from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.errors import FedscanError
@@ -167,10 +169,27 @@ def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
     cfg = config_for_site(str(msg.content[CONFIG][TASK_CONFIG]), site)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context)
+    _save_site_model(cfg, site, model, task, int(msg.content[CONFIG].get("server-round", 0)))
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
                           SITE: site_record(site.name)})
     return Message(content=content, reply_to=msg)
+
+
+def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task: Task,
+                     server_round: int) -> None:
+    """Write ``<state_dir>/site_model.pt``: the received model with this site's own weights.
+
+    Only for tasks that keep weights at the site (a CycleGAN's curves and discriminators,
+    FedBN's normalisation layers): the global ``final_model.pt`` lacks them, and the site
+    needs them to apply the model to its own scans. The file never leaves the site.
+    """
+    state = model.state_dict()
+    if site.state_dir is None or set(state) == set(task.shared_keys(model)):
+        return
+    path = save_model(Path(site.state_dir) / SITE_MODEL, config=cfg, state_dict=state,
+                      meta={"site": site.name, "round": server_round})
+    print(f"[{site.name}] saved this site's model to {path}", flush=True)
 
 
 def make_client_app(resolve_site: SiteResolver) -> ClientApp:

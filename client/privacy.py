@@ -58,6 +58,7 @@ from fedscan.shared.tasks.base import (
     Task,
     TrainResult,
     proximal_hook,
+    shared_params,
 )
 from fedscan.shared.tasks.common import cycle
 
@@ -417,7 +418,7 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
         optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=q))
         optimizers.append(optimizer)
     # Anchors at the round's start, before any phase moves.
-    hooks = ([proximal_hook(o, proximal_mu) for o in optimizers]
+    hooks = ([proximal_hook(o, proximal_mu, shared_params(task, model)) for o in optimizers]
              if proximal_mu > 0 else [])
     device = next(iter(phases[0].params)).device
     model.train()

@@ -12,6 +12,10 @@ from fedscan.shared.errors import FedscanError
 
 FORMAT = "fedscan-model/1"
 
+#: A site's own model in its state folder: the final global weights plus the weights that
+#: never leave the site (written by the ClientApp, for tasks that keep any).
+SITE_MODEL = "site_model.pt"
+
 
 def save_model(
     path: str | Path,

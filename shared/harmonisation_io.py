@@ -131,7 +131,8 @@ def truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
 
 def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.ndarray,
                         truth_affine: np.ndarray, cfg: Config,
-                        device: torch.device | str = "cpu") -> dict[str, float]:
+                        device: torch.device | str = "cpu"
+                        ) -> tuple[dict[str, float], nib.Nifti1Image]:
     """Raw and harmonised image against a paired ground truth, in two grids (phantoms only).
 
     ``grid_*``: on the model's grid. The raw image, the truth and the generator's output all
@@ -152,26 +153,27 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
         device: where the generator runs.
 
     Returns:
-        ``{grid,native}_{psnr,ssim}_{raw,harmonised}``.
+        ``{grid,native}_{psnr,ssim}_{raw,harmonised}``, and the harmonised image (the input's
+        grid, as :func:`harmonise_volume` returns it).
     """
     img = load_nifti(image_path)
     if not np.allclose(img.affine, truth_affine, atol=1e-4) or img.shape[:3] != truth.shape:
         raise ValueError(f"{image_path}: the truth is not on the image's grid")
-    x, _ = preprocess_image(image_path, cfg)
     with tempfile.TemporaryDirectory() as tmp:
         # The truth goes through exactly the pipeline's preprocessing, from a file like the
         # image, so both land on identical model grids.
         truth_path = Path(tmp) / "truth.nii.gz"
         nib.save(nib.Nifti1Image(np.asarray(truth, dtype=np.float32), truth_affine), truth_path)
         t, _ = preprocess_image(truth_path, cfg)
-    h = translate(generator, x.as_tensor(), cfg, device)
+    x, on_grid, harmonised = _harmonise(generator, image_path, cfg, device)
     pct = cfg.data.intensity_percentiles
-    grid = truth_metrics(x.as_tensor()[0].numpy(), h[0].numpy(), t.as_tensor()[0].numpy(), pct)
-    harmonised = np.asarray(harmonise_volume(generator, image_path, cfg, device).dataobj)
-    native = truth_metrics(np.asanyarray(img.dataobj), harmonised, truth, pct)
+    grid = truth_metrics(x.as_tensor()[0].numpy(), on_grid[0].numpy(),
+                         t.as_tensor()[0].numpy(), pct)
+    native = truth_metrics(np.asanyarray(img.dataobj), np.asarray(harmonised.dataobj), truth,
+                           pct)
     out = {f"grid_{k}": v for k, v in grid.items()}
     out.update({f"native_{k}": v for k, v in native.items()})
-    return out
+    return out, harmonised
 
 
 # -- inference ------------------------------------------------------------------------------
@@ -210,26 +212,34 @@ def harmonise_volume(generator: nn.Module, image_path: str | Path, cfg: Config,
     Raises:
         FedscanError: the image is missing, unreadable or has the wrong channel count.
     """
+    return _harmonise(generator, image_path, cfg, device)[2]
+
+
+def _harmonise(generator: nn.Module, image_path: str | Path, cfg: Config,
+               device: torch.device | str) -> tuple[MetaTensor, torch.Tensor, nib.Nifti1Image]:
+    """The preprocessed image, the generator's output on the model grid, and that output
+    mapped back to the input's grid as a NIfTI."""
     image_path = Path(image_path)
     img = load_nifti(image_path)
     image, pre = preprocess_image(image_path, cfg)
     out = translate(generator, image, cfg, device)
     # Bilinear back to the native grid, like predict's probabilities.
     inverter = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)
-    native = inverter({"image": image, "pred": MetaTensor(out)})["pred"]
+    native = inverter({"image": image, "pred": MetaTensor(out.clone())})["pred"]
     array = np.asarray(torch.as_tensor(native).numpy(), dtype=np.float32)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # channels last
     expected = tuple(img.shape[:3])
     if array.shape[:3] != expected:  # a broken trace must never write a misaligned image
         raise RuntimeError(f"{image_path}: harmonised shape {array.shape} != image {expected}")
-    return image_like(array, img)
+    return image, out, image_like(array, img)
 
 
 def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:
     """A harmonisation model file as ``(config, CycleGAN)`` with its generators loaded.
 
-    The federation saves only what it shares (the generators); the discriminators of a
-    fresh model stay at their initial weights and are not needed to harmonise.
+    The federation's ``final_model.pt`` holds only what it shares (the generators' UNets):
+    the intensity curves then stay the identity, and the discriminators are not needed to
+    harmonise. A site's own ``site_model.pt`` adds its curves.
 
     Raises:
         FedscanError: one line naming the file when it is not a harmonisation model or lacks
@@ -240,8 +250,9 @@ def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:
     cfg, state_dict, _ = load_model(model_path)
     if cfg.task != "harmonisation":
         raise FedscanError(f"{model_path}: a {cfg.task} model, not a harmonisation model")
-    model = build_task(cfg).build_model()
-    expected = [k for k in model.state_dict() if k.startswith("g_site2ref.")]
+    task = build_task(cfg)
+    model = task.build_model()
+    expected = [k for k in task.shared_keys(model) if k.startswith("g_site2ref.")]
     missing = [k for k in expected if k not in state_dict]
     try:
         result = model.load_state_dict(state_dict, strict=False)

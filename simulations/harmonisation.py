@@ -27,12 +27,17 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from fedscan.shared.checkpoint import SITE_MODEL
 from fedscan.shared.config import Config, SiteConfig, parse_config
 from fedscan.shared.data import read_site
-from fedscan.shared.harmonisation_io import harmonise_volume, load_cyclegan, truth_metrics
+from fedscan.shared.harmonisation_io import load_cyclegan, score_against_truth
 from fedscan.shared.phantoms import SITE_PROFILES, profile_grid, reference_truth
 from fedscan.shared.report import _table
 from fedscan.shared.tasks.base import Case, resolve_device
+from fedscan.simulations.federated import site_for_client
+
+#: Row labels of the two scoring grids.
+_GRID_NAMES = {"grid": "model", "native": "native"}
 
 #: Case ids the phantom generator writes: ``<site>_<index>``.
 _CASE_ID = re.compile(r"^(?P<site>.+)_(?P<index>\d{3})$")
@@ -68,43 +73,55 @@ def _all_cases(cfg: Config, site: SiteConfig) -> list[Case]:
     return sorted(data.train + data.validation, key=_case_id)
 
 
-def harmonise_sites(cfg: Config, model_path: Path, out_dir: Path,
+def site_model_path(cfg: Config, site: SiteConfig, run_dir: Path) -> Path:
+    """The model a site harmonises with: its own ``site_model.pt`` (the final generators
+    with its intensity curves), else the run's global ``final_model.pt`` (identity curves)."""
+    state_dir = Path(site_for_client(cfg, site, run_dir).state_dir or "")
+    own = state_dir / SITE_MODEL
+    return own if own.is_file() else run_dir / "final_model.pt"
+
+
+def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
                     seed: int = 0) -> dict[str, dict[str, Any]]:
     """Harmonise every case of every phantom site and score it against the paired truth.
 
     Args:
         cfg: the harmonisation run's config (its sites are phantom hospitals).
-        model_path: the run's ``final_model.pt``.
+        run_dir: the finished run (``final_model.pt``, ``site-state/<site>/site_model.pt``).
         out_dir: harmonised images go to ``out_dir/harmonised/<site>/<case>.nii.gz``.
         seed: the phantom federation's seed.
 
     Returns:
-        Per site: mean ``psnr_raw``, ``psnr_harmonised``, ``ssim_raw``, ``ssim_harmonised``,
-        ``cases``, and ``files`` (case id -> (raw, harmonised, truth) arrays are not kept).
+        Per site: means of ``{grid,native}_{psnr,ssim}_{raw,harmonised}``
+        (:func:`~fedscan.shared.harmonisation_io.score_against_truth`), ``cases``, ``model``
+        (the file used) and ``harmonised`` (case id -> output file).
     """
-    model_cfg, model = load_cyclegan(model_path)
     device = resolve_device(cfg.device)
-    generator = model.g_site2ref.to(device).eval()
     results: dict[str, dict[str, Any]] = {}
     for site in cfg.sites:
+        model_path = site_model_path(cfg, site, run_dir)
+        model_cfg, model = load_cyclegan(model_path)
+        generator = model.g_site2ref.to(device).eval()
         folder = out_dir / "harmonised" / site.name
         folder.mkdir(parents=True, exist_ok=True)
         scores, harmonised = [], {}
         for case in _all_cases(cfg, site):
             cid = _case_id(case)
             index = int(_CASE_ID.match(cid)["index"])
-            out = harmonise_volume(generator, case["image"], model_cfg, device)
+            truth, affine = reference_truth(seed, site.name, index, SITE_PROFILES[site.name])
+            score, out = score_against_truth(generator, case["image"], truth, affine,
+                                             model_cfg, device)
             path = folder / f"{cid}.nii.gz"
             out.to_filename(path)
             harmonised[cid] = str(path)
-            truth, _ = reference_truth(seed, site.name, index, SITE_PROFILES[site.name])
-            raw = np.asarray(nib.load(case["image"]).dataobj)
-            scores.append(truth_metrics(raw, np.asarray(out.dataobj), truth,
-                                        model_cfg.data.intensity_percentiles))
-            print(f"[study] {site.name} {cid}: PSNR {scores[-1]['psnr_raw']:.2f} -> "
-                  f"{scores[-1]['psnr_harmonised']:.2f} dB", flush=True)
+            scores.append(score)
+            print(f"[study] {site.name} {cid}: PSNR {score['grid_psnr_raw']:.2f} -> "
+                  f"{score['grid_psnr_harmonised']:.2f} dB (model grid), "
+                  f"{score['native_psnr_raw']:.2f} -> {score['native_psnr_harmonised']:.2f} dB "
+                  "(native grid)", flush=True)
         means = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
-        results[site.name] = {**means, "cases": len(scores), "harmonised": harmonised}
+        results[site.name] = {**means, "cases": len(scores), "model": str(model_path),
+                              "harmonised": harmonised}
     return results
 
 
@@ -187,17 +204,18 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
         truth, affine = reference_truth(seed, site.name, int(_CASE_ID.match(cid)["index"]),
                                         SITE_PROFILES[site.name])
         m = sites[site.name]
-        images = [(_middle_slice(raw_path), f"{site.name} raw\nPSNR {m['psnr_raw']:.1f} dB, "
-                   f"SSIM {m['ssim_raw']:.3f}"),
+        images = [(_middle_slice(raw_path), f"{site.name} raw\nPSNR {m['grid_psnr_raw']:.1f} dB, "
+                   f"SSIM {m['grid_ssim_raw']:.3f}"),
                   (_middle_slice(sites[site.name]["harmonised"][cid]),
-                   f"harmonised\nPSNR {m['psnr_harmonised']:.1f} dB, "
-                   f"SSIM {m['ssim_harmonised']:.3f}"),
+                   f"harmonised\nPSNR {m['grid_psnr_harmonised']:.1f} dB, "
+                   f"SSIM {m['grid_ssim_harmonised']:.3f}"),
                   (_middle_slice(nib.Nifti1Image(truth, affine)), "reference-domain truth")]
         for col, (image, title) in enumerate(images):
             axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_title(title, fontsize=9)
             axes[row][col].axis("off")
-    fig.suptitle("Harmonisation, site means over all cases (first case shown)", fontsize=10)
+    fig.suptitle("Harmonisation, site means on the model grid over all cases (first case "
+                 "shown)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -206,13 +224,24 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
 
 def format_study(study: dict[str, Any]) -> str:
     """The study's two tables as Markdown."""
-    rows = [[f"`{name}`", str(m["cases"]), f"{m['psnr_raw']:.2f}", f"{m['psnr_harmonised']:.2f}",
-             f"{m['psnr_harmonised'] - m['psnr_raw']:+.2f}", f"{m['ssim_raw']:.3f}",
-             f"{m['ssim_harmonised']:.3f}", f"{m['ssim_harmonised'] - m['ssim_raw']:+.3f}"]
-            for name, m in study["sites"].items()]
+    rows = []
+    for name, m in study["sites"].items():
+        for grid in ("grid", "native"):
+            def v(metric: str, which: str, m: dict = m, grid: str = grid) -> float:
+                return m[f"{grid}_{metric}_{which}"]
+
+            rows.append([f"`{name}`", _GRID_NAMES[grid], str(m["cases"]),
+                         f"{v('psnr', 'raw'):.2f}", f"{v('psnr', 'harmonised'):.2f}",
+                         f"{v('psnr', 'harmonised') - v('psnr', 'raw'):+.2f}",
+                         f"{v('ssim', 'raw'):.3f}", f"{v('ssim', 'harmonised'):.3f}",
+                         f"{v('ssim', 'harmonised') - v('ssim', 'raw'):+.3f}"])
     lines = ["## Harmonised vs raw, against the paired reference-domain truth", "",
-             _table(["Site", "Cases", "PSNR raw (dB)", "PSNR harmonised", "Gain",
-                     "SSIM raw", "SSIM harmonised", "Gain"], rows), ""]
+             _table(["Site", "Grid", "Cases", "PSNR raw (dB)", "PSNR harmonised", "Gain",
+                     "SSIM raw", "SSIM harmonised", "Gain"], rows), "",
+             "Model grid: raw, harmonised and truth all through the pipeline's preprocessing "
+             "(what the generator changes). Native grid: the harmonised file as written, in the "
+             "scan's own grid, which also pays for resampling there and back (a blur the raw "
+             "scan never had).", ""]
     d = study.get("downstream")
     if d:
         site = study["most_shifted"]
@@ -247,8 +276,8 @@ def run_study(cfg: Config, run_dir: Path, *, downstream: bool = True) -> dict[st
     seed = seeds.pop()
     out = run_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
-    sites = harmonise_sites(cfg, run_dir / "final_model.pt", out, seed=seed)
-    most = min(sites, key=lambda s: sites[s]["psnr_raw"])
+    sites = harmonise_sites(cfg, run_dir, out, seed=seed)
+    most = min(sites, key=lambda s: sites[s]["grid_psnr_raw"])
     study: dict[str, Any] = {"sites": sites, "most_shifted": most}
     if downstream:
         site = next(s for s in cfg.sites if s.name == most)

@@ -28,8 +28,10 @@ from fedscan.shared.harmonisation_io import (
 )
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
+    CURVE_GAIN,
     CycleGAN,
     HarmonisationTask,
+    IntensityCurve,
     adversarial_loss,
     discriminator_loss,
     generator_loss,
@@ -105,7 +107,7 @@ class Constant(nn.Module):
 def test_config_defaults_unknown_keys_and_relative_reference(tmp_path):
     cfg = parse_config({"sites": [{"name": "a", "data": "/x"}], "task": "harmonisation"})
     h = cfg.harmonisation
-    assert (h.reference, h.lambda_cycle, h.lambda_identity, h.lr) == (None, 10.0, 5.0, 2e-4)
+    assert (h.reference, h.lambda_cycle, h.lambda_identity, h.lr) == (None, 1.0, 0.0, 2e-4)
     with pytest.raises(ConfigError, match="harmonisation.lambda_cyle"):
         parse_config({"sites": [{"name": "a", "data": "/x"}],
                       "harmonisation": {"lambda_cyle": 1.0}})
@@ -216,16 +218,52 @@ def test_same_seed_gives_identical_weights():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_shared_keys_are_exactly_the_generators():
+def test_shared_keys_are_the_generators_without_their_curves():
     task = build_task(config())
     model = task.build_model()
     keys = task.shared_keys(model)
     every = list(model.state_dict())
-    assert keys == [k for k in every if k.startswith(("g_site2ref.", "g_ref2site."))]
-    assert any(k.startswith("g_site2ref.") for k in keys)
-    assert any(k.startswith("g_ref2site.") for k in keys)
-    assert not [k for k in keys if k.startswith("d_")]
-    assert set(every) - set(keys) == {k for k in every if k.startswith(("d_site.", "d_ref."))}
+    curves = {k for k in every if ".curve." in k}
+    assert {k.split(".")[0] for k in curves} == {"g_site2ref", "g_ref2site"}
+    assert keys == [k for k in every if k.startswith(("g_site2ref.", "g_ref2site."))
+                    and k not in curves]
+    assert any(k.startswith("g_site2ref.body.") for k in keys)
+    assert any(k.startswith("g_ref2site.body.") for k in keys)
+    # What stays at the site: its discriminators and its scanner's intensity curves.
+    assert set(every) - set(keys) == curves | {k for k in every
+                                               if k.startswith(("d_site.", "d_ref."))}
+
+
+def test_intensity_curve_starts_as_identity_and_stays_monotone():
+    curve = IntensityCurve(knots=8)
+    x = torch.linspace(0.0, 1.5, 200)  # preprocessed images are in [0, 1]
+    assert torch.allclose(curve(x), x, atol=1e-6)
+    with torch.no_grad():  # any parameters: still non-decreasing, linear past the last knot
+        curve.slopes.normal_(0, 1)
+        curve.offset.fill_(-0.01)
+    y = curve(x)
+    assert torch.all(y[1:] >= y[:-1])
+    last = float(torch.nn.functional.softplus(curve.slopes[-1] * CURVE_GAIN))
+    assert float(curve(torch.tensor(1.4)) - curve(torch.tensor(1.2))) == pytest.approx(
+        0.2 * last, rel=1e-4)
+    # Background below the offset's reach is cut to 0 by the generator, never negative.
+    gen = build_task(config()).build_model().g_site2ref
+    with torch.no_grad():
+        gen.curve.offset.fill_(-0.05 / CURVE_GAIN)
+    assert float(gen(torch.zeros(1, 1, 16, 16, 16)).min()) == 0.0
+
+
+def test_curve_learns_a_contrast_change_faster_than_the_network():
+    """The gain: one Adam step moves the curve's slopes CURVE_GAIN times farther."""
+    curve = IntensityCurve(knots=4)
+    x = torch.rand(256)
+    opt = torch.optim.Adam(curve.parameters(), lr=1e-3)
+    for _ in range(50):
+        opt.zero_grad()
+        ((curve(x) - x**0.5) ** 2).mean().backward()
+        opt.step()
+    fitted = float((curve(x) - x**0.5).abs().mean())
+    assert fitted < 0.5 * float((x - x**0.5).abs().mean())
 
 
 @pytest.mark.parametrize("which", ["generators", "discriminators"])
@@ -355,21 +393,46 @@ def test_training_learns_a_known_contrast_change():
     assert after < 0.5 * before
 
 
-def test_fedprox_pulls_generators_only(tiny):
+class RecordingSGD(torch.optim.SGD):
+    """SGD that keeps the gradient of every parameter it updates, per step, by name."""
+
+    def __init__(self, model: nn.Module, lr: float) -> None:
+        super().__init__(model.parameters(), lr=lr)
+        self.names = {id(p): n for n, p in model.named_parameters()}
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def step(self, closure=None):
+        self.grads.append({self.names[id(p)]: p.grad.clone() for g in self.param_groups
+                           for p in g["params"] if p.grad is not None})
+        return super().step(closure)
+
+
+def test_fedprox_pulls_the_shared_generator_weights_only(tiny):
     cases, _, ref_root = tiny
     task = build_task(config(harmonisation={"reference": str(ref_root)}))
-    moved = []
-    for mu in (0.0, 1e4):
+    lr, mu = 1e-3, 50.0
+    runs = []
+    for m in (0.0, mu):
         model = task.build_model()
-        start = {k: v.clone() for k, v in model.state_dict().items()}
-        task.train_steps(model, torch.optim.SGD(model.parameters(), lr=1e-5),
-                         task.make_train_loader(cases, seed=2), 2, proximal_mu=mu)
-        end = model.state_dict()
-        moved.append({p: sum(float((end[k] - start[k]).abs().sum()) for k in start
-                             if k.startswith(p)) for p in ("g_", "d_")})
-    # SGD with lr * mu = 0.1 overshoots the anchor once the first step left it: more movement.
-    assert moved[1]["g_"] > moved[0]["g_"]
-    assert moved[1]["d_"] == pytest.approx(moved[0]["d_"], rel=1e-4)
+        opt = RecordingSGD(model, lr)
+        task.train_steps(model, opt, task.make_train_loader(cases, seed=2), 2, proximal_mu=m)
+        runs.append(opt.grads)  # generators, discriminators, generators, discriminators
+    free, held = runs
+    shared = set(task.shared_keys(task.build_model()))
+    # Step 1 starts at the received weights: no pull yet, both runs identical.
+    assert all(torch.equal(free[0][n], held[0][n]) for n in free[0])
+    # Step 2's generator update: the same weights and batch, plus mu * (w - w0) for exactly
+    # the shared weights, where w - w0 is step 1's move; the site's curves get nothing.
+    pulled = set()
+    for name, g in held[2].items():
+        extra = g - free[2][name]
+        if name in shared:
+            assert torch.allclose(extra, mu * -lr * free[0][name], atol=1e-6), name
+            pulled.add(name)
+        else:
+            assert ".curve." in name and torch.equal(extra, torch.zeros_like(extra)), name
+    assert pulled == {n for n in shared if n in held[2]} and pulled
+    assert not any(n.startswith("d_") for n in held[2])  # discriminators: their own phase
 
 
 # -- harmonised output ----------------------------------------------------------------------
@@ -490,16 +553,20 @@ def test_scores_against_truth_in_model_and_native_grids(tmp_path):
     truth, truth_affine = P.reference_truth(0, "site-c", 0, profile)
     cfg = config()
     identity = build_task(cfg).build_model().g_site2ref.eval()
-    s = score_against_truth(identity, src, truth, truth_affine, cfg)
+    s, out = score_against_truth(identity, src, truth, truth_affine, cfg)
     assert set(s) == {f"{g}_{m}_{w}" for g in ("grid", "native") for m in ("psnr", "ssim")
                       for w in ("raw", "harmonised")}
     # The identity changes nothing on the model grid.
     assert s["grid_psnr_harmonised"] == pytest.approx(s["grid_psnr_raw"], abs=0.01)
     assert s["grid_ssim_harmonised"] == pytest.approx(s["grid_ssim_raw"], abs=1e-3)
+    # The harmonised image that was scored is the one harmonise_volume writes.
+    again = harmonise_volume(identity, src, cfg)
+    assert np.array_equal(np.asarray(out.dataobj), np.asarray(again.dataobj))
+    assert out.shape == image.shape and np.allclose(out.affine, affine)
     # A perfect harmoniser: the truth itself scores far better than the site's image.
     truth_file = tmp_path / "truth.nii.gz"
     P._save_nifti(truth, truth_affine, truth_file)
-    perfect = score_against_truth(identity, truth_file, truth, truth_affine, cfg)
+    perfect, _ = score_against_truth(identity, truth_file, truth, truth_affine, cfg)
     assert perfect["grid_psnr_raw"] > s["grid_psnr_raw"] + 10
     with pytest.raises(ValueError, match="not on the image's grid"):
         score_against_truth(identity, src, truth[1:], truth_affine, cfg)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedscan.shared.checkpoint import load_model
+from fedscan.shared.checkpoint import SITE_MODEL, load_model
 from fedscan.shared.phantoms import SITE_PROFILES, generate_reference_set, write_phantom_site
 
 SITES = ("site-a", "site-c")
@@ -54,7 +54,17 @@ def test_federated_cyclegan_shares_only_generators(harmonised_run):
     _, state, _ = load_model(out / "final_model.pt")
     assert state and all(k.startswith(("g_site2ref.", "g_ref2site.")) for k in state)
     assert any(k.startswith("g_site2ref.") for k in state)
+    assert not any(".curve." in k for k in state)  # each scanner's curve stays at its site
     assert summary["model_fp32_bytes"] == sum(v.numel() * 4 for v in state.values())
+    # Each site keeps its own model: the final global UNets plus its curves and critics.
+    curves = {}
+    for name in SITES:
+        _, own, meta = load_model(out / "site-state" / name / SITE_MODEL)
+        assert meta["site"] == name and meta["round"] == 2
+        assert all(torch.equal(own[k], state[k]) for k in state)
+        assert any(k.startswith("d_ref.") for k in own)
+        curves[name] = own["g_site2ref.curve.slopes"]
+    assert not torch.equal(curves["site-a"], curves["site-c"])  # trained apart
 
 
 @pytest.mark.slow
@@ -64,10 +74,12 @@ def test_study_scores_every_site_and_the_downstream_segmentation(harmonised_run)
     assert set(study["sites"]) == set(SITES)
     for site in study["sites"].values():
         assert site["cases"] == 3
-        for key in ("psnr_raw", "psnr_harmonised", "ssim_raw", "ssim_harmonised"):
-            assert np.isfinite(site[key]), key
+        for grid in ("grid", "native"):
+            for key in ("psnr_raw", "psnr_harmonised", "ssim_raw", "ssim_harmonised"):
+                assert np.isfinite(site[f"{grid}_{key}"]), key
+        assert site["model"].endswith(SITE_MODEL)  # harmonised with the site's own curves
     assert study["most_shifted"] == min(study["sites"], key=lambda s: study["sites"][s]
-                                        ["psnr_raw"])
+                                        ["grid_psnr_raw"])
     down = study["downstream"]
     for key in ("reference_raw", "reference_harmonised", "fedbn_validation"):
         assert 0.0 <= down[key] <= 1.0, key

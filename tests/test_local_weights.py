@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedscan.client.client_app import LOCAL_WEIGHTS, make_client_app
+from fedscan.shared.checkpoint import SITE_MODEL, load_model
 from fedscan.shared.config import SiteConfig, parse_config
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import to_arrays
@@ -67,3 +68,33 @@ def test_site_refuses_arrays_that_are_not_the_shared_weights(fedbn):
     # Flower's runtime turns the exception into an error reply (the server records it).
     with pytest.raises(FedscanError, match=r"mismatched keys: .*\.N\."):
         app(train_message(cfg, to_arrays(model.state_dict()), 1), client_context())
+
+
+def test_final_evaluation_saves_the_sites_own_model(fedbn, tmp_path):
+    cfg, site = fedbn
+    site = SiteConfig(site.name, site.data, state_dir=str(tmp_path / "state"))
+    shared, model = _shared(cfg)
+    app = make_client_app(lambda ctx: site)
+    context = client_context()
+    reply = app(train_message(cfg, to_arrays(shared), 1), context)
+    assert not reply.has_error(), reply.error
+    assert not (tmp_path / "state" / SITE_MODEL).exists()  # training alone writes no model
+    reply = app(train_message(cfg, reply.content["arrays"], 1, evaluate=True), context)
+    assert not reply.has_error(), reply.error
+    saved_cfg, state, meta = load_model(tmp_path / "state" / SITE_MODEL)
+    local = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()
+    assert set(state) == set(model.state_dict())  # the whole model: shared and local weights
+    assert all(torch.equal(state[k], local[k]) for k in local)  # with this site's own norms
+    assert meta == {"site": "site-a", "round": 1} and saved_cfg.model.local_norm
+
+
+def test_no_site_model_when_everything_is_shared(fedbn, tmp_path):
+    cfg, site = fedbn
+    cfg = parse_config({**cfg.to_dict(), "model": {**cfg.to_dict()["model"],
+                                                   "local_norm": False}})
+    site = SiteConfig(site.name, site.data, state_dir=str(tmp_path / "state"))
+    shared, _ = _shared(cfg)
+    reply = make_client_app(lambda ctx: site)(
+        train_message(cfg, to_arrays(shared), 1, evaluate=True), client_context())
+    assert not reply.has_error(), reply.error
+    assert not (tmp_path / "state" / SITE_MODEL).exists()

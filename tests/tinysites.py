@@ -37,8 +37,9 @@ def make_sites(root: Path, n_cases: int = 3) -> dict[str, Path]:
     return out
 
 
-def train_message(cfg, arrays, rnd: int, **config):
-    """A train message as the server sends it to node 42 (round ``rnd``)."""
+def train_message(cfg, arrays, rnd: int, *, evaluate: bool = False, **config):
+    """A train (or, with ``evaluate``, an evaluate) message as the server sends it to node 42
+    in round ``rnd``."""
     import time
 
     from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
@@ -47,7 +48,7 @@ def train_message(cfg, arrays, rnd: int, **config):
 
     md = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=1, dst_node_id=42,
                   reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=3600,
-                  message_type=MessageType.TRAIN)
+                  message_type=MessageType.EVALUATE if evaluate else MessageType.TRAIN)
     record = ConfigRecord({"task-config": task_config_json(cfg), "server-round": rnd, **config})
     return Message(content=RecordDict({"arrays": arrays, "config": record}), metadata=md)
 

@@ -116,18 +116,28 @@ class Task(Protocol):
         """The updates of one local step, in order (what DP-SGD clips and noises)."""
 
 
-def proximal_hook(optimizer: torch.optim.Optimizer, mu: float):
+def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
+                  shared: Iterable[nn.Parameter] | None = None):
     """FedProx: add ``mu * (w - w0)`` to each gradient right before the optimiser's update.
 
     ``w0`` are the weights when the hook is made (the received global model). A DP optimiser
     is hooked on the optimiser it wraps, so the data-independent term lands after clipping and
     noise, where it belongs (a loss term would be missed by per-sample gradients).
 
+    Args:
+        optimizer: the (DP) optimiser to hook.
+        mu: FedProx's proximal weight.
+        shared: the parameters the server averages (:func:`shared_params`); the optimiser's
+            others (weights kept at the site) have no global model to stay close to. None:
+            all of the optimiser's parameters.
+
     Returns:
         The hook handle (``.remove()`` it after the round).
     """
     inner = getattr(optimizer, "original_optimizer", optimizer)
-    params = [p for group in inner.param_groups for p in group["params"]]
+    keep = None if shared is None else {id(p) for p in shared}
+    params = [p for group in inner.param_groups for p in group["params"]
+              if keep is None or id(p) in keep]
     anchors = [p.detach().clone() for p in params]
 
     def add_proximal_grad(*_: object) -> None:
@@ -140,6 +150,14 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float):
                     p.grad.add_(term)
 
     return inner.register_step_pre_hook(add_proximal_grad)
+
+
+def shared_params(task: Task, model: nn.Module) -> list[nn.Parameter]:
+    """The parameters behind ``task.shared_keys(model)`` (of the module inside an Opacus
+    wrapper, whose names carry no ``_module.`` prefix)."""
+    inner = getattr(model, "_module", model)
+    keys = set(task.shared_keys(inner))
+    return [p for name, p in inner.named_parameters() if name in keys]
 
 
 def resolve_device(name: str) -> torch.device:

@@ -40,7 +40,14 @@ from fedscan.shared.errors import ConfigError, DataError, FedscanError, root_cau
 from fedscan.shared.harmonisation_io import psnr, ssim, translate
 from fedscan.shared.inference import load_nifti, preprocess_image
 from fedscan.shared.preprocessing import preprocess_transforms
-from fedscan.shared.tasks.base import Case, EvalResult, Phase, StepCallback, TrainResult
+from fedscan.shared.tasks.base import (
+    Case,
+    EvalResult,
+    Phase,
+    StepCallback,
+    TrainResult,
+    shared_params,
+)
 
 # The volume cache and loop helpers are segmentation's: one cache budget per process, and
 # the same handling of empty Poisson batches for every task.
@@ -58,15 +65,54 @@ GENERATORS = ("g_site2ref", "g_ref2site")
 DISCRIMINATORS = ("d_site", "d_ref")
 
 
-class Generator(nn.Module):
-    """A MONAI UNet mapping an image to an image of the same shape.
+class IntensityCurve(nn.Module):
+    """A learnt monotone intensity curve, the identity at initialisation.
 
-    With ``residual`` it predicts a correction added to its input through a zero-initialised
-    1x1 convolution, so it starts as the identity: harmonisation is a small change of
-    contrast, bias and noise, not a new image. With ``curve_units`` a per-voxel intensity
-    curve (a 1x1 convolution MLP, also zero-initialised) is added as well: the UNet's
-    normalisation layers hide absolute intensities from it, but a scanner's contrast curve
-    (gamma) is a function of exactly those.
+    Piecewise linear over ``knots`` equal segments of [0, 1] (the preprocessed scale), with
+    a non-negative slope per segment (softplus) and an offset; values above 1 continue the
+    last segment, values below 0 (never produced by the preprocessing) map to the offset.
+    A scanner's contrast curve (gamma) and its noise floor are functions of a voxel's own
+    intensity, which a UNet with normalisation layers does not see, and a monotone map keeps
+    tissue order, so it cannot swap grey and white matter.
+
+    The slopes are stored divided by :data:`CURVE_GAIN` so that Adam, whose steps are about
+    ``lr`` per parameter whatever the gradient's scale, moves them ``CURVE_GAIN`` times
+    faster than the UNet's weights: a contrast curve is a few numbers that must travel far.
+
+    Args:
+        knots: number of linear segments.
+    """
+
+    def __init__(self, knots: int) -> None:
+        super().__init__()
+        self.knots = knots
+        # softplus(log(e - 1)) = 1: slope one everywhere, the identity.
+        self.slopes = nn.Parameter(torch.full((knots,), math.log(math.e - 1) / CURVE_GAIN))
+        self.offset = nn.Parameter(torch.zeros(1))
+        self.register_buffer("starts", torch.arange(knots, dtype=torch.float32) / knots)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        slopes = nn.functional.softplus(self.slopes * CURVE_GAIN)
+        width = 1.0 / self.knots
+        below = (x.unsqueeze(-1) - self.starts).clamp(min=0)
+        # Every segment but the last is at most one width long; the last one extends past 1.
+        run = torch.cat([below[..., :-1].clamp(max=width), below[..., -1:]], dim=-1)
+        return self.offset * CURVE_GAIN + (run * slopes).sum(-1)
+
+
+#: How much faster than the network weights the intensity curve learns (see IntensityCurve).
+CURVE_GAIN = 50.0
+
+
+class Generator(nn.Module):
+    """An image-to-image generator: a site's intensity curve plus a MONAI UNet correction.
+
+    With ``residual`` the output is ``curve(x) + head(unet(x))``: the :class:`IntensityCurve`
+    maps each voxel's intensity (a scanner's contrast and noise floor) and the UNet, through
+    a zero-initialised 1x1 convolution, adds what needs context (bias field, noise). Both
+    start as the identity: harmonisation is a change of contrast, bias and noise, not a new
+    image. Without ``residual`` the UNet maps the image directly. Outputs are magnitude
+    images, so negative values are cut to 0, which is also the reference's background.
 
     Args:
         spatial_dims: 2 or 3.
@@ -75,13 +121,13 @@ class Generator(nn.Module):
         strides: UNet strides between levels.
         num_res_units: residual units per UNet block.
         norm: MONAI norm spec, or None (no BatchNorm: Opacus needs per-sample statistics).
-        residual: add the (zero-initialised) corrections to the input.
-        curve_units: hidden units of the intensity curve; 0 for none (needs ``residual``).
+        residual: curve plus a (zero-initialised) correction of the UNet.
+        curve_knots: segments of the intensity curve; 0 for none (needs ``residual``).
     """
 
     def __init__(self, spatial_dims: int, channels_in: int, channels: list[int],
                  strides: list[int], num_res_units: int, norm: tuple | None, residual: bool,
-                 curve_units: int = 0) -> None:
+                 curve_knots: int = 0) -> None:
         super().__init__()
         self.residual = residual
         width = channels[0] if residual else channels_in
@@ -90,19 +136,16 @@ class Generator(nn.Module):
                          norm=norm)
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         self.head = conv(width, channels_in, kernel_size=1) if residual else None
-        self.curve = (nn.Sequential(conv(channels_in, curve_units, kernel_size=1), nn.Tanh(),
-                                    conv(curve_units, channels_in, kernel_size=1))
-                      if residual and curve_units else None)
-        for last in (self.head, self.curve[-1] if self.curve is not None else None):
-            if last is not None:
-                nn.init.zeros_(last.weight)
-                nn.init.zeros_(last.bias)
+        if self.head is not None:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        self.curve = IntensityCurve(curve_knots) if residual and curve_knots else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return self.body(x)
-        out = x + self.head(self.body(x))
-        return out if self.curve is None else out + self.curve(x)
+        base = x if self.curve is None else self.curve(x)
+        return (base + self.head(self.body(x))).clamp(min=0)
 
 
 class Discriminator(nn.Module):
@@ -249,8 +292,8 @@ class HarmonisationTask:
         if any(p % factor for p in patch[:dims]):
             raise ConfigError(f"config key 'train.patch_size': the first {dims} entries must be "
                               f"multiples of {factor} (the product of harmonisation.strides)")
-        if h.num_res_units < 0 or h.curve_units < 0:
-            raise bad("curve_units", "num_res_units and curve_units must be >= 0")
+        if h.num_res_units < 0 or h.curve_knots < 0:
+            raise bad("curve_knots", "num_res_units and curve_knots must be >= 0")
         if h.disc_layers < 1 or h.disc_channels < 1:
             raise bad("disc_layers", "disc_layers and disc_channels must be >= 1")
         # Each stride-2 conv (kernel 4, padding 1) halves the patch, the last two lose a voxel.
@@ -276,7 +319,7 @@ class HarmonisationTask:
 
         def generator() -> Generator:
             return Generator(dims, c, h.channels, h.strides, h.num_res_units, _norm(h.norm),
-                             h.residual, h.curve_units)
+                             h.residual, h.curve_knots)
 
         def discriminator() -> Discriminator:
             return Discriminator(dims, c, h.disc_channels, h.disc_layers, _norm(h.disc_norm))
@@ -290,8 +333,14 @@ class HarmonisationTask:
         return torch.optim.Adam(params, lr=self.cfg.harmonisation.lr, betas=(0.5, 0.999))
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        """The generators' state-dict keys; the discriminators stay at the site."""
-        return [k for k in _unwrap(model).state_dict() if k.split(".", 1)[0] in GENERATORS]
+        """The generators' UNets; the discriminators and the intensity curves stay at the site.
+
+        A curve describes one scanner's contrast (each site needs its own, as FedBN keeps
+        normalisation layers local), and a discriminator knows what that scanner's images
+        look like.
+        """
+        return [k for k in _unwrap(model).state_dict()
+                if k.split(".", 1)[0] in GENERATORS and ".curve." not in k]
 
     def phases(self, model: nn.Module) -> list[Phase]:
         """Generators (adversarial + cycle + identity), then discriminators (real vs fake)."""
@@ -381,8 +430,9 @@ class HarmonisationTask:
 
         Each phase draws its own batch and takes one ``optimizer`` step with gradients of
         its loss for its own parameters only (Adam skips parameters without a gradient, so
-        one optimiser serves both). FedProx's ``mu * (w - w0)`` is added to the generators'
-        gradients only: they are what the server averages; the discriminators never leave.
+        one optimiser serves both). FedProx's ``mu * (w - w0)`` is added to the shared
+        weights' gradients only (the generators' UNets): they are what the server averages;
+        the curves and discriminators never leave.
         An empty batch (Poisson sampling) takes the DP optimiser's noise-only step.
 
         Returns:
@@ -391,7 +441,7 @@ class HarmonisationTask:
         m = _unwrap(model)
         device = next(m.parameters()).device
         phases = self.phases(model)
-        anchors = ({id(p): p.detach().clone() for p in phases[0].params}
+        anchors = ({id(p): p.detach().clone() for p in shared_params(self, model)}
                    if proximal_mu > 0 else {})
         model.train()
         losses: list[float] = []

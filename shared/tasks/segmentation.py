@@ -49,6 +49,7 @@ from fedscan.shared.tasks.base import (
     StepCallback,
     TrainResult,
     proximal_hook,
+    shared_params,
 )
 from fedscan.shared.tasks.common import (
     VOLUME_CACHE,
@@ -205,7 +206,8 @@ class SegmentationTask:
         # batch=False keeps Dice per sample, so the loss stays separable for per-sample clipping.
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
         model.train()
-        hook = proximal_hook(optimizer, proximal_mu) if proximal_mu > 0 else None
+        hook = (proximal_hook(optimizer, proximal_mu, shared_params(self, model))
+                if proximal_mu > 0 else None)
         losses: list[float] = []
         batches = cycle(loader)
         try:
