@@ -85,7 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("harmonize", help="translate a scan into the consortium's reference "
                                          "domain with a trained harmonisation model")
-    p.add_argument("--model", required=True, help="final_model.pt of a harmonisation run")
+    p.add_argument("--model", required=True,
+                   help="a site's site_model.pt (its own intensity curves; in a simulation "
+                        "DIR/site-state/SITE/site_model.pt), or a run's final_model.pt "
+                        "(shared weights only, identity curves)")
     p.add_argument("--image", required=True, help="input NIfTI (any orientation and spacing)")
     p.add_argument("--out", required=True, help="output NIfTI (input's shape and affine)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")

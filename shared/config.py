@@ -97,6 +97,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: Fraction of patches centred on foreground (label > 0).
     pos_fraction: float = 0.5
+    #: Segmentation: random contrast, bias field, gain, offset, blur and noise that imitate
+    #: other scanners. Off trains a model of one scanner's images (the harmonisation study
+    #: measures both).
+    scanner_augmentation: bool = True
     num_workers: int = 0
 
 

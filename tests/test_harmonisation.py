@@ -218,20 +218,20 @@ def test_same_seed_gives_identical_weights():
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_shared_keys_are_the_generators_without_their_curves():
+def test_shared_keys_are_the_generator_bodies():
     task = build_task(config())
     model = task.build_model()
     keys = task.shared_keys(model)
     every = list(model.state_dict())
-    curves = {k for k in every if ".curve." in k}
-    assert {k.split(".")[0] for k in curves} == {"g_site2ref", "g_ref2site"}
-    assert keys == [k for k in every if k.startswith(("g_site2ref.", "g_ref2site."))
-                    and k not in curves]
+    site_parts = {k for k in every if ".curve." in k or ".head." in k}
+    assert {k.split(".")[0] for k in site_parts} == {"g_site2ref", "g_ref2site"}
+    assert {k.split(".")[1] for k in site_parts} == {"curve", "head"}
+    assert keys == [k for k in every if k.startswith(("g_site2ref.body.", "g_ref2site.body."))]
     assert any(k.startswith("g_site2ref.body.") for k in keys)
     assert any(k.startswith("g_ref2site.body.") for k in keys)
-    # What stays at the site: its discriminators and its scanner's intensity curves.
-    assert set(every) - set(keys) == curves | {k for k in every
-                                               if k.startswith(("d_site.", "d_ref."))}
+    # What stays at the site: its discriminators, its scanner's curves and output heads.
+    assert set(every) - set(keys) == site_parts | {k for k in every
+                                                   if k.startswith(("d_site.", "d_ref."))}
 
 
 def test_intensity_curve_starts_as_identity_and_stays_monotone():
@@ -422,7 +422,8 @@ def test_fedprox_pulls_the_shared_generator_weights_only(tiny):
     # Step 1 starts at the received weights: no pull yet, both runs identical.
     assert all(torch.equal(free[0][n], held[0][n]) for n in free[0])
     # Step 2's generator update: the same weights and batch, plus mu * (w - w0) for exactly
-    # the shared weights, where w - w0 is step 1's move; the site's curves get nothing.
+    # the shared weights, where w - w0 is step 1's move; the site's curves and heads get
+    # nothing.
     pulled = set()
     for name, g in held[2].items():
         extra = g - free[2][name]
@@ -430,7 +431,8 @@ def test_fedprox_pulls_the_shared_generator_weights_only(tiny):
             assert torch.allclose(extra, mu * -lr * free[0][name], atol=1e-6), name
             pulled.add(name)
         else:
-            assert ".curve." in name and torch.equal(extra, torch.zeros_like(extra)), name
+            assert name.split(".")[1] in ("curve", "head"), name
+            assert torch.equal(extra, torch.zeros_like(extra)), name
     assert pulled == {n for n in shared if n in held[2]} and pulled
     assert not any(n.startswith("d_") for n in held[2])  # discriminators: their own phase
 
@@ -438,7 +440,9 @@ def test_fedprox_pulls_the_shared_generator_weights_only(tiny):
 # -- harmonised output ----------------------------------------------------------------------
 
 
-def _trained_file(tmp_path: Path, cfg, *, keys: str = "shared", shift: float = 0.25) -> Path:
+def _trained_file(tmp_path: Path, cfg, *, keys: str = "site", shift: float = 0.25) -> Path:
+    """A model file as a site saves it (``site``: every weight), as the server does
+    (``shared``), or with the discriminators only."""
     task = build_task(cfg)
     model = task.build_model()
     with torch.no_grad():
@@ -448,7 +452,7 @@ def _trained_file(tmp_path: Path, cfg, *, keys: str = "shared", shift: float = 0
         state = {k: state[k] for k in task.shared_keys(model)}
     elif keys == "discriminators":
         state = {k: v for k, v in state.items() if k.startswith("d_")}
-    return save_model(tmp_path / f"model{shift}.pt", config=cfg, state_dict=state)
+    return save_model(tmp_path / f"model{shift}{keys}.pt", config=cfg, state_dict=state)
 
 
 @pytest.mark.parametrize("profile", [
@@ -474,6 +478,10 @@ def test_harmonised_file_keeps_the_input_grid(tmp_path, profile):
         outs.append(np.asanyarray(img.dataobj))
     # The generator's +0.25 correction comes back unchanged (inversion is linear) ...
     assert np.allclose(outs[1] - outs[0], 0.25, atol=1e-3)
+    # ... but not from the server's file: the head that made it is the site's own.
+    shared = harmonise_file(_trained_file(tmp_path, cfg, keys="shared", shift=0.25), src,
+                            tmp_path / "out" / "shared.nii.gz", device="cpu")
+    assert np.allclose(np.asanyarray(nib.load(shared).dataobj), outs[0], atol=1e-6)
     # ... and the identity's output lands on the input's own voxels: no flip or shift.
     expected = normalise_intensity(image)
 

@@ -54,9 +54,10 @@ def test_federated_cyclegan_shares_only_generators(harmonised_run):
     _, state, _ = load_model(out / "final_model.pt")
     assert state and all(k.startswith(("g_site2ref.", "g_ref2site.")) for k in state)
     assert any(k.startswith("g_site2ref.") for k in state)
-    assert not any(".curve." in k for k in state)  # each scanner's curve stays at its site
+    assert all(k.split(".")[1] == "body" for k in state)  # curves and heads stay at the site
     assert summary["model_fp32_bytes"] == sum(v.numel() * 4 for v in state.values())
-    # Each site keeps its own model: the final global UNets plus its curves and critics.
+    # Each site keeps its own model: the final global UNet bodies plus its curves, heads and
+    # critics.
     curves = {}
     for name in SITES:
         _, own, meta = load_model(out / "site-state" / name / SITE_MODEL)
@@ -81,7 +82,8 @@ def test_study_scores_every_site_and_the_downstream_segmentation(harmonised_run)
     assert study["most_shifted"] == min(study["sites"], key=lambda s: study["sites"][s]
                                         ["grid_psnr_raw"])
     down = study["downstream"]
-    for key in ("reference_raw", "reference_harmonised", "fedbn_validation"):
+    for key in ("reference_raw", "reference_harmonised", "augmented_raw",
+                "augmented_harmonised", "fedbn_validation"):
         assert 0.0 <= down[key] <= 1.0, key
     assert (out / "study" / "panels.png").stat().st_size > 10_000
     assert "FedBN" in (out / "study" / "study.md").read_text() and "FedBN" in stdout

@@ -62,6 +62,8 @@ from fedscan.shared.tasks.common import (
 from fedscan.shared.tasks.segmentation import case_id
 
 GENERATORS = ("g_site2ref", "g_ref2site")
+#: Parts of a generator that stay at the site (see HarmonisationTask.shared_keys).
+SITE_PARTS = ("curve", "head")
 DISCRIMINATORS = ("d_site", "d_ref")
 
 
@@ -333,14 +335,16 @@ class HarmonisationTask:
         return torch.optim.Adam(params, lr=self.cfg.harmonisation.lr, betas=(0.5, 0.999))
 
     def shared_keys(self, model: nn.Module) -> list[str]:
-        """The generators' UNets; the discriminators and the intensity curves stay at the site.
+        """The generators' UNet bodies; everything else stays at the site.
 
-        A curve describes one scanner's contrast (each site needs its own, as FedBN keeps
-        normalisation layers local), and a discriminator knows what that scanner's images
-        look like.
+        A generator's curve and output head (:data:`SITE_PARTS`) describe one scanner: the
+        curve its contrast, the head how the shared UNet features correct its bias and
+        noise. Each site needs its own, as FedBN keeps normalisation layers local (FedRep's
+        split: a shared representation, a head per client). A discriminator knows what that
+        scanner's images look like.
         """
         return [k for k in _unwrap(model).state_dict()
-                if k.split(".", 1)[0] in GENERATORS and ".curve." not in k]
+                if k.split(".", 1)[0] in GENERATORS and k.split(".")[1] not in SITE_PARTS]
 
     def phases(self, model: nn.Module) -> list[Phase]:
         """Generators (adversarial + cycle + identity), then discriminators (real vs fake)."""

@@ -135,7 +135,8 @@ class SegmentationTask:
         """Random patch sampling and augmentation applied to a cached preprocessed case.
 
         Intensity augmentation imitates another scanner (contrast curve, bias field, gain,
-        offset, blur, noise); spatial augmentation stays cheap (a left-right flip).
+        offset, blur, noise; ``train.scanner_augmentation``); spatial augmentation stays
+        cheap (a left-right flip).
         """
         cfg = self.cfg
         patch = cfg.train.patch_size
@@ -148,14 +149,17 @@ class SegmentationTask:
                                    neg=1.0 - pos, num_samples=1, image_key="image",
                                    image_threshold=0.0),
             RandFlipd(KEYS, prob=0.5, spatial_axis=lr_axis),
-            RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
-            RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
-            RandScaleIntensityd("image", factors=0.15, prob=0.5),
-            RandShiftIntensityd("image", offsets=0.1, prob=0.5),
-            RandGaussianSmoothd("image", prob=0.15, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0),
-                                sigma_z=(0.5, 1.0)),
-            RandGaussianNoised("image", prob=0.2, std=0.05),
         ]
+        if cfg.train.scanner_augmentation:
+            steps += [
+                RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
+                RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
+                RandScaleIntensityd("image", factors=0.15, prob=0.5),
+                RandShiftIntensityd("image", offsets=0.1, prob=0.5),
+                RandGaussianSmoothd("image", prob=0.15, sigma_x=(0.5, 1.0),
+                                    sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+                RandGaussianNoised("image", prob=0.2, std=0.05),
+            ]
         if cfg.model.spatial_dims == 2:
             steps.append(SqueezeDimd(KEYS, dim=-1))  # (C, X, Y, 1) -> (C, X, Y)
         # Plain tensors: no meta to collate, nothing unusual for Opacus' hooks.
