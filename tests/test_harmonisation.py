@@ -28,6 +28,7 @@ from fedscan.shared.harmonisation_io import (
 )
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
+    CORRECTION_SCALE,
     CURVE_GAIN,
     CycleGAN,
     HarmonisationTask,
@@ -239,7 +240,7 @@ def test_intensity_curve_starts_as_identity_and_stays_monotone():
     x = torch.linspace(0.0, 1.5, 200)  # preprocessed images are in [0, 1]
     assert torch.allclose(curve(x), x, atol=1e-6)
     with torch.no_grad():  # any parameters: still non-decreasing, linear past the last knot
-        curve.slopes.normal_(0, 1)
+        curve.slopes.normal_(0, 1 / CURVE_GAIN)  # stored slopes are divided by the gain
         curve.offset.fill_(-0.01)
     y = curve(x)
     assert torch.all(y[1:] >= y[:-1])
@@ -476,8 +477,8 @@ def test_harmonised_file_keeps_the_input_grid(tmp_path, profile):
         assert nib.aff2axcodes(img.affine) == tuple(profile.orientation)
         assert img.get_data_dtype() == np.float32
         outs.append(np.asanyarray(img.dataobj))
-    # The generator's +0.25 correction comes back unchanged (inversion is linear) ...
-    assert np.allclose(outs[1] - outs[0], 0.25, atol=1e-3)
+    # The generator's +0.25 * CORRECTION_SCALE comes back unchanged (inversion is linear) ...
+    assert np.allclose(outs[1] - outs[0], 0.25 * CORRECTION_SCALE, atol=1e-4)
     # ... but not from the server's file: the head that made it is the site's own.
     shared = harmonise_file(_trained_file(tmp_path, cfg, keys="shared", shift=0.25), src,
                             tmp_path / "out" / "shared.nii.gz", device="cpu")

@@ -104,12 +104,18 @@ class IntensityCurve(nn.Module):
 
 #: How much faster than the network weights the intensity curve learns (see IntensityCurve).
 CURVE_GAIN = 50.0
+#: Scale of the UNet correction in a generator's output: Adam moves the output that much
+#: slower than an unscaled head would. The correction's body is averaged across scanners
+#: each round; at full speed the large sites' corrections, applied at a small site, undid
+#: what its own curve had learnt (docs/harmonisation.md, "What we measured on the way").
+CORRECTION_SCALE = 0.1
 
 
 class Generator(nn.Module):
     """An image-to-image generator: a site's intensity curve plus a MONAI UNet correction.
 
-    With ``residual`` the output is ``curve(x) + head(unet(x))``: the :class:`IntensityCurve`
+    With ``residual`` the output is ``curve(x) + s * head(unet(x))`` (``s`` is
+    :data:`CORRECTION_SCALE`): the :class:`IntensityCurve`
     maps each voxel's intensity (a scanner's contrast and noise floor) and the UNet, through
     a zero-initialised 1x1 convolution, adds what needs context (bias field, noise). Both
     start as the identity: harmonisation is a change of contrast, bias and noise, not a new
@@ -147,7 +153,7 @@ class Generator(nn.Module):
         if self.head is None:
             return self.body(x)
         base = x if self.curve is None else self.curve(x)
-        return (base + self.head(self.body(x))).clamp(min=0)
+        return (base + CORRECTION_SCALE * self.head(self.body(x))).clamp(min=0)
 
 
 class Discriminator(nn.Module):
