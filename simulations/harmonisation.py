@@ -242,8 +242,8 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
             axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_title(title, fontsize=9)
             axes[row][col].axis("off")
-    fig.suptitle("Harmonisation, site means on the model grid over all cases (first case "
-                 "shown)", fontsize=10)
+    fig.suptitle("Harmonisation, site means on the model grid over the scored cases (first "
+                 "case shown)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
