@@ -418,8 +418,10 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
         optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=q))
         optimizers.append(optimizer)
     # Anchors at the round's start, before any phase moves.
-    hooks = ([proximal_hook(o, proximal_mu, shared_params(task, model)) for o in optimizers]
-             if proximal_mu > 0 else [])
+    hooks = []
+    if proximal_mu > 0:
+        shared = shared_params(task, model)
+        hooks = [proximal_hook(o, proximal_mu, shared) for o in optimizers]
     device = next(iter(phases[0].params)).device
     model.train()
     losses: list[float] = []

@@ -225,6 +225,7 @@ def _harmonise(generator: nn.Module, image_path: str | Path, cfg: Config,
     out = translate(generator, image, cfg, device)
     # Bilinear back to the native grid, like predict's probabilities.
     inverter = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)
+    # A copy: the grid output is returned too, and must not share memory with the inversion.
     native = inverter({"image": image, "pred": MetaTensor(out.clone())})["pred"]
     array = np.asarray(torch.as_tensor(native).numpy(), dtype=np.float32)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)  # channels last

@@ -4,8 +4,9 @@ Phantoms can render the same head under every scanner, so each site's scan has a
 ground truth in the reference domain (:func:`~fedscan.shared.phantoms.reference_truth`), used
 here for evaluation only. After a federated CycleGAN run (``task: harmonisation``) this:
 
-1. harmonises every case of every site with the final site-to-reference generator and scores
-   raw and harmonised images against the truth (PSNR, SSIM, same normalisation for all);
+1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
+   and scores raw and harmonised images against the truth (PSNR, SSIM, same normalisation
+   for all, on the model grid and on the scan's own grid);
 2. picks the most-shifted site (lowest raw PSNR) and segments its cases with segmentation
    models trained on the reference domain (the consortium's public reference set, which has
    labels), once on the raw scans and once harmonised first: one model of the reference
@@ -85,21 +86,20 @@ def study_cases(cfg: Config, site: SiteConfig, limit: int = STUDY_CASES) -> list
     cases = _all_cases(cfg, site)
     if len(cases) <= limit:
         return cases
-    picks = np.linspace(0, len(cases) - 1, limit).round().astype(int)
-    return [cases[i] for i in sorted(set(picks.tolist()))]
+    # More cases than picks: the rounded, evenly spaced indices are distinct.
+    return [cases[i] for i in np.linspace(0, len(cases) - 1, limit).round().astype(int)]
 
 
 def site_model_path(cfg: Config, site: SiteConfig, run_dir: Path) -> Path:
     """The model a site harmonises with: its own ``site_model.pt`` (the final generators
     with its intensity curves), else the run's global ``final_model.pt`` (identity curves)."""
-    state_dir = Path(site_for_client(cfg, site, run_dir).state_dir or "")
-    own = state_dir / SITE_MODEL
+    own = Path(str(site_for_client(cfg, site, run_dir).state_dir)) / SITE_MODEL
     return own if own.is_file() else run_dir / "final_model.pt"
 
 
 def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
                     seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Harmonise every case of every phantom site and score it against the paired truth.
+    """Harmonise each phantom site's study cases and score them against the paired truth.
 
     Args:
         cfg: the harmonisation run's config (its sites are phantom hospitals).
@@ -254,15 +254,11 @@ def format_study(study: dict[str, Any]) -> str:
     """The study's two tables as Markdown."""
     rows = []
     for name, m in study["sites"].items():
-        for grid in ("grid", "native"):
-            def v(metric: str, which: str, m: dict = m, grid: str = grid) -> float:
-                return m[f"{grid}_{metric}_{which}"]
-
-            rows.append([f"`{name}`", _GRID_NAMES[grid], str(m["cases"]),
-                         f"{v('psnr', 'raw'):.2f}", f"{v('psnr', 'harmonised'):.2f}",
-                         f"{v('psnr', 'harmonised') - v('psnr', 'raw'):+.2f}",
-                         f"{v('ssim', 'raw'):.3f}", f"{v('ssim', 'harmonised'):.3f}",
-                         f"{v('ssim', 'harmonised') - v('ssim', 'raw'):+.3f}"])
+        for grid, label in _GRID_NAMES.items():
+            pr, ph, sr, sh = (m[f"{grid}_{k}"] for k in ("psnr_raw", "psnr_harmonised",
+                                                          "ssim_raw", "ssim_harmonised"))
+            rows.append([f"`{name}`", label, str(m["cases"]), f"{pr:.2f}", f"{ph:.2f}",
+                         f"{ph - pr:+.2f}", f"{sr:.3f}", f"{sh:.3f}", f"{sh - sr:+.3f}"])
     lines = ["## Harmonised vs raw, against the paired reference-domain truth", "",
              _table(["Site", "Grid", "Cases", "PSNR raw (dB)", "PSNR harmonised", "Gain",
                      "SSIM raw", "SSIM harmonised", "Gain"], rows), "",

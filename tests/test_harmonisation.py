@@ -39,6 +39,7 @@ from fedscan.shared.tasks.harmonisation import (
     generator_terms,
     l1_loss,
 )
+from tests.tinysites import parse_with
 
 #: Coarse phantoms (8 mm) for training data: a couple of thousand voxels per volume.
 COARSE = {"site-c": P.ScannerProfile("site-c", "PIL", (8.0, 7.0, 8.0), gamma=1.6,
@@ -53,12 +54,7 @@ def config(**overrides):
             "harmonisation": {"channels": [4, 8], "strides": [2], "disc_channels": 4,
                               "disc_layers": 2, "lr": 1e-3},
             "evaluate": {"sw_batch_size": 4}}
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return parse_config(data)
+    return parse_with(data, overrides)
 
 
 @pytest.fixture(autouse=True)

@@ -12,10 +12,10 @@ from opacus import PrivacyEngine
 from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 
-from fedscan.shared.config import parse_config
 from fedscan.shared.errors import ConfigError, DataError
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.segmentation import SegmentationTask
+from tests.tinysites import parse_with
 
 
 def sphere_case(folder, i: int, rng: np.random.Generator, shape=(32, 32, 32)) -> dict:
@@ -46,12 +46,7 @@ def config(**overrides):
             "model": {"channels": [4, 8, 16], "strides": [2, 2]},
             "train": {"patch_size": [24, 24, 24], "lr": 1e-2},
             "evaluate": {"sw_batch_size": 8}}
-    for section, values in overrides.items():
-        if isinstance(values, dict):
-            data.setdefault(section, {}).update(values)
-        else:
-            data[section] = values
-    return parse_config(data)
+    return parse_with(data, overrides)
 
 
 @pytest.fixture(autouse=True)

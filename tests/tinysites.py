@@ -6,6 +6,21 @@ import numpy as np
 
 from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
+
+def parse_with(base: dict, overrides: dict):
+    """``base`` config data with each override section merged into it (dict sections are
+    updated, other values replaced), parsed."""
+    from fedscan.shared.config import parse_config
+
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in overrides.items():
+        if isinstance(values, dict):
+            data.setdefault(section, {}).update(values)
+        else:
+            data[section] = values
+    return parse_config(data)
+
+
 PROFILES = [
     ScannerProfile("site-a", "RAS", (8.0, 8.0, 8.0), noise_std=0.02),
     ScannerProfile("site-b", "LPS", (7.0, 8.0, 9.0), gamma=0.7, bias_strength=0.2,

@@ -114,10 +114,10 @@ CORRECTION_SCALE = 0.1
 class Generator(nn.Module):
     """An image-to-image generator: a site's intensity curve plus a MONAI UNet correction.
 
-    With ``residual`` the output is ``curve(x) + s * head(unet(x))`` (``s`` is
-    :data:`CORRECTION_SCALE`): the :class:`IntensityCurve`
-    maps each voxel's intensity (a scanner's contrast and noise floor) and the UNet, through
-    a zero-initialised 1x1 convolution, adds what needs context (bias field, noise). Both
+    With ``residual`` the output is ``curve(x) + s * head(unet(x))``, ``s`` being
+    :data:`CORRECTION_SCALE`: the :class:`IntensityCurve` maps each voxel's intensity (a
+    scanner's contrast and noise floor) and the UNet, through a zero-initialised 1x1
+    convolution, adds what needs context (bias field, noise). Both
     start as the identity: harmonisation is a change of contrast, bias and noise, not a new
     image. Without ``residual`` the UNet maps the image directly. Outputs are magnitude
     images, so negative values are cut to 0, which is also the reference's background.
