@@ -33,6 +33,7 @@ from fedscan.shared.messages import (
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
+    SAMPLES,
     SITE,
     TASK_CONFIG,
     config_for_site,
@@ -146,7 +147,8 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     _keep_local(context, weights, shared)
     weights = {k: v for k, v in weights.items() if k in shared}
     metrics = MetricRecord({"loss": float(loss), "steps": int(taken),
-                            NUM_EXAMPLES: int(examples)})
+                            NUM_EXAMPLES: int(examples),
+                            SAMPLES: int(taken) * cfg.train.batch_size})
     content = RecordDict({ARRAYS: to_arrays(weights), METRICS: metrics,
                           SITE: site_record(site.name), PRIVACY: privacy_record})
     if evaluation is not None:

@@ -436,6 +436,8 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
                     for p, g in zip(phase.params, grads, strict=True):
                         p.grad_sample = g
                     optimizer.step()  # clip, noise, accountant step, update
+                    if phase.after_update is not None:  # post-processing: no privacy cost
+                        phase.after_update()
                     if len(case_losses):
                         losses.append(float(case_losses.mean()))
                 if on_step is not None:

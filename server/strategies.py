@@ -18,6 +18,7 @@ from fedscan.shared.messages import (
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
+    SAMPLES,
     reply_evaluation,
     reply_privacy,
     reply_site,
@@ -40,6 +41,7 @@ def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
         "min_train_nodes": min_sites,
         "min_evaluate_nodes": min_sites,
         "min_available_nodes": min_sites,
+        "weighted_by_key": SAMPLES if cfg.weighted_by == "samples" else NUM_EXAMPLES,
     }
     if cfg.name == "fedavg":
         return FedAvg(**common)

@@ -109,6 +109,10 @@ class StrategyConfig:
     """Flower server strategy and its hyper-parameters."""
 
     name: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    #: Aggregation weight of a site's update: its training cases (``examples``, FedAvg's
+    #: choice) or the cases it drew this round, local steps x batch size (``samples``), which
+    #: is the same at every site that trains the same steps: each site then counts equally.
+    weighted_by: Literal["examples", "samples"] = "examples"
     proximal_mu: float = 0.01
     eta: float = 1e-2
     eta_l: float = 1e-2
@@ -162,13 +166,16 @@ class HarmonisationConfig:
     disc_layers: int = 2
     #: Adam learning rate (betas 0.5, 0.999 as in CycleGAN); the intensity curves learn
     #: ``CURVE_GAIN`` times faster (see ``IntensityCurve``).
-    lr: float = 2e-4
+    lr: float = 1e-3
     #: Weights of the cycle-consistency and identity L1 terms (adversarial weight is 1).
     #: Lower than CycleGAN's 10 and 5: a scanner's noise floor cannot be reconstructed once
     #: harmonised away, and an identity term on reference images holds the contrast curve at
     #: the identity, which is exactly what must change (measured in docs/harmonisation.md).
     lambda_cycle: float = 1.0
     lambda_identity: float = 0.0
+    #: Decay of the moving average of the site-to-reference generator's weights that a site
+    #: harmonises with (updated after every generator update; 0: use the last weights).
+    average_decay: float = 0.99
 
 
 @dataclass

@@ -240,7 +240,8 @@ def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:
 
     The federation's ``final_model.pt`` holds only what it shares (the generators' UNets):
     the intensity curves then stay the identity, and the discriminators are not needed to
-    harmonise. A site's own ``site_model.pt`` adds its curves.
+    harmonise. A site's own ``site_model.pt`` adds its curves, heads and the generator's
+    moving average, which :meth:`CycleGAN.harmoniser` then returns.
 
     Raises:
         FedscanError: one line naming the file when it is not a harmonisation model or lacks
@@ -287,7 +288,7 @@ def harmonise_file(model_path: str | Path, image_path: str | Path, out_path: str
     """
     cfg, model = load_cyclegan(model_path)
     dev = resolve_device(device)
-    generator = model.g_site2ref.to(dev).eval()
+    generator = model.harmoniser().to(dev).eval()
     out = harmonise_volume(generator, image_path, cfg, dev)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,6 +31,8 @@ METRICS = "metrics"
 SITE = "site"
 TASK_CONFIG = "task-config"
 NUM_EXAMPLES = "num-examples"
+#: Train metric: cases drawn this round (local steps taken x batch size).
+SAMPLES = "samples"
 #: ConfigRecord of a train reply with the site's privacy ledger (not a MetricRecord: its keys
 #: differ between DP and non-DP sites, and Flower requires identical MetricRecord keys).
 PRIVACY = "privacy"

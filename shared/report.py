@@ -33,8 +33,9 @@ MISSING = "—"
 MODE_ORDER = ("federated", "local", "pooled")
 
 #: Train fields with a fixed place in the per-round tables; any other scalar is appended.
-_KNOWN_TRAIN_FIELDS = ("loss", "num_examples", "steps")
-_FIELD_LABELS = {"loss": "Train loss", "num_examples": "Examples", "steps": "Steps"}
+_KNOWN_TRAIN_FIELDS = ("loss", "num_examples", "samples", "steps")
+_FIELD_LABELS = {"loss": "Train loss", "num_examples": "Examples", "samples": "Samples",
+                 "steps": "Steps"}
 
 _MODE_COLORS = {"federated": "tab:blue", "local": "tab:orange", "pooled": "tab:green"}
 

@@ -117,7 +117,7 @@ def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
     for site in cfg.sites:
         model_path = site_model_path(cfg, site, run_dir)
         model_cfg, model = load_cyclegan(model_path)
-        generator = model.g_site2ref.to(device).eval()
+        generator = model.harmoniser().to(device).eval()
         folder = out_dir / "harmonised" / site.name
         folder.mkdir(parents=True, exist_ok=True)
         scores, harmonised = [], {}

@@ -28,7 +28,6 @@ from fedscan.shared.harmonisation_io import (
 )
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
-    CORRECTION_SCALE,
     CURVE_GAIN,
     CycleGAN,
     HarmonisationTask,
@@ -104,7 +103,7 @@ class Constant(nn.Module):
 def test_config_defaults_unknown_keys_and_relative_reference(tmp_path):
     cfg = parse_config({"sites": [{"name": "a", "data": "/x"}], "task": "harmonisation"})
     h = cfg.harmonisation
-    assert (h.reference, h.lambda_cycle, h.lambda_identity, h.lr) == (None, 1.0, 0.0, 2e-4)
+    assert (h.reference, h.lambda_cycle, h.lambda_identity, h.lr) == (None, 1.0, 0.0, 1e-3)
     with pytest.raises(ConfigError, match="harmonisation.lambda_cyle"):
         parse_config({"sites": [{"name": "a", "data": "/x"}],
                       "harmonisation": {"lambda_cyle": 1.0}})
@@ -119,6 +118,7 @@ def test_config_defaults_unknown_keys_and_relative_reference(tmp_path):
     ({"train": {"patch_size": [12, 12, 12]}}, "train.patch_size"),
     ({"harmonisation": {"disc_layers": 3}}, "harmonisation.disc_layers"),
     ({"harmonisation": {"lambda_identity": -1.0}}, "harmonisation.lambda_cycle"),
+    ({"harmonisation": {"average_decay": 1.0}}, "harmonisation.average_decay"),
 ])
 def test_inconsistent_keys_are_config_errors(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -220,15 +220,19 @@ def test_shared_keys_are_the_generator_bodies():
     model = task.build_model()
     keys = task.shared_keys(model)
     every = list(model.state_dict())
-    site_parts = {k for k in every if ".curve." in k or ".head." in k}
+    site_parts = {k for k in every if k.startswith(("g_site2ref.", "g_ref2site."))
+                  and k.split(".")[1] in ("curve", "head")}
     assert {k.split(".")[0] for k in site_parts} == {"g_site2ref", "g_ref2site"}
     assert {k.split(".")[1] for k in site_parts} == {"curve", "head"}
     assert keys == [k for k in every if k.startswith(("g_site2ref.body.", "g_ref2site.body."))]
     assert any(k.startswith("g_site2ref.body.") for k in keys)
     assert any(k.startswith("g_ref2site.body.") for k in keys)
-    # What stays at the site: its discriminators, its scanner's curves and output heads.
-    assert set(every) - set(keys) == site_parts | {k for k in every
-                                                   if k.startswith(("d_site.", "d_ref."))}
+    # What stays at the site: its discriminators, its scanner's curves and output heads, and
+    # the moving average of its site-to-reference generator.
+    average = {k for k in every if k.startswith("g_site2ref_avg.")}
+    assert "g_site2ref_avg.n_averaged" in average
+    assert set(every) - set(keys) == site_parts | average | {
+        k for k in every if k.startswith(("d_site.", "d_ref."))}
 
 
 def test_intensity_curve_starts_as_identity_and_stays_monotone():
@@ -275,7 +279,10 @@ def test_phase_losses_are_per_sample_and_independent(which):
     gen_params = {id(p) for p in phases["generators"].params}
     disc_params = {id(p) for p in phases["discriminators"].params}
     assert not gen_params & disc_params
-    assert gen_params | disc_params == {id(p) for p in model.parameters()}
+    # Every trainable parameter is in one phase; the generator's moving average trains in none.
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert gen_params | disc_params == trainable
+    assert not trainable & {id(p) for p in model.g_site2ref_avg.parameters()}
 
     phase = phases[which]
     b = batch(3)
@@ -360,6 +367,42 @@ def test_training_moves_both_phases_and_evaluates(tiny):
     assert ev.num_examples == 1 and set(ev.metrics) == {"cycle_psnr", "cycle_ssim", "change"}
     assert all(math.isfinite(v) for v in ev.metrics.values())
     assert set(ev.per_case) == {cases[0]["case"]}
+
+
+def test_site_harmonises_with_the_moving_average_of_its_generator(tiny):
+    cases, _, ref_root = tiny
+    decay = 0.5
+    task = build_task(config(harmonisation={"reference": str(ref_root), "average_decay": decay}))
+    model = task.build_model()
+    assert model.harmoniser() is model.g_site2ref  # nothing averaged yet
+    loader = task.make_train_loader(cases, seed=1)
+    optimizer = task.make_optimizer(model.parameters())
+    snapshots = []
+    for _ in range(3):
+        task.train_steps(model, optimizer, loader, 1)
+        snapshots.append({n: p.detach().clone() for n, p in model.g_site2ref.named_parameters()})
+    average = model.g_site2ref_avg
+    assert int(average.n_averaged) == 3 and model.harmoniser() is average.module
+    # An exponential moving average: the first update copies, each later one moves 1 - decay.
+    for name, p in average.module.named_parameters():
+        expected = snapshots[0][name]
+        for snapshot in snapshots[1:]:
+            expected = decay * expected + (1 - decay) * snapshot[name]
+        assert torch.allclose(p, expected, atol=1e-6), name
+    assert any(not torch.equal(p, snapshots[-1][n]) for n, p in average.module.named_parameters())
+    # It travels in the site's state: a model loaded from it harmonises with the average, one
+    # that received only the shared weights (the server's) with g_site2ref.
+    loaded = task.build_model()
+    loaded.load_state_dict(model.state_dict())
+    assert loaded.harmoniser() is loaded.g_site2ref_avg.module
+    x = batch(1)["image"]
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), average.module(x))
+        assert not torch.equal(loaded(x), model.g_site2ref(x))
+    assert build_task(config(harmonisation={"average_decay": 0.0})).build_model() \
+        .g_site2ref_avg is None
 
 
 def test_training_learns_a_known_contrast_change():
@@ -473,8 +516,8 @@ def test_harmonised_file_keeps_the_input_grid(tmp_path, profile):
         assert nib.aff2axcodes(img.affine) == tuple(profile.orientation)
         assert img.get_data_dtype() == np.float32
         outs.append(np.asanyarray(img.dataobj))
-    # The generator's +0.25 * CORRECTION_SCALE comes back unchanged (inversion is linear) ...
-    assert np.allclose(outs[1] - outs[0], 0.25 * CORRECTION_SCALE, atol=1e-4)
+    # The generator's +0.25 comes back unchanged (inversion is linear) ...
+    assert np.allclose(outs[1] - outs[0], 0.25, atol=1e-4)
     # ... but not from the server's file: the head that made it is the site's own.
     shared = harmonise_file(_trained_file(tmp_path, cfg, keys="shared", shift=0.25), src,
                             tmp_path / "out" / "shared.nii.gz", device="cpu")

@@ -46,6 +46,8 @@ def test_norm_layers_stay_local_and_persist_across_rounds(fedbn):
     reply1 = app(train_message(cfg, to_arrays(shared), 1), context)
     assert not reply1.has_error(), reply1.error
     assert set(reply1.content["arrays"]) == set(shared)  # norms never leave the site
+    metrics = reply1.content["metrics"]
+    assert (metrics["steps"], metrics["samples"], metrics["num-examples"]) == (2, 2 * 2, 2)
     local1 = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()
     assert set(local1) == norm_keys
     assert any(not torch.equal(local1[k], model.state_dict()[k]) for k in norm_keys)  # trained

@@ -195,6 +195,23 @@ def test_every_phase_update_is_one_accountant_step():
     assert all(not torch.equal(start[k], done.weights[k]) for k in start)  # both phases moved
 
 
+def test_after_update_follows_every_update_of_its_phase():
+    task = TwoPhaseTask()
+    model = task.build_model()
+    ledger = PrivacyLedger(PrivacyConfig(epsilon=1e6, noise_multiplier=1.0))
+    loader = task.make_train_loader(_cases(12), seed=0)
+    ledger.setup(1 / len(loader), planned_steps=8)
+    seen = []
+    generators, discriminators = task.phases(model)
+    generators.after_update = lambda: seen.append(model["g"][0].weight.detach().clone())
+    dp_train_steps(task, model, [generators, discriminators], loader, ledger, 4)
+    # Once per generator update (after it: the weights it sees differ each time), not per
+    # discriminator update.
+    assert len(seen) == 4 and ledger.steps == 8
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:], strict=False))
+    assert torch.equal(seen[-1], model["g"][0].weight)
+
+
 def test_a_phase_moves_only_its_own_parameters():
     task = TwoPhaseTask()
     model = task.build_model()

@@ -69,11 +69,14 @@ class Phase:
         name: e.g. ``"generators"``.
         params: the parameters this phase updates (the others are held fixed).
         loss: per-sample losses of a batch, see :data:`PhaseLoss`.
+        after_update: called after each of this phase's optimiser updates (e.g. to fold the
+            new weights into a moving average), or None.
     """
 
     name: str
     params: list[nn.Parameter]
     loss: PhaseLoss
+    after_update: Callable[[], None] | None = None
 
 
 class Task(Protocol):

@@ -32,6 +32,7 @@ from monai.transforms import (
     SqueezeDimd,
 )
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 
 from fedscan.shared.config import Config, DataConfig
@@ -103,21 +104,17 @@ class IntensityCurve(nn.Module):
 
 
 #: How much faster than the network weights the intensity curve learns (see IntensityCurve).
+#: At 10 the UNet correction, learning as fast, took over and the curves stayed nearly
+#: straight (docs/harmonisation.md, "What we measured on the way").
 CURVE_GAIN = 50.0
-#: Scale of the UNet correction in a generator's output: Adam moves the output that much
-#: slower than an unscaled head would. The correction's body is averaged across scanners
-#: each round; at full speed the large sites' corrections, applied at a small site, undid
-#: what its own curve had learnt (docs/harmonisation.md, "What we measured on the way").
-CORRECTION_SCALE = 0.1
 
 
 class Generator(nn.Module):
     """An image-to-image generator: a site's intensity curve plus a MONAI UNet correction.
 
-    With ``residual`` the output is ``curve(x) + s * head(unet(x))``, ``s`` being
-    :data:`CORRECTION_SCALE`: the :class:`IntensityCurve` maps each voxel's intensity (a
-    scanner's contrast and noise floor) and the UNet, through a zero-initialised 1x1
-    convolution, adds what needs context (bias field, noise). Both
+    With ``residual`` the output is ``curve(x) + head(unet(x))``: the :class:`IntensityCurve`
+    maps each voxel's intensity (a scanner's contrast and noise floor) and the UNet, through
+    a zero-initialised 1x1 convolution, adds what needs context (bias field, noise). Both
     start as the identity: harmonisation is a change of contrast, bias and noise, not a new
     image. Without ``residual`` the UNet maps the image directly. Outputs are magnitude
     images, so negative values are cut to 0, which is also the reference's background.
@@ -153,7 +150,7 @@ class Generator(nn.Module):
         if self.head is None:
             return self.body(x)
         base = x if self.curve is None else self.curve(x)
-        return (base + CORRECTION_SCALE * self.head(self.body(x))).clamp(min=0)
+        return (base + self.head(self.body(x))).clamp(min=0)
 
 
 class Discriminator(nn.Module):
@@ -172,25 +169,45 @@ class Discriminator(nn.Module):
 
 
 class CycleGAN(nn.Module):
-    """The four networks of a CycleGAN; the forward pass is the site-to-reference generator.
+    """The four networks of a CycleGAN; the forward pass is :meth:`harmoniser`.
 
     Attributes:
         g_site2ref: site domain to reference domain (what harmonisation applies).
         g_ref2site: reference domain to site domain.
         d_site: scores site-domain patches (real site vs translated reference).
         d_ref: scores reference-domain patches (real reference vs translated site).
+        g_site2ref_avg: exponential moving average of ``g_site2ref``'s weights over the
+            site's local steps (torch's ``AveragedModel``), or None. A GAN's generator
+            oscillates from step to step as its discriminator moves; the average does not,
+            and is what a site harmonises with. It never trains and never leaves the site.
     """
 
     def __init__(self, g_site2ref: Generator, g_ref2site: Generator, d_site: Discriminator,
-                 d_ref: Discriminator) -> None:
+                 d_ref: Discriminator, average_decay: float = 0.0) -> None:
         super().__init__()
         self.g_site2ref = g_site2ref
         self.g_ref2site = g_ref2site
         self.d_site = d_site
         self.d_ref = d_ref
+        self.g_site2ref_avg = None
+        if average_decay > 0:
+            self.g_site2ref_avg = AveragedModel(
+                g_site2ref, multi_avg_fn=get_ema_multi_avg_fn(average_decay))
+            self.g_site2ref_avg.requires_grad_(False)
+
+    def update_average(self) -> None:
+        """Fold the current ``g_site2ref`` into the average (after a generator update)."""
+        if self.g_site2ref_avg is not None:
+            self.g_site2ref_avg.update_parameters(self.g_site2ref)
+
+    def harmoniser(self) -> nn.Module:
+        """The site-to-reference generator to apply: the average once it has been updated
+        (a site's own model), else ``g_site2ref`` (e.g. the global model, or no average)."""
+        avg = self.g_site2ref_avg
+        return avg.module if avg is not None and int(avg.n_averaged) > 0 else self.g_site2ref
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.g_site2ref(x)
+        return self.harmoniser()(x)
 
 
 # -- losses ---------------------------------------------------------------------------------
@@ -311,6 +328,8 @@ class HarmonisationTask:
                       "the discriminator's score grid would be empty")
         if not (h.lr > 0 and math.isfinite(h.lr)):
             raise bad("lr", "must be a positive number")
+        if not 0 <= h.average_decay < 1:
+            raise bad("average_decay", "must be in [0, 1)")
         if h.lambda_cycle < 0 or h.lambda_identity < 0:
             raise bad("lambda_cycle", "lambda_cycle and lambda_identity must be >= 0")
         if h.norm == "group" and any(c % 2 for c in h.channels):
@@ -334,7 +353,8 @@ class HarmonisationTask:
 
         with torch.random.fork_rng(devices=[]):  # seed the init without touching global RNG
             torch.manual_seed(cfg.seed)
-            return CycleGAN(generator(), generator(), discriminator(), discriminator())
+            return CycleGAN(generator(), generator(), discriminator(), discriminator(),
+                            h.average_decay)
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """Adam at ``harmonisation.lr`` with CycleGAN's betas (0.5, 0.999)."""
@@ -362,7 +382,7 @@ class HarmonisationTask:
 
         return [
             Phase("generators", [p for n in GENERATORS for p in getattr(m, n).parameters()],
-                  g_loss),
+                  g_loss, after_update=m.update_average),
             Phase("discriminators",
                   [p for n in DISCRIMINATORS for p in getattr(m, n).parameters()],
                   discriminator_loss),
@@ -442,7 +462,8 @@ class HarmonisationTask:
         its loss for its own parameters only (Adam skips parameters without a gradient, so
         one optimiser serves both). FedProx's ``mu * (w - w0)`` is added to the shared
         weights' gradients only (the generators' UNets): they are what the server averages;
-        the curves and discriminators never leave.
+        the curves and discriminators never leave. After each generator update the site's
+        moving average of ``g_site2ref`` (:meth:`CycleGAN.update_average`) takes it in.
         An empty batch (Poisson sampling) takes the DP optimiser's noise-only step.
 
         Returns:
@@ -463,16 +484,18 @@ class HarmonisationTask:
                     optimizer.zero_grad(set_to_none=True)
                     if batch_size(batch) == 0:
                         empty_step(optimizer)
-                        continue
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    loss = phase.loss(model, batch).mean()
-                    grads = torch.autograd.grad(loss, phase.params)
-                    for p, g in zip(phase.params, grads, strict=True):
-                        w0 = anchors.get(id(p))
-                        p.grad = g if w0 is None else g + proximal_mu * (p.detach() - w0)
-                    optimizer.step()
-                    if phase.name == "generators":
-                        losses.append(loss.item())
+                    else:
+                        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                        loss = phase.loss(model, batch).mean()
+                        grads = torch.autograd.grad(loss, phase.params)
+                        for p, g in zip(phase.params, grads, strict=True):
+                            w0 = anchors.get(id(p))
+                            p.grad = g if w0 is None else g + proximal_mu * (p.detach() - w0)
+                        optimizer.step()
+                        if phase.name == "generators":
+                            losses.append(loss.item())
+                    if phase.after_update is not None:
+                        phase.after_update()
                 if on_step is not None:
                     on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
         finally:
@@ -508,7 +531,7 @@ class HarmonisationTask:
                 except FedscanError as exc:
                     raise DataError(str(exc)) from None
                 x = image.as_tensor().float()
-                fake = translate(m.g_site2ref, x, self.cfg, device)
+                fake = translate(m.harmoniser(), x, self.cfg, device)
                 rec = translate(m.g_ref2site, fake, self.cfg, device)
                 per_case[case_id(case)] = _cycle_metrics(x, rec, fake, self.cfg)
         finally:
