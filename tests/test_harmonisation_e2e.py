@@ -49,6 +49,7 @@ def test_federated_cyclegan_shares_only_generators(harmonised_run):
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
     for entry in summary["rounds"]:
         assert set(entry["train"]) == set(SITES) and set(entry["evaluate"]) == set(SITES)
+        assert all(m["samples"] == 2 * 2 for m in entry["train"].values())  # steps x batch
         for metrics in entry["evaluate"].values():  # metrics of the received generators
             assert all(np.isfinite(v) for v in metrics.values())
     _, state, _ = load_model(out / "final_model.pt")
@@ -64,6 +65,9 @@ def test_federated_cyclegan_shares_only_generators(harmonised_run):
         assert meta["site"] == name and meta["round"] == 2
         assert all(torch.equal(own[k], state[k]) for k in state)
         assert any(k.startswith("d_ref.") for k in own)
+        # The generator's moving average took every update of both rounds: it persisted in
+        # the site's context state between them.
+        assert int(own["g_site2ref_avg.n_averaged"]) == 2 * 2
         curves[name] = own["g_site2ref.curve.slopes"]
     assert not torch.equal(curves["site-a"], curves["site-c"])  # trained apart
 
