@@ -195,12 +195,17 @@ def test_every_phase_update_is_one_accountant_step():
     assert all(not torch.equal(start[k], done.weights[k]) for k in start)  # both phases moved
 
 
-def test_after_update_follows_every_update_of_its_phase():
+def _toy_round(planned_updates: int):
+    """The toy task, its model, a 12-case loader and a ledger set up for it."""
     task = TwoPhaseTask()
-    model = task.build_model()
     ledger = PrivacyLedger(PrivacyConfig(epsilon=1e6, noise_multiplier=1.0))
     loader = task.make_train_loader(_cases(12), seed=0)
-    ledger.setup(1 / len(loader), planned_steps=8)
+    ledger.setup(1 / len(loader), planned_steps=planned_updates)
+    return task, task.build_model(), loader, ledger
+
+
+def test_after_update_follows_every_update_of_its_phase():
+    task, model, loader, ledger = _toy_round(planned_updates=8)
     seen = []
     generators, discriminators = task.phases(model)
     generators.after_update = lambda: seen.append(model["g"][0].weight.detach().clone())
@@ -213,11 +218,7 @@ def test_after_update_follows_every_update_of_its_phase():
 
 
 def test_a_phase_moves_only_its_own_parameters():
-    task = TwoPhaseTask()
-    model = task.build_model()
-    ledger = PrivacyLedger(PrivacyConfig(epsilon=1e6, noise_multiplier=1.0))
-    loader = task.make_train_loader(_cases(12), seed=0)
-    ledger.setup(1 / len(loader), planned_steps=4)
+    task, model, loader, ledger = _toy_round(planned_updates=4)
     start = {k: v.clone() for k, v in model.state_dict().items()}
     generators = task.phases(model)[:1]
     dp_train_steps(task, model, generators, loader, ledger, 4)
