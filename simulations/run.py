@@ -67,9 +67,10 @@ def check_data(cfg: Config) -> None:
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The run's main number: mean site Dice, or a harmonisation run's validation metrics."""
+    """The run's main number: final Dice (sites weighted by validation cases, as Flower
+    aggregates), or a harmonisation run's validation metrics."""
     if summary["final"]["dice"] is not None:
-        return f"mean site Dice {summary['final']['dice']:.4f}"
+        return f"Dice {summary['final']['dice']:.4f} (sites weighted by validation cases)"
     last = summary["rounds"][-1]["aggregate"] if summary["rounds"] else {}
     return ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no metrics"
 
