@@ -125,7 +125,9 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
 
     ``w0`` are the weights when the hook is made (the received global model). A DP optimiser
     is hooked on the optimiser it wraps, so the data-independent term lands after clipping and
-    noise, where it belongs (a loss term would be missed by per-sample gradients).
+    noise, where it belongs (a loss term would be missed by per-sample gradients). Parameters
+    without a gradient are not part of this update (one optimiser serving several phases,
+    e.g. a CycleGAN's generators and discriminators) and get no pull.
 
     Args:
         optimizer: the (DP) optimiser to hook.
@@ -146,11 +148,8 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
     def add_proximal_grad(*_: object) -> None:
         with torch.no_grad():
             for p, w0 in zip(params, anchors, strict=True):
-                term = (p - w0).mul_(mu)
-                if p.grad is None:
-                    p.grad = term
-                else:
-                    p.grad.add_(term)
+                if p.grad is not None:
+                    p.grad.add_((p - w0).mul_(mu))
 
     return inner.register_step_pre_hook(add_proximal_grad)
 

@@ -47,6 +47,7 @@ from fedscan.shared.tasks.base import (
     Phase,
     StepCallback,
     TrainResult,
+    proximal_hook,
     shared_params,
 )
 
@@ -473,8 +474,8 @@ class HarmonisationTask:
         m = _unwrap(model)
         device = next(m.parameters()).device
         phases = self.phases(model)
-        anchors = ({id(p): p.detach().clone() for p in shared_params(self, model)}
-                   if proximal_mu > 0 else {})
+        hook = (proximal_hook(optimizer, proximal_mu, shared_params(self, model))
+                if proximal_mu > 0 else None)
         model.train()
         losses: list[float] = []
         batches = cycle(loader)
@@ -490,8 +491,7 @@ class HarmonisationTask:
                         loss = phase.loss(model, batch).mean()
                         grads = torch.autograd.grad(loss, phase.params)
                         for p, g in zip(phase.params, grads, strict=True):
-                            w0 = anchors.get(id(p))
-                            p.grad = g if w0 is None else g + proximal_mu * (p.detach() - w0)
+                            p.grad = g
                         optimizer.step()
                         if phase.name == "generators":
                             losses.append(loss.item())
@@ -501,6 +501,8 @@ class HarmonisationTask:
                     on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
         finally:
             optimizer.zero_grad(set_to_none=True)
+            if hook is not None:
+                hook.remove()
         mean = float(np.mean(losses)) if losses else float("nan")
         return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
 
