@@ -7,12 +7,13 @@ here for evaluation only. After a federated CycleGAN run (``task: harmonisation`
 1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
    and scores raw and harmonised images against the truth (PSNR, SSIM, same normalisation
    for all, on the model grid and on the scan's own grid);
-2. picks the most-shifted site (lowest raw PSNR) and segments its cases with segmentation
-   models trained on the reference domain (the consortium's public reference set, which has
-   labels), once on the raw scans and once harmonised first: one model of the reference
-   scanner alone, and one trained with scanner-imitating intensity augmentation;
+2. segments each site's scored cases with segmentation models trained on the reference
+   domain (the consortium's public reference set, which has labels), once on the raw scans
+   and once harmonised first: one model of the reference scanner alone, and one trained with
+   scanner-imitating intensity augmentation; the most-shifted site is where the first
+   model's raw Dice is lowest;
 3. trains FedBN (federated segmentation whose normalisation layers stay at each site) on the
-   same hospitals, the cheap alternative for scanner shift, and reports its Dice at that site;
+   same hospitals, the cheap alternative for scanner shift, and reports its Dice per site;
 4. writes ``study.json``, ``study.md`` (the tables) and ``panels.png`` (before/after per site).
 
 Up to :data:`STUDY_CASES` cases per site are harmonised and scored (evenly spaced, training
@@ -155,34 +156,35 @@ def segmentation_config(cfg: Config, sites: list[dict[str, Any]], *,
     return parse_config(data)
 
 
-def downstream_dice(cfg: Config, site: SiteConfig, harmonised: dict[str, str],
+def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
                     reference: str, out_dir: Path) -> dict[str, Any]:
-    """Dice at ``site``: reference-domain models on raw vs harmonised scans, and FedBN.
+    """Dice at every site: reference-domain models on raw vs harmonised scans, and FedBN.
 
     Two models are trained on the labelled reference set: one of its scanner alone
     (``train.scanner_augmentation: false``), the model harmonisation is for, and one with
     the default scanner-imitating intensity augmentation, the other cheap answer to shift.
+    The most-shifted site is where the scanner shift costs the first model most: its
+    lowest Dice on raw scans (chosen before harmonised scans are looked at).
 
     Args:
         cfg: the harmonisation run's config.
-        site: the site to segment (the most shifted one).
-        harmonised: case id -> harmonised image file of that site (the cases segmented).
+        harmonised: site name -> (case id -> harmonised image file): the cases segmented.
         reference: the public reference-domain dataset (with labels).
         out_dir: where the segmentation runs write their outputs.
 
     Returns:
-        ``reference_raw`` and ``reference_harmonised`` (no augmentation), ``augmented_raw``
-        and ``augmented_harmonised``, ``fedbn_validation`` (mean Dice), ``cases`` and
-        ``fedbn_validation_cases``.
+        ``sites``: per site ``reference_raw`` and ``reference_harmonised`` (no augmentation),
+        ``augmented_raw`` and ``augmented_harmonised``, ``cases``, ``fedbn_validation`` (mean
+        Dice) and ``fedbn_validation_cases``; ``most_shifted``: the site's name.
     """
     from fedscan.shared.checkpoint import load_model
     from fedscan.shared.tasks import build_task
     from fedscan.simulations.baselines import run_pooled
     from fedscan.simulations.federated import run_federated
 
-    cases = [c for c in _all_cases(cfg, site) if _case_id(c) in harmonised]
-    moved = [{**c, "image": harmonised[_case_id(c)]} for c in cases]
-    out: dict[str, Any] = {"cases": len(cases)}
+    raw = {s.name: [c for c in _all_cases(cfg, s) if _case_id(c) in harmonised[s.name]]
+           for s in cfg.sites}
+    sites: dict[str, dict[str, Any]] = {name: {"cases": len(cases)} for name, cases in raw.items()}
     for prefix, augment in (("reference", False), ("augmented", True)):
         ref_cfg = segmentation_config(cfg, [{"name": "reference", "data": reference}],
                                       train={"scanner_augmentation": augment})
@@ -194,17 +196,22 @@ def downstream_dice(cfg: Config, site: SiteConfig, harmonised: dict[str, str],
         task = build_task(ref_cfg)
         model = task.build_model().to(resolve_device(cfg.device))
         model.load_state_dict(state)
-        out[f"{prefix}_raw"] = task.evaluate(model, cases).metrics["dice"]
-        out[f"{prefix}_harmonised"] = task.evaluate(model, moved).metrics["dice"]
+        for name, cases in raw.items():
+            moved = [{**c, "image": harmonised[name][_case_id(c)]} for c in cases]
+            sites[name][f"{prefix}_raw"] = task.evaluate(model, cases).metrics["dice"]
+            sites[name][f"{prefix}_harmonised"] = task.evaluate(model, moved).metrics["dice"]
+            print(f"[study] {name}: Dice {sites[name][f'{prefix}_raw']:.4f} raw, "
+                  f"{sites[name][f'{prefix}_harmonised']:.4f} harmonised first", flush=True)
 
     print("[study] training FedBN on the same hospitals", flush=True)
     fedbn_cfg = segmentation_config(cfg, [{"name": s.name, "data": s.data} for s in cfg.sites],
                                     local_norm=True)
-    fedbn = run_federated(fedbn_cfg, out_dir / "fedbn")
-    per_site = fedbn["final"]["per_site"].get(site.name, {})
-    out.update(fedbn_validation=per_site.get("dice"),
-               fedbn_validation_cases=per_site.get("num_examples"))
-    return out
+    per_site = run_federated(fedbn_cfg, out_dir / "fedbn")["final"]["per_site"]
+    for name, row in sites.items():
+        row.update(fedbn_validation=per_site.get(name, {}).get("dice"),
+                   fedbn_validation_cases=per_site.get(name, {}).get("num_examples"))
+    most = min(sites, key=lambda name: sites[name]["reference_raw"])
+    return {"sites": sites, "most_shifted": most}
 
 
 def _middle_slice(image: str | Path | nib.Nifti1Image) -> np.ndarray:
@@ -250,6 +257,10 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
     return path
 
 
+def _dice(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
 def format_study(study: dict[str, Any]) -> str:
     """The study's two tables as Markdown."""
     rows = []
@@ -268,27 +279,35 @@ def format_study(study: dict[str, Any]) -> str:
              "scan never had).", ""]
     d = study.get("downstream")
     if d:
-        site = study["most_shifted"]
-        fedbn = "—" if d["fedbn_validation"] is None else f"{d['fedbn_validation']:.4f}"
-        lines += [f"## Downstream segmentation at the most-shifted site (`{site}`)", "",
-                  _table(["Segmentation model", "Images", "Cases", "Dice"], [
-                      ["reference domain, no scanner augmentation", "raw", str(d["cases"]),
-                       f"{d['reference_raw']:.4f}"],
-                      ["same model", "harmonised first", str(d["cases"]),
-                       f"{d['reference_harmonised']:.4f}"],
-                      ["reference domain, scanner augmentation", "raw", str(d["cases"]),
-                       f"{d['augmented_raw']:.4f}"],
-                      ["same model", "harmonised first", str(d["cases"]),
-                       f"{d['augmented_harmonised']:.4f}"],
-                      ["FedBN (federated, site's own norm layers)", "raw",
-                       str(d["fedbn_validation_cases"]), fedbn]]), "",
-                  f"Harmonising first changes Dice by "
-                  f"**{d['reference_harmonised'] - d['reference_raw']:+.4f}** for the model of "
-                  f"the reference scanner alone, and by "
-                  f"**{d['augmented_harmonised'] - d['augmented_raw']:+.4f}** for the model "
-                  "trained with scanner augmentation. FedBN is evaluated on the site's "
-                  "validation cases (its training cases were seen with labels), the "
-                  "reference-domain models on the site's scored cases.", ""]
+        most = d["most_shifted"]
+        rows = []
+        for name, m in d["sites"].items():
+            rows.append([f"`{name}`" + (" (most shifted)" if name == most else ""),
+                         str(m["cases"]), f"{m['reference_raw']:.4f}",
+                         f"{m['reference_harmonised']:.4f}",
+                         f"{m['reference_harmonised'] - m['reference_raw']:+.4f}",
+                         f"{m['augmented_raw']:.4f}", f"{m['augmented_harmonised']:.4f}",
+                         f"{m['augmented_harmonised'] - m['augmented_raw']:+.4f}",
+                         "—" if m["fedbn_validation"] is None else
+                         f"{m['fedbn_validation']:.4f} ({m['fedbn_validation_cases']})"])
+        m = d["sites"][most]
+        lines += ["## Downstream segmentation: raw vs harmonised first, and FedBN", "",
+                  _table(["Site", "Cases", "Reference scanner: raw", "harmonised first",
+                          "Change", "Scanner augmentation: raw", "harmonised first", "Change",
+                          "FedBN (validation cases)"], rows), "",
+                  "Reference scanner: a segmentation model trained on the labelled reference "
+                  "set alone; scanner augmentation: the same with scanner-imitating intensity "
+                  "augmentation. Each is applied to the scored cases raw and harmonised first. "
+                  "FedBN is federated segmentation over these hospitals with each site's own "
+                  "normalisation layers, evaluated on the site's validation cases (it saw its "
+                  "training cases with labels).", "",
+                  f"At the most-shifted site, `{most}` (where the reference-scanner model's Dice "
+                  f"on raw scans is lowest), harmonising first changes Dice by "
+                  f"**{m['reference_harmonised'] - m['reference_raw']:+.4f}** for the model of "
+                  f"the reference scanner alone and by "
+                  f"**{m['augmented_harmonised'] - m['augmented_raw']:+.4f}** for the model "
+                  f"trained with scanner augmentation; FedBN reaches "
+                  f"{_dice(m['fedbn_validation'])}.", ""]
     lines += ["![before/after](panels.png)", ""]
     return "\n".join(lines)
 
@@ -308,12 +327,11 @@ def run_study(cfg: Config, run_dir: Path, *, downstream: bool = True) -> dict[st
     out = run_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
     sites = harmonise_sites(cfg, run_dir, out, seed=seed)
-    most = min(sites, key=lambda s: sites[s]["grid_psnr_raw"])
-    study: dict[str, Any] = {"sites": sites, "most_shifted": most}
+    study: dict[str, Any] = {"sites": sites}
     if downstream:
-        site = next(s for s in cfg.sites if s.name == most)
-        study["downstream"] = downstream_dice(cfg, site, sites[most]["harmonised"],
-                                              str(cfg.harmonisation.reference), out)
+        study["downstream"] = downstream_dice(
+            cfg, {name: m["harmonised"] for name, m in sites.items()},
+            str(cfg.harmonisation.reference), out)
     (out / "study.json").write_text(json.dumps(study, indent=2))
     plot_panels(out / "panels.png", cfg, sites, seed=seed)
     text = format_study(study)

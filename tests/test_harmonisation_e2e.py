@@ -83,14 +83,19 @@ def test_study_scores_every_site_and_the_downstream_segmentation(harmonised_run)
             for key in ("psnr_raw", "psnr_harmonised", "ssim_raw", "ssim_harmonised"):
                 assert np.isfinite(site[f"{grid}_{key}"]), key
         assert site["model"].endswith(SITE_MODEL)  # harmonised with the site's own curves
-    assert study["most_shifted"] == min(study["sites"], key=lambda s: study["sites"][s]
-                                        ["grid_psnr_raw"])
     down = study["downstream"]
-    for key in ("reference_raw", "reference_harmonised", "augmented_raw",
-                "augmented_harmonised", "fedbn_validation"):
-        assert 0.0 <= down[key] <= 1.0, key
+    assert set(down["sites"]) == set(SITES)
+    for name, row in down["sites"].items():
+        assert row["cases"] == study["sites"][name]["cases"]
+        for key in ("reference_raw", "reference_harmonised", "augmented_raw",
+                    "augmented_harmonised", "fedbn_validation"):
+            assert 0.0 <= row[key] <= 1.0, key
+    # Most shifted: where the reference-scanner model does worst on raw scans.
+    assert down["most_shifted"] == min(SITES, key=lambda s: down["sites"][s]["reference_raw"])
     assert (out / "study" / "panels.png").stat().st_size > 10_000
-    assert "FedBN" in (out / "study" / "study.md").read_text() and "FedBN" in stdout
+    text = (out / "study" / "study.md").read_text()
+    assert "FedBN" in text and "FedBN" in stdout
+    assert f"`{down['most_shifted']}` (most shifted)" in text
 
 
 @pytest.mark.slow

@@ -106,7 +106,7 @@ class IntensityCurve(nn.Module):
 
 #: How much faster than the network weights the intensity curve learns (see IntensityCurve).
 #: At 10 the UNet correction, learning as fast, took over and the curves stayed nearly
-#: straight; at 50 the most shifted site's curve was still moving after 300 steps
+#: straight; at 50 site-c's curve (strongest noise) was still moving after 300 steps
 #: (docs/harmonisation.md, "What we measured on the way").
 CURVE_GAIN = 100.0
 
