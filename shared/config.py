@@ -175,7 +175,7 @@ class HarmonisationConfig:
     lambda_identity: float = 0.0
     #: Decay of the moving average of the site-to-reference generator's weights that a site
     #: harmonises with (updated after every generator update; 0: use the last weights).
-    average_decay: float = 0.98
+    average_decay: float = 0.99
 
 
 @dataclass
