@@ -164,7 +164,7 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     (``train.scanner_augmentation: false``), the model harmonisation is for, and one with
     the default scanner-imitating intensity augmentation, the other cheap answer to shift.
     The most-shifted site is where the scanner shift costs the first model most: its
-    lowest Dice on raw scans (chosen before harmonised scans are looked at).
+    lowest Dice on raw scans (the rule reads raw scans only).
 
     Args:
         cfg: the harmonisation run's config.
