@@ -7,6 +7,7 @@ local and pooled runs and is unit-testable without a runtime. It follows ``monai
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +50,48 @@ class EvalResult:
     per_case: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MetricSpec:
+    """One evaluation metric a task reports (history, aggregation, report, plots, validation
+    and the status page iterate over these; nothing outside ``shared/tasks/`` names a metric).
+
+    Per-class values travel as separate keys ``f"{name}/{class_name}"`` (class names from the
+    data contract's ``labels``), each validated against the same range.
+
+    Attributes:
+        name: key in :attr:`EvalResult.metrics` and in evaluation replies.
+        higher_is_better: direction (Dice: True, HD95: False).
+        low, high: the valid range, inclusive; a site reporting a value outside it (or a
+            non-finite one) is rejected by the server. None: unbounded on that side.
+        per_class: the task also reports ``name/<class>`` for each foreground class.
+        headline: the run's main number (exactly one metric per task).
+        unit: shown after values in reports (``"mm"``, ``"dB"``), or empty.
+    """
+
+    name: str
+    higher_is_better: bool
+    low: float | None = None
+    high: float | None = None
+    per_class: bool = False
+    headline: bool = False
+    unit: str = ""
+
+    def accepts(self, value: object) -> bool:
+        """Whether ``value`` is a finite number inside this metric's range."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        return ((self.low is None or value >= self.low)
+                and (self.high is None or value <= self.high))
+
+
+def metric_spec(specs: Iterable[MetricSpec], key: str) -> MetricSpec | None:
+    """The spec a reply key belongs to: ``dice`` and ``dice/<class>`` both map to ``dice``."""
+    base = key.split("/", 1)[0]
+    return next((s for s in specs if s.name == base and (s.per_class or "/" not in key)), None)
+
+
 #: Called after every optimiser step with (step, steps, loss) for progress reporting.
 StepCallback = Callable[[int, int, float], None]
 
@@ -83,6 +126,8 @@ class Task(Protocol):
     """Interface both sides use. A new task is a new module under ``shared/tasks/``."""
 
     name: str
+    #: What :meth:`evaluate` reports (see :class:`MetricSpec`).
+    metrics: tuple[MetricSpec, ...]
 
     def build_model(self) -> nn.Module:
         """A freshly initialised model (deterministic for the config's seed)."""

@@ -44,6 +44,7 @@ from fedscan.shared.preprocessing import preprocess_transforms
 from fedscan.shared.tasks.base import (
     Case,
     EvalResult,
+    MetricSpec,
     Phase,
     StepCallback,
     TrainResult,
@@ -303,6 +304,12 @@ class HarmonisationTask:
     """
 
     name = "harmonisation"
+    #: Cycle consistency on the site's own scans (no paired truth needed): data range 1.
+    metrics = (
+        MetricSpec("cycle_psnr", higher_is_better=True, low=0.0, headline=True, unit="dB"),
+        MetricSpec("cycle_ssim", higher_is_better=True, low=-1.0, high=1.0),
+        MetricSpec("change", higher_is_better=False, low=0.0),
+    )
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg

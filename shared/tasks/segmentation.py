@@ -45,6 +45,7 @@ from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
 from fedscan.shared.tasks.base import (
     Case,
     EvalResult,
+    MetricSpec,
     Phase,
     StepCallback,
     TrainResult,
@@ -76,6 +77,10 @@ class SegmentationTask:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        dice = MetricSpec("dice", higher_is_better=True, low=0.0, high=1.0, per_class=True,
+                          headline=True)
+        hd95 = MetricSpec("hd95", higher_is_better=False, low=0.0, per_class=True, unit="mm")
+        self.metrics = (dice, hd95) if cfg.evaluate.hd95 else (dice,)
         dims, patch = cfg.model.spatial_dims, cfg.train.patch_size
         factor = math.prod(cfg.model.strides)
         if any(p % factor for p in patch[:dims]):
