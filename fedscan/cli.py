@@ -35,7 +35,7 @@ def _harmonize(args: argparse.Namespace) -> int:
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    from fedscan.shared.phantoms import generate_federation
+    from fedscan.simulations.phantoms import generate_federation
 
     for name, folder in generate_federation(Path(args.out), seed=args.seed).items():
         print(f"{name}: {folder}")

@@ -147,7 +147,7 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
         generator: the site-to-reference generator, in eval mode, on ``device``.
         image_path: the site's raw image.
         truth: the same anatomy in the reference domain on the image's grid
-            (:func:`fedscan.shared.phantoms.reference_truth`).
+            (:func:`fedscan.simulations.phantoms.reference_truth`).
         truth_affine: its affine (the image's).
         cfg: the model's config.
         device: where the generator runs.

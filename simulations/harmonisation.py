@@ -1,7 +1,7 @@
 """Does harmonisation help? The study a researcher runs on the phantom hospitals.
 
 Phantoms can render the same head under every scanner, so each site's scan has a paired
-ground truth in the reference domain (:func:`~fedscan.shared.phantoms.reference_truth`), used
+ground truth in the reference domain (:func:`~fedscan.simulations.phantoms.reference_truth`), used
 here for evaluation only. After a federated CycleGAN run (``task: harmonisation``) this:
 
 1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
@@ -35,10 +35,10 @@ from fedscan.shared.checkpoint import SITE_MODEL
 from fedscan.shared.config import Config, SiteConfig, parse_config
 from fedscan.shared.data import read_site
 from fedscan.shared.harmonisation_io import load_cyclegan, score_against_truth
-from fedscan.shared.phantoms import SITE_PROFILES, profile_grid, reference_truth
 from fedscan.shared.report import _table
 from fedscan.shared.tasks.base import Case, resolve_device
 from fedscan.simulations.federated import site_for_client
+from fedscan.simulations.phantoms import SITE_PROFILES, profile_grid, reference_truth
 
 #: Row labels of the two scoring grids.
 _GRID_NAMES = {"grid": "model", "native": "native"}

@@ -26,12 +26,12 @@ def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the embedded phantom hospitals as its sites (and the held-out scanner as
     its test set) where it names none, generating them on first use; a harmonisation run also
     gets the phantoms' public reference set unless it names one."""
-    from fedscan.shared.phantoms import ensure_default_federation
+    from fedscan.simulations.phantoms import ensure_default_federation
 
     if "sites" in data:
         return data
     if data.get("task") == "harmonisation":
-        from fedscan.shared.phantoms import ensure_reference_set
+        from fedscan.simulations.phantoms import ensure_reference_set
 
         block = data.get("harmonisation") or {}
         if isinstance(block, dict) and block.get("reference") is None:

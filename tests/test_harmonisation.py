@@ -13,7 +13,6 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedscan.shared import phantoms as P
 from fedscan.shared.checkpoint import save_model
 from fedscan.shared.config import load_config, parse_config
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
@@ -38,6 +37,7 @@ from fedscan.shared.tasks.harmonisation import (
     generator_terms,
     l1_loss,
 )
+from fedscan.simulations import phantoms as P
 from tests.tinysites import parse_with
 
 #: Coarse phantoms (8 mm) for training data: a couple of thousand voxels per volume.

@@ -40,8 +40,8 @@ from fedscan.shared.messages import (
     task_config_json,
     to_arrays,
 )
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 from fedscan.shared.tasks import build_task
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
 LOCAL_STEPS = 4
 

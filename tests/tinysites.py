@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
 
 def parse_with(base: dict, overrides: dict):
