@@ -7,7 +7,6 @@ per-case values. With a ``privacy`` block in the site's own config, training is 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,22 +27,19 @@ from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
     CONFIG,
-    EVALUATE_RECEIVED,
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
     SAMPLES,
     SITE,
-    TASK_CONFIG,
-    config_for_site,
+    RoundConfig,
     site_record,
     to_arrays,
 )
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import EvalResult, Task, resolve_device
-
-log = logging.getLogger("fedscan.client")
+from fedscan.shared.tasks.loop import train_steps
 
 #: How a ClientApp finds out which hospital it is (simulation: partition id; deployment: its
 #: own site config file).
@@ -60,13 +56,15 @@ def _site_data(cfg: Config, site: SiteConfig) -> SiteData:
 LOCAL_WEIGHTS = "local-weights"
 
 
-def _load_global(cfg: Config, msg: Message, context: Context) -> tuple[torch.nn.Module, Task]:
+def _load_global(cfg: Config, msg: Message, context: Context,
+                 allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
     """The task and its model: the received global weights plus this site's local ones.
 
     Raises:
-        FedscanError: the received arrays are not exactly the weights the task shares.
+        FedscanError: the received arrays are not exactly the weights the task shares, or
+            the task is not a built-in one (unless ``allow_task_import``: simulation only).
     """
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=allow_task_import)
     model = task.build_model()
     received = msg.content[ARRAYS].to_torch_state_dict()
     shared = set(task.shared_keys(model))
@@ -89,21 +87,22 @@ def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[
         context.state[LOCAL_WEIGHTS] = to_arrays(local)
 
 
-def train(msg: Message, context: Context, site: SiteConfig) -> Message:
+def train(msg: Message, context: Context, site: SiteConfig,
+          allow_task_import: bool = False) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
     has a privacy setting)."""
-    config = msg.content[CONFIG]
-    cfg = config_for_site(str(config[TASK_CONFIG]), site)
-    server_round = int(config.get("server-round", 0))
+    instruction = RoundConfig.from_record(msg.content[CONFIG])
+    cfg = instruction.site_config(site)
+    server_round = instruction.server_round
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context)
+    model, task = _load_global(cfg, msg, context, allow_task_import)
     evaluation = None
-    if bool(config.get(EVALUATE_RECEIVED, False)):
+    if instruction.evaluate_received:
         # The previous round's model, evaluated here instead of in an evaluate message that
         # would download the same weights a second time.
         evaluation = _evaluation_record(task.evaluate(model, data.validation))
     torch.manual_seed(cfg.seed + server_round)
-    mu = float(config.get("proximal-mu", 0.0))
+    mu = instruction.proximal_mu
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
@@ -116,8 +115,8 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     if privacy is None:
         loader = task.make_train_loader(data.train, seed=cfg.seed * 7919 + server_round)
         optimizer = task.make_optimizer(model.parameters())
-        result = task.train_steps(model, optimizer, loader, steps, proximal_mu=mu,
-                                  on_step=on_step)
+        result = train_steps(task, model, optimizer, loader, steps, proximal_mu=mu,
+                             on_step=on_step)
         weights = model.state_dict()
         loss, taken, examples = result.loss, result.steps, result.num_examples
         privacy_record = privacy_off_record()
@@ -166,12 +165,14 @@ def _evaluation_record(result: EvalResult) -> ConfigRecord:
     return ConfigRecord(_metric_values(result))
 
 
-def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
+def evaluate(msg: Message, context: Context, site: SiteConfig,
+             allow_task_import: bool = False) -> Message:
     """Evaluate the received global model on the site's validation cases."""
-    cfg = config_for_site(str(msg.content[CONFIG][TASK_CONFIG]), site)
+    instruction = RoundConfig.from_record(msg.content[CONFIG])
+    cfg = instruction.site_config(site)
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context)
-    _save_site_model(cfg, site, model, task, int(msg.content[CONFIG].get("server-round", 0)))
+    model, task = _load_global(cfg, msg, context, allow_task_import)
+    _save_site_model(cfg, site, model, task, instruction.server_round)
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
                           SITE: site_record(site.name)})
@@ -194,17 +195,22 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
     print(f"[{site.name}] saved this site's model to {path}", flush=True)
 
 
-def make_client_app(resolve_site: SiteResolver) -> ClientApp:
-    """A ClientApp whose handlers act for the site ``resolve_site`` names."""
+def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False) -> ClientApp:
+    """A ClientApp whose handlers act for the site ``resolve_site`` names.
+
+    ``allow_task_import`` lets it build a task the config names by import path: simulation
+    only, where the researcher's code is on both sides; a deployed hospital runs built-in
+    tasks only.
+    """
     app = ClientApp()
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, resolve_site(context))
+        return train(msg, context, resolve_site(context), allow_task_import)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, resolve_site(context))
+        return evaluate(msg, context, resolve_site(context), allow_task_import)
 
     return app
 

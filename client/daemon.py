@@ -24,7 +24,8 @@ from pathlib import Path
 
 from fedscan.client.guard import SITE_CONFIG_ENV
 from fedscan.client.site_config import NODE_CONFIG_KEY, SiteSettings, load_site_settings
-from fedscan.shared.errors import ConfigError
+from fedscan.shared.data import read_dataset
+from fedscan.shared.errors import ConfigError, DataError
 
 #: flower-supernode exit code when its key is not registered on the SuperLink (Flower's 305,
 #: which reaches the parent as 305 & 0xFF or 1), and the message it prints then.
@@ -112,8 +113,10 @@ def start_client(config: str | Path, insecure: bool = False, once: bool = False)
     config_path = Path(config).expanduser().resolve()
     settings = load_site_settings(config_path)
     check_security(settings, insecure, str(config_path))
-    if not Path(settings.data, "dataset.json").is_file():
-        raise ConfigError(f"{config_path}: config key 'data': no dataset.json in {settings.data}")
+    try:  # the folder must hold a valid dataset.json (files are checked by `client check`)
+        read_dataset(settings.data, name=settings.name, check=False)
+    except DataError as exc:
+        raise ConfigError(f"{config_path}: config key 'data': {exc}") from None
     state_dir = Path(str(settings.state_dir))
     state_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = install_guard(state_dir)

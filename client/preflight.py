@@ -37,14 +37,15 @@ class Check:
 
 
 def check_data(settings: SiteSettings) -> Check:
-    from fedscan.shared.data import read_dataset
+    from fedscan.shared.data import describe, read_dataset
 
     try:
         site = read_dataset(settings.data, name=settings.name, check=True)
     except FedscanError as exc:
         return Check("FAIL", "data", str(exc))
     return Check("OK", "data", f"{site.root}: {len(site.train)} training and "
-                               f"{len(site.validation)} validation cases, contract valid")
+                               f"{len(site.validation)} validation cases{describe(site)}; "
+                               "contract valid")
 
 
 def check_reachable(settings: SiteSettings, timeout: float = 5.0) -> Check:

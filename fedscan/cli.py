@@ -12,7 +12,10 @@ from fedscan.shared.errors import FedscanError
 def _simulate(args: argparse.Namespace) -> int:
     from fedscan.simulations.run import simulate
 
-    modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
+    if args.mode is None:
+        modes = None  # the config's ``mode``
+    else:
+        modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
     simulate(args.config, modes, Path(args.out), rounds=args.rounds)
     return 0
 
@@ -27,7 +30,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _harmonize(args: argparse.Namespace) -> int:
-    from fedscan.shared.harmonisation_io import harmonise_file
+    from fedscan.shared.inference import harmonise_file
 
     out = harmonise_file(args.model, args.image, args.out, device=args.device)
     print(f"wrote {out}")
@@ -43,11 +46,11 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from fedscan.shared.data import read_dataset
+    from fedscan.shared.data import describe, read_dataset
 
     site = read_dataset(args.data, num_classes=args.num_classes, check=True)
     print(f"{site.root}: OK, {len(site.train)} training and {len(site.validation)} "
-          f"validation cases")
+          f"validation cases{describe(site)}")
     return 0
 
 
@@ -68,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
     p.add_argument("--config", help="YAML config (default: the embedded phantom federation)")
-    p.add_argument("--mode", default="federated",
-                   help="federated | local | pooled | all, or a comma list (default: federated)")
+    p.add_argument("--mode",
+                   help="federated | local | pooled | all, or a comma list (default: the "
+                        "config's mode, federated unless it says otherwise)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
     p.set_defaults(func=_simulate)
@@ -122,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "simulate" and args.mode != "all":
+    if args.command == "simulate" and args.mode not in (None, "all"):
         bad = [m for m in args.mode.split(",") if m not in ("federated", "local", "pooled")]
         if bad:
             print(f"fedscan: error: --mode: unknown mode {bad[0]!r}", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
@@ -24,7 +24,7 @@ from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
 from fedscan.shared.data import read_site_test_set
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import TASK_CONFIG, task_config_json, to_arrays
+from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
@@ -39,7 +39,7 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
     """
     if not cfg.test_sets:
         return {}
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the operator's own config
     model = task.build_model().to(resolve_device(cfg.device))
     missing = set(model.state_dict()) - set(state_dict)
     if missing:
@@ -79,7 +79,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         The summary written to ``out_dir/summary.json``.
     """
     history = RunHistory(out_dir, cfg, mode="federated")
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the operator's own config
     model = task.build_model()
     shared = set(task.shared_keys(model))
     # Only the weights the task shares make up the global model (a CycleGAN's
@@ -106,18 +106,19 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         save_strategy_state(out_dir, server_round, strategy)
         history.finish_round(server_round, round_arrays.to_torch_state_dict())
         # A round's model is evaluated at the start of the next one: show the latest known.
-        known = [r for r in history.rounds if r["aggregate"].get("dice") is not None]
+        name = history.headline.name if history.headline else None
+        known = [r for r in history.rounds if r["aggregate"].get(name) is not None]
         if known:
-            progress.set_postfix_str(f"dice {known[-1]['aggregate']['dice']:.3f} "
+            progress.set_postfix_str(f"{name} {known[-1]['aggregate'][name]:.3f} "
                                      f"(round {known[-1]['round']} model)")
         progress.update(1)
 
-    task_json = task_config_json(cfg)
+    round_config = RoundConfig.for_run(cfg)
     final_arrays = run_rounds(
         strategy, grid, arrays, range(first, cfg.rounds + 1),
         timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord({TASK_CONFIG: task_json}),
-        evaluate_config=ConfigRecord({TASK_CONFIG: task_json}),
+        train_config=round_config,
+        evaluate_config=round_config,
         history=history, on_round_end=on_round_end,
         expected_sites=len(cfg.sites), site_grace=site_grace, node_names=node_names,
     )

@@ -17,8 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from fedscan.shared.errors import ConfigError
+from fedscan.shared.tasks import check_task_name
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
 MODES = ("federated", "local", "pooled")
 
 
@@ -185,7 +185,10 @@ class Config:
     sites: list[SiteConfig]
     test_sets: list[SiteConfig] = field(default_factory=list)
     rounds: int = 5
-    task: Literal["segmentation", "harmonisation"] = "segmentation"
+    #: A built-in task (``shared/tasks/__init__.py``'s ``TASKS``) or, in a simulation, a
+    #: researcher's own ``"package.module:Class"``.
+    task: str = "segmentation"
+    #: What ``fedscan simulate`` runs when no ``--mode`` is given.
     mode: Literal["federated", "local", "pooled"] = "federated"
     seed: int = 0
     device: str = "auto"
@@ -305,6 +308,9 @@ def _check_values(cfg: Config) -> None:
 
     if not cfg.sites:
         raise bad("sites", "at least one site is required")
+    why = check_task_name(cfg.task)
+    if why:
+        raise bad("task", why)
     names = [s.name for s in cfg.sites] + [t.name for t in cfg.test_sets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:

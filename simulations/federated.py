@@ -49,7 +49,9 @@ def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
     server_app = make_server_app(cfg, out_dir)
-    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
+    # The researcher's machine runs both sides: a task named by import path is allowed here.
+    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
+                                 allow_task_import=True)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                    backend_config=simulation_backend(cfg))
     summary = out_dir / "summary.json"

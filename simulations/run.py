@@ -67,10 +67,12 @@ def check_data(cfg: Config) -> None:
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The run's main number: final Dice (sites weighted by validation cases, as Flower
-    aggregates), or a harmonisation run's validation metrics."""
-    if summary["final"]["dice"] is not None:
-        return f"Dice {summary['final']['dice']:.4f} (sites weighted by validation cases)"
+    """The run's main number: the task's headline metric, final (sites weighted by
+    validation cases, as Flower aggregates), else the last round's aggregates."""
+    final = summary["final"]
+    name = final.get("headline")
+    if name is not None and final.get(name) is not None:
+        return f"{name} {final[name]:.4f} (sites weighted by validation cases)"
     last = summary["rounds"][-1]["aggregate"] if summary["rounds"] else {}
     return ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no metrics"
 
@@ -89,16 +91,22 @@ def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
     return run_local(cfg, out_dir) if mode == "local" else run_pooled(cfg, out_dir)
 
 
-def simulate(config: str | Path | None, modes: list[str], out: Path,
+def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
              rounds: int | None = None) -> dict[str, dict[str, Any]]:
     """Run ``modes`` (a subset of federated/local/pooled) and return their summaries.
 
-    With several modes each writes into ``out/<mode>/`` and a comparison is written to ``out``.
+    Args:
+        config: a YAML config, or None for the embedded phantom federation.
+        modes: the modes to run; None runs the config's ``mode``.
+        out: the output folder. With several modes each writes into ``out/<mode>/`` and a
+            comparison is written to ``out``.
+        rounds: overrides the config's ``rounds``.
     """
     quiet_flower()
     cfg = read_simulation_config(config) if config else default_config()
     if rounds is not None:
         cfg.rounds = rounds
+    modes = modes or [cfg.mode]
     check_data(cfg)
     summaries = {}
     for mode in modes:

@@ -51,7 +51,7 @@ def test_norm_layers_stay_local_and_persist_across_rounds(fedbn):
     local1 = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()
     assert set(local1) == norm_keys
     assert any(not torch.equal(local1[k], model.state_dict()[k]) for k in norm_keys)  # trained
-    reply2 = app(train_message(cfg, reply1.content["arrays"], 2, **{"evaluate-received": True}),
+    reply2 = app(train_message(cfg, reply1.content["arrays"], 2, evaluate_received=True),
                  context)
     assert not reply2.has_error(), reply2.error
     local2 = context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict()

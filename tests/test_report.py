@@ -12,7 +12,7 @@ import pytest
 from fedscan.shared.report import (
     MISSING,
     format_comparison,
-    site_mean_dice,
+    site_mean,
     write_comparison,
     write_plots,
     write_report,
@@ -20,6 +20,13 @@ from fedscan.shared.report import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ["site-a", "site-b", "site-c"]
+#: As the segmentation task declares them (summary.json's ``metrics``).
+SEGMENTATION_METRICS = [
+    {"name": "dice", "higher_is_better": True, "low": 0.0, "high": 1.0, "per_class": True,
+     "headline": True, "unit": "", "aggregate": True, "description": "overlap"},
+    {"name": "hd95", "higher_is_better": False, "low": 0.0, "high": None, "per_class": True,
+     "headline": False, "unit": "mm", "aggregate": True, "description": "boundary distance"},
+]
 
 
 def _is_png(path: Path) -> bool:
@@ -49,8 +56,10 @@ def _federated() -> dict[str, Any]:
         "strategy": "fedavg",
         "sites": SITES,
         "test_sets": ["heldout"],
+        "metrics": SEGMENTATION_METRICS,
         "rounds": rounds,
         "final": {
+            "headline": "dice",
             "dice": 0.8123,
             "hd95": 7.0,
             "per_site": {"site-a": {"dice": 0.8, "hd95": 7.5, "num_examples": 3},
@@ -89,7 +98,7 @@ def _local() -> dict[str, Any]:
 
 def test_write_plots_creates_valid_pngs(tmp_path: Path) -> None:
     paths = write_plots(tmp_path, _federated())
-    assert [p.name for p in paths] == ["dice.png", "loss.png"]
+    assert [p.name for p in paths] == ["dice.png", "hd95.png", "loss.png"]
     assert all(_is_png(p) for p in paths)
 
 
@@ -195,7 +204,7 @@ def test_comparison_flags_missing_site(tmp_path: Path) -> None:
     del local["final"]["per_site"]["site-c"]
     ratios = write_comparison(tmp_path, {"local": local, "pooled": _pooled()})
     assert ratios["local/pooled"] == pytest.approx(((0.6 + 0.7) / 2) / 0.9)
-    assert "no final Dice for site-c" in (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert "no final dice for site-c" in (tmp_path / "comparison.md").read_text(encoding="utf-8")
 
 
 def test_format_comparison() -> None:
@@ -207,10 +216,10 @@ def test_format_comparison() -> None:
     assert f"federated/pooled: {0.82 / 0.9:.4f}" in text
 
 
-def test_site_mean_dice_falls_back_to_final() -> None:
+def test_site_mean_falls_back_to_final() -> None:
     summary = copy.deepcopy(_pooled())
     summary["final"] = {"dice": 0.77}
-    assert site_mean_dice(summary) == pytest.approx(0.77)
+    assert site_mean(summary) == pytest.approx(0.77)
 
 
 def test_report_lists_bytes_rejections_and_errors(tmp_path):
