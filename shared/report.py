@@ -99,7 +99,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
         if math.isinf(value):
             return "∞" if value > 0 else "-∞"
         # A DP delta of 1e-5 would print as 0.0000 and read as "no privacy guarantee".
-        if value != 0 and abs(value) < 10 ** -(digits - 1):
+        if value != 0 and abs(value) < 10 ** -digits:
             return f"{value:.2e}"
         return f"{value:.{digits}f}"
     return _md(str(value))
@@ -789,8 +789,8 @@ def _model_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append("")
         lines += [f"- `{_md(str(site))}`: `{_md(str(path))}`" for site, path in model.items()]
     elif model:
-        lines.append(f"Final model: `{_md(str(model))}`. It carries its config, so "
-                     "`fedscan predict` needs nothing else to run it.")
+        lines.append(f"Final model: `{_md(str(model))}`. It carries its config (task, model, "
+                     "preprocessing), so applying it needs nothing else.")
     else:
         lines.append("No final model recorded (the run may not have finished).")
     lines.append("")
@@ -814,8 +814,8 @@ def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     model = summary.get("model")
     paths = list(model.values()) if isinstance(model, Mapping) else [model] if model else []
     for path in paths:
-        lines.append(f"- `{_md(str(path))}`: trained model weights with their config, for "
-                     "`fedscan predict`.")
+        lines.append(f"- `{_md(str(path))}`: trained model weights with their config (task, "
+                     "model, preprocessing).")
     if not paths:
         lines.append("- `final_model.pt`: the trained model with its config (written when the "
                      "run finishes).")

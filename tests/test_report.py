@@ -239,3 +239,72 @@ def test_report_lists_bytes_rejections_and_errors(tmp_path):
     row = next(line for line in section.splitlines() if line.startswith("| 1 "))
     assert "1.040" in row and "1.046" in row
     assert "non-finite values in conv.weight" in row and "no reply within 60s" in row
+
+
+HARMONISATION_METRICS = [
+    {"name": "cycle_psnr", "higher_is_better": True, "low": 0.0, "high": None,
+     "per_class": False, "headline": True, "unit": "dB", "aggregate": True,
+     "description": "reconstruction PSNR"},
+    {"name": "cycle_ssim", "higher_is_better": True, "low": -1.0, "high": 1.0,
+     "per_class": False, "headline": False, "unit": "", "aggregate": True, "description": ""},
+    {"name": "change", "higher_is_better": False, "low": 0.0, "high": None,
+     "per_class": False, "headline": False, "unit": "", "aggregate": True, "description": ""},
+]
+
+
+def _harmonisation() -> dict[str, Any]:
+    rounds = []
+    for rnd in (1, 2):
+        evaluate = {s: {"cycle_psnr": 30.0 + rnd + i, "cycle_ssim": 0.9 + 0.01 * i,
+                        "change": 0.05 * rnd, "num_examples": 2} for i, s in enumerate(SITES)}
+        rounds.append({"round": rnd, "train": {s: {"loss": 1.0 / rnd} for s in SITES},
+                       "evaluate": evaluate,
+                       "aggregate": {"cycle_psnr": 31.0 + rnd, "cycle_ssim": 0.91,
+                                     "change": 0.05 * rnd}, "seconds": 10.0})
+    per_site = rounds[-1]["evaluate"]
+    return {"mode": "federated", "task": "harmonisation", "strategy": "fedavg", "sites": SITES,
+            "metrics": HARMONISATION_METRICS, "rounds": rounds,
+            "final": {"headline": "cycle_psnr", "cycle_psnr": 33.0, "cycle_ssim": 0.91,
+                      "change": 0.1, "per_site": per_site, "test_sets": {}},
+            "model": "final_model.pt", "seconds": 20.0, "config": {}}
+
+
+def test_a_task_gets_its_own_metric_plots_and_no_dice(tmp_path: Path) -> None:
+    paths = write_plots(tmp_path, _harmonisation())
+    assert [p.name for p in paths] == ["cycle_psnr.png", "cycle_ssim.png", "change.png",
+                                       "loss.png"]
+    assert all(_is_png(p) for p in paths)
+    text = write_report(tmp_path, _harmonisation()).read_text(encoding="utf-8")
+    assert not (tmp_path / "dice.png").exists() and "dice" not in text.lower()
+    assert "| Site | cycle_psnr (dB) | cycle_ssim | change | Validation cases |" in text
+    assert "| `site-c` | 34.0000 | 0.9200 | 0.1000 | 2 |" in text
+    assert "Final cycle_psnr (dB), mean over sites: **33.0000** (reconstruction PSNR)" in text
+    assert "cycle_psnr (dB): reconstruction PSNR (higher is better)." in text
+    assert "| Round | Seconds | site-a loss | site-b loss | site-c loss | site-a cycle_psnr" in text
+    assert "](cycle_ssim.png)" in text and "`change.png`" in text
+
+
+def test_per_class_values_sit_next_to_their_metric(tmp_path: Path) -> None:
+    summary = _federated()
+    for m in summary["final"]["per_site"].values():
+        m.update({"dice/csf": 0.5, "dice/brain": 0.7, "hd95/brain": 3.0})
+    for r in summary["rounds"]:
+        r["aggregate"].update({"dice/brain": 0.7, "dice/csf": 0.5})
+    text = write_report(tmp_path, summary).read_text(encoding="utf-8")
+    assert ("| Site | dice | dice/brain | dice/csf | hd95 (mm) | hd95/brain (mm) | "
+            "Validation cases |") in text
+    assert "Aggregate dice | Aggregate dice/brain | Aggregate dice/csf | Aggregate hd95 (mm)" \
+        in text
+    assert [p.name for p in write_plots(tmp_path, summary)] == ["dice.png", "hd95.png",
+                                                                "loss.png"]
+
+
+def test_comparison_uses_the_headline_metric(tmp_path: Path) -> None:
+    pooled = _harmonisation()
+    pooled["mode"] = "pooled"
+    for m in pooled["final"]["per_site"].values():
+        m["cycle_psnr"] = 40.0
+    ratios = write_comparison(tmp_path, {"federated": _harmonisation(), "pooled": pooled})
+    assert ratios["federated/pooled"] == pytest.approx(33.0 / 40.0)
+    text = (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert "Final validation cycle_psnr per site" in text and "Dice" not in text
