@@ -263,12 +263,13 @@ def _progress(run_dir: Path, shown: int) -> int:
     except (OSError, ValueError):
         return shown
     done = [r for r in summary.get("rounds", []) if r.get("seconds") is not None]
+    metric = (summary.get("final") or {}).get("headline")  # the task's main metric
     for entry in done[shown:]:
-        dice = entry.get("aggregate", {}).get("dice")
+        value = entry.get("aggregate", {}).get(metric)
         sites = ", ".join(sorted(entry.get("train", {})))
         rejected = len(entry.get("rejected", []))
         print(f"fedscan: round {entry['round']} done in {entry['seconds']:.0f}s: sites [{sites}]"
-              f", Dice {dice if dice is None else round(dice, 4)}"
+              f", {metric} {value if value is None else round(value, 4)}"
               + (f", {rejected} repl{'y' if rejected == 1 else 'ies'} rejected"
                  if rejected else ""), flush=True)
     return max(shown, len(done))

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from fedscan.shared.config import Config
 from fedscan.shared.data import Case, case_id
 from fedscan.shared.preprocessing import cached_case
-from fedscan.shared.tasks.base import EvalResult, MetricSpec, Phase
+from fedscan.shared.tasks.base import EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.loop import case_loader
 
 
@@ -77,7 +77,7 @@ class RegressionTask:
             return EvalResult(metrics={}, num_examples=0)
         device = next(model.parameters()).device
         per_case = {}
-        with torch.no_grad():
+        with evaluating(model):
             for case in cases:
                 volume = cached_case(case, self.cfg.data)
                 pred = model(volume["image"][None].float().to(device))[0].cpu()

@@ -10,7 +10,8 @@ evaluate, say what is shared. The loops that run the phases are not the task's:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
@@ -199,13 +200,13 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
     """FedProx: add ``mu * (w - w0)`` to each gradient right before the optimiser's update.
 
     ``w0`` are the weights when the hook is made (the received global model). Under DP the
-    caller hooks the optimiser inside Opacus' one, so the data-independent term lands after
-    clipping and noise, where it belongs (a loss term would be missed by per-sample
+    caller hooks the optimiser that the DP optimiser wraps, so the data-independent term lands
+    after clipping and noise, where it belongs (a loss term would be missed by per-sample
     gradients). Parameters without a gradient are not part of this update (one optimiser
     serving several phases, e.g. a CycleGAN's generators and discriminators) and get no pull.
 
     Args:
-        optimizer: the optimiser to hook (under DP, the one Opacus' optimiser wraps).
+        optimizer: the optimiser to hook (under DP, the one the DP optimiser wraps).
         mu: FedProx's proximal weight.
         shared: the parameters the server averages (:func:`shared_params`); the optimiser's
             others (weights kept at the site) have no global model to stay close to. None:
@@ -232,6 +233,18 @@ def shared_params(task: Task, model: nn.Module) -> list[nn.Parameter]:
     """The parameters behind ``task.shared_keys(model)``."""
     keys = set(task.shared_keys(model))
     return [p for name, p in model.named_parameters() if name in keys]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients; its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,9 +1,9 @@
 """Volumetric segmentation task: MONAI UNet trained on random patches, evaluated in native grids.
 
-Pure PyTorch/MONAI (no Flower), so federated, local and pooled runs share it. It also works
-with Opacus-wrapped model, optimiser and loader (``PrivacyEngine.make_private``): the loader
-is map-style with one item per case (Poisson sampling over cases), the loss is separable per
-sample, and empty Poisson batches still take the noise-only step of the DP mechanism.
+Pure PyTorch/MONAI (no Flower), so federated, local and pooled runs share it, and fit for
+DP-SGD at a site (``client/privacy.py``): the loader is map-style with one item per case
+(Poisson sampling over cases), the loss is separable per sample, and the norms keep
+per-sample statistics.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
 from fedscan.shared.metrics import case_metrics, native_spacing
 from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
-from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase
+from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.loop import case_loader
 
 KEYS = ("image", "label")
@@ -205,20 +205,14 @@ class SegmentationTask:
             return EvalResult(metrics={}, num_examples=0, per_case={})
         cfg = self.cfg
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         per_case: dict[str, dict[str, float]] = {}
-        try:
-            with torch.no_grad():
-                for case in cases:
-                    pred, img = predict_volume(model, case["image"], cfg, device,
-                                               largest_component=cfg.evaluate.largest_component)
-                    label = read_label(case["label"], cfg.data.num_classes, pred.shape)
-                    spacing = native_spacing(img)
-                    per_case[case_id(case)] = case_metrics(
-                        pred, label, cfg.data.num_classes, spacing, hd95=cfg.evaluate.hd95)
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            for case in cases:
+                pred, img = predict_volume(model, case["image"], cfg, device,
+                                           largest_component=cfg.evaluate.largest_component)
+                label = read_label(case["label"], cfg.data.num_classes, pred.shape)
+                per_case[case_id(case)] = case_metrics(
+                    pred, label, cfg.data.num_classes, native_spacing(img), hd95=cfg.evaluate.hd95)
         metrics = {"dice": float(np.mean([m["dice"] for m in per_case.values()]))}
         if cfg.evaluate.hd95:
             hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]

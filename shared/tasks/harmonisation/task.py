@@ -15,7 +15,7 @@ from fedscan.shared.data import case_id
 from fedscan.shared.errors import ConfigError
 from fedscan.shared.inference import preprocess_image, sliding_window
 from fedscan.shared.metrics import cycle_metrics
-from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase
+from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.harmonisation.data import unpaired_loader
 from fedscan.shared.tasks.harmonisation.losses import discriminator_loss, generator_loss
 from fedscan.shared.tasks.harmonisation.networks import (
@@ -164,10 +164,8 @@ class HarmonisationTask:
             return EvalResult(metrics={}, num_examples=0, per_case={})
         m: CycleGAN = model
         device = next(m.parameters()).device
-        was_training = m.training
-        m.eval()
         per_case: dict[str, dict[str, float]] = {}
-        try:
+        with evaluating(m):
             for case in cases:
                 image, _ = preprocess_image(case["image"], self.cfg)
                 x = image.as_tensor().float()
@@ -175,8 +173,6 @@ class HarmonisationTask:
                 rec = sliding_window(m.g_ref2site, fake, self.cfg, device)
                 per_case[case_id(case)] = cycle_metrics(
                     x, rec, fake, per_slice=self.cfg.model.spatial_dims == 2)
-        finally:
-            m.train(was_training)
         metrics = {s.name: float(np.mean([c[s.name] for c in per_case.values()]))
                    for s in self.metrics}
         return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
