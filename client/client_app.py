@@ -1,8 +1,10 @@
 """ClientApp: a hospital trains and evaluates the global model on its own data only.
 
 Only weights and aggregate metrics leave the site: never images, labels, file names or
-per-case values. With a ``privacy`` block in the site's own config, training is DP-SGD
-(:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
+per-case values, on failure neither (:mod:`fedscan.client.error_replies`). The server's task
+config is accepted only within the site's policy and names no site path
+(:mod:`fedscan.client.task_policy`). With a ``privacy`` block in the site's own config,
+training is DP-SGD (:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscan.client.error_replies import make_error_mod
 from fedscan.client.privacy import (
     load_ledger,
     privacy_off_record,
     save_ledger,
     train_private,
 )
+from fedscan.client.task_policy import accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_site
@@ -35,8 +39,6 @@ from fedscan.shared.messages import (
     PRIVACY,
     SAMPLES,
     SITE,
-    TASK_CONFIG,
-    config_for_site,
     site_record,
     to_arrays,
 )
@@ -93,7 +95,7 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
     has a privacy setting)."""
     config = msg.content[CONFIG]
-    cfg = config_for_site(str(config[TASK_CONFIG]), site)
+    cfg = accept_task(msg, site)  # no server paths, within the site's policy, audited
     server_round = int(config.get("server-round", 0))
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context)
@@ -168,7 +170,7 @@ def _evaluation_record(result: EvalResult) -> ConfigRecord:
 
 def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
     """Evaluate the received global model on the site's validation cases."""
-    cfg = config_for_site(str(msg.content[CONFIG][TASK_CONFIG]), site)
+    cfg = accept_task(msg, site)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context)
     _save_site_model(cfg, site, model, task, int(msg.content[CONFIG].get("server-round", 0)))
@@ -195,8 +197,12 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
 
 
 def make_client_app(resolve_site: SiteResolver) -> ClientApp:
-    """A ClientApp whose handlers act for the site ``resolve_site`` names."""
-    app = ClientApp()
+    """A ClientApp whose handlers act for the site ``resolve_site`` names.
+
+    Every handler runs inside the error mod: a failure reaches the server as a generic code
+    only, the full error stays in the site's log.
+    """
+    app = ClientApp(mods=[make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -22,23 +22,23 @@ from torch import nn
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
-from fedscan.shared.errors import FedscanError, root_cause
+from fedscan.shared.errors import DataError, FedscanError, root_cause
 from fedscan.shared.preprocessing import preprocess_transforms
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
 
 
 def load_nifti(path: str | Path, what: str = "image") -> nib.spatialimages.SpatialImage:
-    """Open a NIfTI header (lazily) or raise a one-line :class:`FedscanError` naming the file."""
+    """Open a NIfTI header (lazily) or raise a one-line :class:`DataError` naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise FedscanError(f"{what} file not found: {path}")
+        raise DataError(f"{what} file not found: {path}")
     try:
         img = nib.load(path)
     except Exception as exc:  # nibabel raises many types for a bad file
-        raise FedscanError(f"{path}: not a readable NIfTI {what} ({_why(exc)})") from None
+        raise DataError(f"{path}: not a readable NIfTI {what} ({_why(exc)})") from None
     if len(img.shape) < 3:
-        raise FedscanError(f"{path}: expected a 3D {what}, got shape {tuple(img.shape)}")
+        raise DataError(f"{path}: expected a 3D {what}, got shape {tuple(img.shape)}")
     return img
 
 
@@ -83,7 +83,7 @@ def preprocess_image(image_path: str | Path, cfg: Config) -> tuple[MetaTensor, C
     """The preprocessed ``(C, *spatial)`` image and the transform that made it (to invert).
 
     Raises:
-        FedscanError: one line naming the file when it is missing, unreadable, cannot be
+        DataError: one line naming the file when it is missing, unreadable, cannot be
             preprocessed or has the wrong channel count.
     """
     image_path = Path(image_path)
@@ -92,10 +92,10 @@ def preprocess_image(image_path: str | Path, cfg: Config) -> tuple[MetaTensor, C
     try:
         image = pre({"image": str(image_path)})["image"]
     except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        raise FedscanError(f"{image_path}: could not be read or preprocessed "
+        raise DataError(f"{image_path}: could not be read or preprocessed "
                            f"({_why(root_cause(exc))})") from None
     if image.shape[0] != cfg.data.in_channels:
-        raise FedscanError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
+        raise DataError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
                            f"{cfg.data.in_channels} (data.in_channels)")
     return image, pre
 

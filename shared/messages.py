@@ -44,13 +44,17 @@ EVALUATION = "evaluation"
 
 
 def task_config_json(cfg: Config) -> str:
-    """The run config without sites, test sets and privacy: what every hospital needs to train.
+    """The run config without sites, test sets, privacy and paths: what every hospital needs
+    to train.
 
-    Privacy is stripped so the server can neither set nor loosen a hospital's guarantee.
+    Privacy is stripped so the server can neither set nor loosen a hospital's guarantee, and
+    every path (``harmonisation.reference``) so it cannot choose what a hospital reads: sites
+    refuse a task config that carries one.
     """
     data = cfg.to_dict()
     data["sites"], data["test_sets"] = [], []
     data["privacy"] = None
+    data["harmonisation"]["reference"] = None
     return json.dumps(data)
 
 
