@@ -33,6 +33,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 APPROVED_CLIENTAPP = "fedscan.client.client_app:app"
 #: Environment variable naming site.yaml; set by the daemon, inherited by every ClientApp.
@@ -166,14 +167,20 @@ def generic_error_factory(error_cls: Callable) -> Callable:
     return make
 
 
+def patch_runner(run_clientapp: ModuleType) -> None:
+    """Put the site's loader and the text-free error replies into Flower's ClientApp runner
+    (``flwr.supernode.runtime.run_clientapp``)."""
+    run_clientapp.get_load_client_app_fn = approved_loader_factory(
+        run_clientapp.get_load_client_app_fn)
+    run_clientapp.Error = generic_error_factory(run_clientapp.Error)
+
+
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` shim that ``fedscan client start`` installs."""
     from flwr.supernode.cli import flwr_clientapp  # the function behind `flwr-clientapp`
     from flwr.supernode.runtime import run_clientapp
 
-    run_clientapp.get_load_client_app_fn = approved_loader_factory(
-        run_clientapp.get_load_client_app_fn)
-    run_clientapp.Error = generic_error_factory(run_clientapp.Error)
+    patch_runner(run_clientapp)
     flwr_clientapp()
 
 
