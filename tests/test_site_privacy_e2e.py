@@ -14,6 +14,7 @@ case id or label value, while each site's own log has the full error.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -112,10 +113,11 @@ def sites_yaml(extra: str) -> str:
 
 
 def secrets_of(root: Path) -> list[str]:
-    """What must never reach the server: the folders, file and case names, the label value,
-    exception text."""
-    return [str(root), "site-a_", "site-b_", "site-c_", ".nii", "imagesTr", "labelsTr",
-            "label value", "Traceback", "DataError", "<class", "channel(s)"]
+    """What must never reach the server: the site's folders, file and case names, the label
+    value, its exception text and traceback frames (the server's own tracebacks may be in its
+    logs)."""
+    return [str(root / "data"), "site-a_", "site-b_", "site-c_", ".nii", "imagesTr", "labelsTr",
+            "label value", "DataError", "<class", "channel(s)", "client_app.py"]
 
 
 #: The bad label value as a number of its own (not a digit run inside another number).
@@ -206,3 +208,67 @@ def test_wrong_in_channels_from_the_server_reaches_it_as_a_code_only(tmp_path):
         log = (out / "site-state" / site / "site.log").read_text()
         assert f"{site}_000.nii.gz" in log or f"{site}_001.nii.gz" in log
         assert "data.in_channels is 2" in log
+
+
+def test_deployed_site_with_broken_data_reveals_only_a_code(tmp_path):
+    """Flower's deployment runtime on loopback (``fedscan server start``, a ``fedscan client
+    start`` daemon, guarded ``flwr-clientapp`` processes): the site's bad label reaches the
+    server host as ``data-error`` and nothing else, in any file the server wrote, including
+    the SuperLink's state database, where the reply was stored."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        runtime = s.getsockname()[1]
+    folders = make_sites(tmp_path / "data")
+    write_label(folders["site-b"] / "labelsTr" / "site-b_000.nii.gz", SECRET_LABEL)
+    (tmp_path / "site-b.yaml").write_text(
+        f"name: site-b\ndata: data/site-b\nserver: 127.0.0.1:{port}\nruntime_port: {runtime}\n")
+    (tmp_path / "server.yaml").write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, run_dir: run, site_grace: 60}}\n"
+        "sites: [{name: site-b}]\nrounds: 1\nstrategy: {round_timeout: 300}\n" + TINY_RUN)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    with (tmp_path / "site-b.log").open("w") as log:
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "fedscan", "client", "start", "--config", "site-b.yaml",
+             "--insecure"], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+    try:
+        started = time.monotonic()
+        server = subprocess.run(
+            [sys.executable, "-m", "fedscan", "server", "start", "--config", "server.yaml",
+             "--insecure"], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=400)
+        print(f"deployment run took {time.monotonic() - started:.0f}s")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(daemon.pid, signal.SIGTERM)
+        daemon.wait(timeout=30)
+    # The only site failed: round 1 aggregated nothing and the run stopped there.
+    assert server.returncode != 0 and "ended as finished:failed" in server.stderr, \
+        server.stdout[-3000:] + server.stderr[-3000:]
+    run = tmp_path / "run"
+    (r1,) = json.loads((run / "summary.json").read_text())["rounds"]
+    assert [e["reason"].split(":")[0] for e in r1["errors"]] == ["data-error"]
+    # Every file on the server host: summary, logs and Flower's state database, which holds
+    # the reply as the SuperLink received it.
+    stored = b"".join(p.read_bytes() for p in run.glob("state.db*"))
+    assert b"data-error" in stored
+    site_side = [*secrets_of(tmp_path), str(tmp_path / ".fedscan-site-b"), "site-b.yaml"]
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        for secret in site_side:
+            assert secret.encode() not in data, (path, secret)
+        if path.suffix in (".json", ".md", ".log", ".txt", ".yaml"):
+            assert not LABEL_VALUE.search(data.decode(errors="replace")), path
+    # The hospital kept the details.
+    log_b = (tmp_path / ".fedscan-site-b" / "site.log").read_text()
+    assert "site-b_000.nii.gz" in log_b and f"label value {SECRET_LABEL}" in log_b
