@@ -26,7 +26,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 from fedscan.client.guard import audit
 from fedscan.shared.config import Config, SiteConfig, SitePolicy
@@ -133,6 +133,11 @@ def accept_task(msg: Message, site: SiteConfig) -> Config:
         if isinstance(data.get("harmonisation"), dict):
             data["harmonisation"]["reference"] = site.harmonisation_reference
         cfg = config_for_site(json.dumps(data), site)
+        if (cfg.task == "harmonisation" and site.harmonisation_reference is None
+                and msg.metadata.message_type == MessageType.TRAIN):
+            raise ConfigError("the harmonisation task trains against a public reference "
+                              "folder: set harmonisation_reference in this site's config "
+                              "(site.yaml; in simulation harmonisation.reference)")
         clamped = enforce_policy(cfg, site.policy, server_round,
                                  lambda: len(read_site(site, cfg.data, check=False).train))
     except FedscanError as exc:

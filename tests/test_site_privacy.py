@@ -204,6 +204,11 @@ def test_site_paths_come_from_the_site(tiny, tmp_path):
     researcher = parse_config({**cfg.to_dict(), "harmonisation": {"reference": "/srv/ref"}})
     virtual = site_for_client(researcher, researcher.sites[0], tmp_path)
     assert virtual.harmonisation_reference == "/srv/ref"
+    # A site that trains a harmonisation task without its own reference folder says which
+    # key to set (at the site; the server gets config-error).
+    harmonise = parse_config({**cfg.to_dict(), "task": "harmonisation"})
+    with pytest.raises(ConfigError, match="set harmonisation_reference in this site's config"):
+        accept_task(train_message(harmonise, to_arrays({}), 1), site_with(tmp_path, folder))
 
 
 def test_policy_refuses_below_floors_and_above_caps(tiny, tmp_path):
@@ -265,3 +270,17 @@ def test_site_yaml_policy_and_reference(tmp_path):
     with pytest.raises(ConfigError, match=r"test_sets\[0\]"):
         parse_config({"sites": [{"name": "a", "data": "/a"}],
                       "test_sets": [{"name": "t", "data": "/t", "policy": {"max_rounds": 1}}]})
+
+
+def test_preflight_reports_policy_and_reference(tiny, tmp_path):
+    from fedscan.client.preflight import check_reference
+
+    _, folder = tiny
+    path = tmp_path / "site.yaml"
+    path.write_text(f"name: a\ndata: {folder}\nserver: h:1\npolicy: {{max_rounds: 9}}\n"
+                    f"harmonisation_reference: {folder}\n")
+    check = check_reference(load_site_settings(path))
+    assert check.status == "OK" and "max_rounds 9" in check.detail and "3 cases" in check.detail
+    path.write_text(f"name: a\ndata: {folder}\nserver: h:1\nharmonisation_reference: nowhere\n")
+    check = check_reference(load_site_settings(path))
+    assert check.status == "FAIL" and "nowhere" in check.detail
