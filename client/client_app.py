@@ -1,8 +1,10 @@
 """ClientApp: a hospital trains and evaluates the global model on its own data only.
 
 Only weights and aggregate metrics leave the site: never images, labels, file names or
-per-case values. With a ``privacy`` block in the site's own config, training is DP-SGD
-(:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
+per-case values, on failure neither (:mod:`fedscan.client.error_replies`). The server's task
+config is accepted only within the site's policy and names no site path
+(:mod:`fedscan.client.task_policy`). With a ``privacy`` block in the site's own config,
+training is DP-SGD (:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
 """
 
 from __future__ import annotations
@@ -14,26 +16,26 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscan.client.error_replies import make_error_mod
 from fedscan.client.privacy import (
     load_ledger,
     privacy_off_record,
     save_ledger,
     train_private,
 )
+from fedscan.client.task_policy import accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
-    CONFIG,
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
     SAMPLES,
     SITE,
-    RoundConfig,
     site_record,
     to_arrays,
 )
@@ -91,8 +93,8 @@ def train(msg: Message, context: Context, site: SiteConfig,
           allow_task_import: bool = False) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
     has a privacy setting)."""
-    instruction = RoundConfig.from_record(msg.content[CONFIG])
-    cfg = instruction.site_config(site)
+    # No server paths, within the site's policy, audited; the message config decoded once.
+    cfg, instruction = accept_task(msg, site)
     server_round = instruction.server_round
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context, allow_task_import)
@@ -168,8 +170,7 @@ def _evaluation_record(result: EvalResult) -> ConfigRecord:
 def evaluate(msg: Message, context: Context, site: SiteConfig,
              allow_task_import: bool = False) -> Message:
     """Evaluate the received global model on the site's validation cases."""
-    instruction = RoundConfig.from_record(msg.content[CONFIG])
-    cfg = instruction.site_config(site)
+    cfg, instruction = accept_task(msg, site)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context, allow_task_import)
     _save_site_model(cfg, site, model, task, instruction.server_round)
@@ -198,11 +199,12 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
 def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False) -> ClientApp:
     """A ClientApp whose handlers act for the site ``resolve_site`` names.
 
-    ``allow_task_import`` lets it build a task the config names by import path: simulation
-    only, where the researcher's code is on both sides; a deployed hospital runs built-in
-    tasks only.
+    Every handler runs inside the error mod: a failure reaches the server as a generic code
+    only, the full error stays in the site's log. ``allow_task_import`` lets it build a task
+    the config names by import path: simulation only, where the researcher's code is on both
+    sides; a deployed hospital runs built-in tasks only.
     """
-    app = ClientApp()
+    app = ClientApp(mods=[make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

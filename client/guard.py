@@ -14,6 +14,10 @@ loader, which:
 3. refuses anything else: the message gets an error reply, the run's training at this site
    does not happen, and the decision is appended to ``<state_dir>/audit.log``.
 
+A second change keeps exception text at the site: the error replies Flower's runner builds
+for failures outside the ClientApp (where fedscan's error mod cannot catch them) carry a
+generic code only (:func:`generic_error_factory`).
+
 Flower's own FAB signature check (``flower-supernode --trusted-entities``) needs FABs signed
 through the Flower platform, which a private consortium does not have; a hash allow-list is
 the local equivalent.
@@ -23,12 +27,12 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
+
+from fedscan.client.audit import audit
 
 APPROVED_CLIENTAPP = "fedscan.client.client_app:app"
 #: Environment variable naming site.yaml; set by the daemon, inherited by every ClientApp.
@@ -70,18 +74,6 @@ def check_fab_dir(app_dir: Path, clientapp_ref: str) -> str | None:
         if _sha256(local) != _sha256(path):
             return f"the FAB's {rel} differs from the installed fedscan ({local})"
     return None
-
-
-def audit(state_dir: str | None, event: str, **fields: object) -> None:
-    """Append one decision to the site's audit log (JSON lines) and to stderr."""
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
-    line = json.dumps(record, sort_keys=True)
-    print(f"fedscan-guard: {line}", file=sys.stderr, flush=True)
-    if state_dir:
-        path = Path(state_dir) / "audit.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
 
 
 def approved_loader_factory(flower_factory: Callable) -> Callable:
@@ -136,13 +128,44 @@ def approved_loader_factory(flower_factory: Callable) -> Callable:
     return factory
 
 
+def generic_error_factory(error_cls: Callable) -> Callable:
+    """Wrap Flower's ``Error`` as ``flwr-clientapp``'s runner uses it: no exception text.
+
+    The runner replies ``str(type(ex)) + str(ex)`` for any exception outside the ClientApp's
+    handlers (installing the FAB, an unknown message type), where fedscan's error mod cannot
+    catch it; such text can name the site's folders. With this wrapper the reason is a
+    fedscan code when it already is one, nothing for Flower's fixed "could not load the
+    ClientApp" case (the server names it by its error code), else ``internal-error``. The
+    full error stays in the SuperNode's log at the site.
+    """
+    from flwr.common.constant import ErrorCode
+
+    from fedscan.shared.error_codes import SITE_ERRORS
+
+    def make(code: int, reason: str | None = None) -> object:
+        if code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION:
+            reason = None
+        elif reason not in SITE_ERRORS:
+            reason = "internal-error"
+        return error_cls(code=code, reason=reason)
+
+    return make
+
+
+def patch_runner(run_clientapp: ModuleType) -> None:
+    """Put the site's loader and the text-free error replies into Flower's ClientApp runner
+    (``flwr.supernode.runtime.run_clientapp``)."""
+    run_clientapp.get_load_client_app_fn = approved_loader_factory(
+        run_clientapp.get_load_client_app_fn)
+    run_clientapp.Error = generic_error_factory(run_clientapp.Error)
+
+
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` shim that ``fedscan client start`` installs."""
     from flwr.supernode.cli import flwr_clientapp  # the function behind `flwr-clientapp`
     from flwr.supernode.runtime import run_clientapp
 
-    run_clientapp.get_load_client_app_fn = approved_loader_factory(
-        run_clientapp.get_load_client_app_fn)
+    patch_runner(run_clientapp)
     flwr_clientapp()
 
 

@@ -75,6 +75,11 @@ Status = Literal["trained", "budget-limited", "declined", "off"]
 History = list[tuple[float, float, int]]
 
 
+class PrivacyError(FedscanError):
+    """The site's privacy ledger or budget does not allow training (unreadable or corrupt
+    ledger, a budget too small to calibrate σ for)."""
+
+
 class PrivacyLedger:
     """ε spent by one site: an Opacus accountant over every DP-SGD step it ever took.
 
@@ -134,7 +139,7 @@ class PrivacyLedger:
                     sample_rate=self.sample_rate, steps=max(1, planned_steps),
                     accountant=self.privacy.accountant))
             except ValueError as exc:  # Opacus gives up beyond σ = 1e6
-                raise FedscanError(f"privacy.epsilon {self.privacy.epsilon} is too small for "
+                raise PrivacyError(f"privacy.epsilon {self.privacy.epsilon} is too small for "
                                    f"{planned_steps} steps at sample rate {sample_rate:.4g} "
                                    f"({exc})") from None
         return self.noise_multiplier
@@ -241,7 +246,7 @@ def load_ledger(privacy: PrivacyConfig, state: RecordDict,
     Keeping the larger one means a lost or stale copy can never make ε go down.
 
     Raises:
-        FedscanError: a stored ledger is unreadable (refusing beats silently resetting ε).
+        PrivacyError: a stored ledger is unreadable (refusing beats silently resetting ε).
     """
     found: list[PrivacyLedger] = []
     if LEDGER_KEY in state.config_records:
@@ -252,7 +257,7 @@ def load_ledger(privacy: PrivacyConfig, state: RecordDict,
         try:
             text = path.read_text()
         except OSError as exc:
-            raise FedscanError(f"{path}: privacy ledger unreadable ({exc.strerror})") from None
+            raise PrivacyError(f"{path}: privacy ledger unreadable ({exc.strerror})") from None
         found.append(_parse(text, privacy, str(path)))
     if not found:
         return PrivacyLedger(privacy)
@@ -287,7 +292,7 @@ def _parse(text: str, privacy: PrivacyConfig, where: str) -> PrivacyLedger:
     try:
         return PrivacyLedger.from_json(text, privacy)
     except (ValueError, KeyError, TypeError) as exc:
-        raise FedscanError(f"{where}: privacy ledger is corrupt ({exc}); refusing to train "
+        raise PrivacyError(f"{where}: privacy ledger is corrupt ({exc}); refusing to train "
                            "rather than reset the privacy budget") from None
 
 

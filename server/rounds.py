@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedscan.shared.checkpoint import load_model
+from fedscan.shared.error_codes import describe_error
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import SITE, RoundConfig, reply_site, site_record
 
@@ -165,8 +166,9 @@ def run_rounds(
             node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
+                # A fixed text per code: nothing the site wrote reaches summary.json.
                 history.record_error(rnd, sites.get(node, f"node-{node}"), phase,
-                                     str(reply.error.reason)[:300])
+                                     describe_error(reply.error.code, reply.error.reason))
             else:
                 declared = reply_site(reply)
                 if node in registered and declared != registered[node]:

@@ -63,6 +63,10 @@ PROXIMAL_MU = "proximal-mu"
 SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
 
 
+class SchemaMismatch(FedscanError):
+    """A message config of another schema version than this fedscan reads."""
+
+
 @dataclass(frozen=True)
 class RoundConfig:
     """What the server sends a site with each train or evaluate message (the ``config``).
@@ -84,8 +88,12 @@ class RoundConfig:
 
     @classmethod
     def for_run(cls, cfg: Config) -> RoundConfig:
-        """The config of a run's messages (the server strips what stays at the sites)."""
+        """The config of a run's messages: what stays at the sites (their data, privacy) is
+        left out, and no path travels (``harmonisation.reference`` comes from each site's
+        own config), so the server can neither loosen a guarantee nor choose what a site
+        reads."""
         data = {k: v for k, v in cfg.to_dict().items() if k not in SITE_ONLY_KEYS}
+        data["harmonisation"]["reference"] = None
         return cls(task_config=json.dumps(data))
 
     def to_record(self) -> ConfigRecord:
@@ -102,7 +110,7 @@ class RoundConfig:
         """
         version = record.get(SCHEMA)
         if version != SCHEMA_VERSION:
-            raise FedscanError(f"the server sent message schema {version!r}; this site's "
+            raise SchemaMismatch(f"the server sent message schema {version!r}; this site's "
                                f"fedscan reads schema {SCHEMA_VERSION} (install the "
                                "consortium's fedscan version)")
         try:

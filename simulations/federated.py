@@ -30,10 +30,14 @@ def simulation_backend(cfg: Config) -> dict[str, Any]:
 
 def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
     """The site as its virtual hospital sees it: privacy resolved (its own block, else the
-    top-level one), and a state folder ``out_dir/site-state/<site>`` for its ε ledger unless
-    it names one, so a resumed run continues each site's ledger."""
+    top-level one), a state folder ``out_dir/site-state/<site>`` for its ε ledger, audit and
+    site log unless it names one (so a resumed run continues each site's ledger), and the
+    site-side paths of the researcher's config (``harmonisation.reference`` unless the site
+    names its own): the server's task config carries no path, as in deployment."""
     state_dir = site.state_dir or str(Path(out_dir).resolve() / "site-state" / site.name)
-    return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir)
+    reference = site.harmonisation_reference or cfg.harmonisation.reference
+    return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir,
+                               harmonisation_reference=reference)
 
 
 def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:

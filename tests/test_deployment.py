@@ -277,8 +277,13 @@ def test_bytes_per_round_per_site_within_5_percent_of_fp32_model(scenario):
 def test_sites_ran_only_their_installed_code(scenario):
     root = scenario["root"]
     for site in ("site-a", "site-b"):
-        events = [json.loads(line) for line in
-                  (root / f".fedscan-{site}" / "audit.log").read_text().splitlines()]
+        lines = (root / f".fedscan-{site}" / "audit.log").read_text().splitlines()
+        everything = [json.loads(line) for line in lines]
+        events = [e for e in everything if e["event"].startswith("run-")]
         assert events and all(e["event"] == "run-accepted" and e["policy"] == "installed-code"
                               for e in events)
         assert len({e["run_id"] for e in events}) == 2  # the first run and the resumed one
+        # Every task config it accepted, under one hash (the same config all run long).
+        tasks = [e for e in everything if e["event"].startswith("task-")]
+        assert {e["event"] for e in tasks} == {"task-accepted"}
+        assert len(tasks) >= 3 and len({e["sha256"] for e in tasks}) == 1
