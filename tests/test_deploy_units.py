@@ -489,7 +489,16 @@ def test_compose_file(tmp_path):
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
     assert set(services) == {"server", "site-a", "site-b", "site-c"}
-    assert services["server"]["ports"] == ["8000:8000"]
+    assert services["server"]["ports"] == ["8000:8000"]  # only the front
+    assert all("ports" not in svc for name, svc in services.items() if name != "server")
+    # The CA's folder (ca.key) is mounted nowhere; keys are never made readable to others.
+    for name, svc in services.items():
+        sources = [v.split(":")[0] for v in svc["volumes"]]
+        assert not any(src.startswith("./ca") or "ca.key" in src for src in sources), name
+        assert svc["user"] == "${FEDSCAN_UID:-49999}:${FEDSCAN_GID:-49999}", name
+    init = (DEPLOY / "compose-init.sh").read_text()
+    assert "chmod" not in init and "umask 077" in init and "--out server-tls" in init
+    assert "./server-tls:/certs:ro" in services["server"]["volumes"]
     from fedscan.cli import build_parser
 
     for name, svc in services.items():
@@ -525,6 +534,12 @@ def test_kubernetes_manifest_and_systemd_unit():
     args = build_parser().parse_args(shlex.split(exec_start)[1:])
     assert args.command == "client" and args.client_command == "start" and not args.insecure
     assert "Restart=always" in unit and "ReadOnlyPaths=/etc/fedscan /data" in unit
+    unit = (DEPLOY / "fedscan-server.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*)$", unit, re.M).group(1)
+    args = build_parser().parse_args(shlex.split(exec_start)[1:])
+    assert args.command == "server" and args.server_command == "start" and args.resume
+    assert not args.insecure and "Restart=on-failure" in unit
+    assert "InaccessiblePaths=-/etc/fedscan/ca" in unit and "UMask=0077" in unit
 
 
 def test_operator_commands_explain_missing_server(tmp_path):
