@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import pytest
-from consortium import ENV, Processes, free_ports, wait_for
+from consortium import ENV, Processes, alive, free_ports, wait_for
 from tinysites import TINY_RUN, make_sites
 
 from fedscan.shared.certs import create_ca, create_server_cert, create_site_key
@@ -385,3 +385,31 @@ def test_attacker_on_its_own_network_host_reaches_only_the_fleet_api(attacked):
     assert f"{net['ns_ip']} " in log and "/v1/control/start-run" in log
     assert all('" 403 ' in line for line in log.splitlines()
                if line.startswith(net["ns_ip"]) and "/v1/control/" in line)
+
+
+def test_sigterm_stops_the_front_with_the_superlink(tmp_path):
+    """systemd, Kubernetes and compose stop the server with SIGTERM: nginx and the SuperLink
+    go with `fedscan server start`, and the hospitals' port closes."""
+    port, internal = free_ports(2)
+    create_ca(tmp_path / "ca")
+    create_server_cert(tmp_path / "ca", ["localhost", "127.0.0.1"], tmp_path / "certs")
+    (tmp_path / "server.yaml").write_text(
+        f"server: {{host: 127.0.0.1, port: {port}, internal_port: {internal}, "
+        "ca_cert: certs/ca.crt, cert: certs/server.pem, key: certs/server.key, "
+        "run_dir: run}\nsites: [{name: site-a}, {name: site-b}]\nrounds: 1\n" + TINY_RUN)
+    procs = Processes(tmp_path)
+    try:
+        server = procs.start("server", ["server", "start", "--config", "server.yaml"])
+        wait_for("the run to be submitted", lambda: "submitted" in procs.log("server"), 180,
+                 procs, ["server"])
+        pids = [int((tmp_path / "run" / name).read_text())
+                for name in ("superlink.pid", "front/nginx.pid")]
+        assert listening_addresses(internal) == ["127.0.0.1"]
+        server.terminate()
+        assert server.wait(timeout=60) != 0
+        time.sleep(1)
+        assert not [p for p in pids if alive(p)]
+        assert listening_addresses(port) == [] and listening_addresses(internal) == []
+        assert "interrupted" in procs.log("server")
+    finally:
+        procs.stop_all()
