@@ -29,8 +29,10 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
-from fedscan.shared.fab_policy import FabRefused, audit, foreign_code, read_fab, sha256
+from fedscan.shared import fab_policy
+from fedscan.shared.fab_policy import FabRefused, foreign_code, read_fab, sha256
 
 APPROVED_CLIENTAPP = "fedscan.client.client_app:app"
 #: Environment variable naming site.yaml; set by the daemon, inherited by every ClientApp.
@@ -40,11 +42,19 @@ POLICY_TRUSTED, POLICY_INSTALLED = "trusted-fab-hash", "installed-code"
 _approved: dict[str, str] = {}
 
 
-def _audit_path() -> Path | None:
+def audit(state_dir: str | Path | None, event: str, *, echo: bool = True,
+          **fields: object) -> None:
+    """Append one decision to the site's audit log (``<state_dir>/audit.log``, JSON lines)
+    and, with ``echo``, to stderr; without a state folder, to stderr only."""
+    fab_policy.audit(Path(state_dir) / "audit.log" if state_dir else None, event,
+                     "fedscan-guard", echo=echo, **fields)
+
+
+def _state_dir() -> str | None:
     try:
         from fedscan.client.site_config import load_site_settings
 
-        return Path(str(load_site_settings(os.environ[SITE_CONFIG_ENV]).state_dir)) / "audit.log"
+        return str(load_site_settings(os.environ[SITE_CONFIG_ENV]).state_dir)
     except Exception:  # no policy: log to stderr only
         return None
 
@@ -85,21 +95,20 @@ def guarded_install(flower_install: Callable) -> Callable:
 
             settings = load_site_settings(os.environ[SITE_CONFIG_ENV])
         except Exception as exc:  # fail closed: no policy, no run
-            audit(None, "run-refused", "fedscan-guard", reason=f"no site policy ({exc!r})",
-                  **where)
+            audit(None, "run-refused", reason=f"no site policy ({exc!r})", **where)
             raise LoadClientAppError(f"refused: no site policy ({exc})") from None
-        log = Path(str(settings.state_dir)) / "audit.log"
+        state_dir = settings.state_dir
         policy, reason = check_clientapp(content, list(settings.trusted_fab_hashes))
         if reason:
-            audit(log, "run-refused", "fedscan-guard", reason=reason, **where)
+            audit(state_dir, "run-refused", reason=reason, **where)
             raise LoadClientAppError(f"refused by site policy: {reason}")
         _approved[where["fab_hash"]] = policy
         if policy == POLICY_TRUSTED:
-            audit(log, "run-accepted", "fedscan-guard", policy=policy, **where)
+            audit(state_dir, "run-accepted", policy=policy, **where)
             return flower_install(fab_file, *args, **kwargs)
         from fedscan.client import client_app
 
-        audit(log, "run-accepted", "fedscan-guard", policy=policy,
+        audit(state_dir, "run-accepted", policy=policy,
               code=str(Path(client_app.__file__).parent), **where)
         return None  # the installed fedscan runs; nothing of the FAB is written
 
@@ -117,8 +126,8 @@ def approved_loader_factory(flower_factory: Callable) -> Callable:
         def load(fab_id: str, fab_version: str, fab_hash: str) -> ClientApp:
             policy = _approved.get(fab_hash)
             if policy is None:
-                audit(_audit_path(), "run-refused", "fedscan-guard", run_id=_run_id(),
-                      fab_hash=fab_hash, reason="the FAB was not checked before installation")
+                audit(_state_dir(), "run-refused", run_id=_run_id(), fab_hash=fab_hash,
+                      reason="the FAB was not checked before installation")
                 raise LoadClientAppError("refused: the FAB was not checked before installation")
             if policy == POLICY_TRUSTED:
                 return flower_load(fab_id, fab_version, fab_hash)
@@ -131,22 +140,27 @@ def approved_loader_factory(flower_factory: Callable) -> Callable:
     return factory
 
 
+def patch_runner(runtime: ModuleType) -> None:
+    """Put the site's policy into Flower's ClientApp runner
+    (``flwr.supernode.runtime.run_clientapp``): FAB installation and ClientApp loading."""
+    runtime.install_from_fab = guarded_install(runtime.install_from_fab)
+    runtime.get_load_client_app_fn = approved_loader_factory(runtime.get_load_client_app_fn)
+
+
 def main() -> None:
     """Entry point of the ``flwr-clientapp`` shim that ``fedscan client start`` installs."""
     import importlib
 
     from flwr.supernode.cli import flwr_clientapp  # the function behind `flwr-clientapp`
 
-    runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
-    runtime.install_from_fab = guarded_install(runtime.install_from_fab)
-    runtime.get_load_client_app_fn = approved_loader_factory(runtime.get_load_client_app_fn)
+    patch_runner(importlib.import_module("flwr.supernode.runtime.run_clientapp"))
     flwr_clientapp()
 
 
 def refuse_task() -> None:
     """Entry point of the shims for every other task program the SuperExec could start."""
     command = Path(sys.argv[0]).name
-    audit(_audit_path(), "task-refused", "fedscan-guard", command=command,
+    audit(_state_dir(), "task-refused", command=command,
           reason=f"this site runs only the fedscan ClientApp, not {command}")
     raise SystemExit(1)
 

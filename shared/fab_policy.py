@@ -143,18 +143,21 @@ def foreign_code(fab: FabContents) -> str | None:
     return None
 
 
-def audit(log_path: Path | None, event: str, prefix: str, **fields: object) -> None:
-    """Append one decision to an audit log (JSON lines) and to stderr.
+def audit(log_path: Path | None, event: str, prefix: str, *, echo: bool = True,
+          **fields: object) -> None:
+    """Append one decision to an audit log (JSON lines) and, with ``echo``, to stderr.
 
     Args:
         log_path: the audit log; None logs to stderr only (no policy to say where).
         event: e.g. ``run-accepted``, ``run-refused``.
         prefix: who decided, for the stderr line (``fedscan-guard``).
+        echo: also print the line to stderr.
         fields: run id, FAB hash, reason, ...
     """
     record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
     line = json.dumps(record, sort_keys=True, default=str)
-    print(f"{prefix}: {line}", file=sys.stderr, flush=True)
+    if echo or log_path is None:
+        print(f"{prefix}: {line}", file=sys.stderr, flush=True)
     if log_path is not None:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a", encoding="utf-8") as f:
