@@ -25,6 +25,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -192,11 +193,8 @@ def start_front(front_dir: Path, host: str, port: int, upstream_port: int,
                                       if error_log.is_file() else []) if "[emerg]" in line]
             raise FedscanError(f"nginx (the TLS front) exited with code {proc.returncode}: "
                                f"{tail[-1] if tail else 'see ' + str(error_log)}")
-        with contextlib.suppress(OSError):
-            import socket
-
-            with socket.create_connection((probe, port), timeout=1):
-                return proc
+        with contextlib.suppress(OSError), socket.create_connection((probe, port), timeout=1):
+            return proc
         time.sleep(0.2)
     stop_process(proc)
     raise FedscanError(f"nginx did not listen on {listen_address(host, port)} within "
@@ -232,7 +230,10 @@ def stop_stale(pid_file: Path, program: str) -> bool:
         return False  # the pid was reused by something else
     for sig in (signal.SIGTERM, signal.SIGKILL):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, sig) if os.getpgid(pid) == pid else os.kill(pid, sig)
+            if os.getpgid(pid) == pid:  # a session leader: take what it started along
+                os.killpg(pid, sig)
+            else:
+                os.kill(pid, sig)
         for _ in range(50):
             if not Path(f"/proc/{pid}").exists() or _is_zombie(pid):
                 return True

@@ -267,6 +267,23 @@ def test_front_config_is_valid_nginx_and_forwards_only_the_fleet_api(tmp_path, t
     assert "server 127.0.0.1:9000;" in text and "0.0.0.0" not in text
 
 
+def test_stale_processes_are_stopped_only_when_the_pid_is_theirs(tmp_path):
+    """A restart stops what a crashed start left (pid file + program name), and leaves a
+    reused pid alone."""
+    from fedscan.server.front import stop_stale
+
+    proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    try:
+        (tmp_path / "x.pid").write_text(str(proc.pid))
+        assert stop_stale(tmp_path / "x.pid", "nginx") is False and proc.poll() is None
+        assert stop_stale(tmp_path / "x.pid", "sleep") is True
+        assert proc.wait(timeout=10) is not None
+        assert stop_stale(tmp_path / "missing.pid", "sleep") is False
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 # -- code approval (guards) ------------------------------------------------------------------
 
 def make_fab(files: dict[str, str | bytes]) -> bytes:
