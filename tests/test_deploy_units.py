@@ -270,10 +270,17 @@ def test_front_config_is_valid_nginx_and_forwards_only_the_fleet_api(tmp_path, t
 def test_stale_processes_are_stopped_only_when_the_pid_is_theirs(tmp_path):
     """A restart stops what a crashed start left (pid file + program name), and leaves a
     reused pid alone."""
+    import time
+
     from fedscan.server.front import stop_stale
 
     proc = subprocess.Popen(["sleep", "600"], start_new_session=True)
     try:
+        # Right after a (v)fork+exec the kernel may still show an empty command line.
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{proc.pid}/cmdline").read_bytes() and \
+                time.monotonic() < deadline:
+            time.sleep(0.05)
         (tmp_path / "x.pid").write_text(str(proc.pid))
         assert stop_stale(tmp_path / "x.pid", "nginx") is False and proc.poll() is None
         assert stop_stale(tmp_path / "x.pid", "sleep") is True
