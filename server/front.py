@@ -70,9 +70,11 @@ def nginx_config(front_dir: Path, host: str, port: int, upstream_port: int,
         tls: ``(ca_cert, cert, key)``; None serves plain HTTP (``--insecure``).
     """
     tmp = front_dir / "tmp"
+    # "::" means every address, IPv4 included (nginx binds IPv6 only unless told).
+    dual = " ipv6only=off" if host == "::" else ""
     if tls:
         ca_cert, cert, key = tls
-        listen = f"listen {listen_address(host, port)} ssl;"
+        listen = f"listen {listen_address(host, port)} ssl{dual};"
         server_tls = (f"ssl_certificate {cert};\n        ssl_certificate_key {key};\n"
                       "        ssl_protocols TLSv1.2 TLSv1.3;\n"
                       "        ssl_session_cache shared:fedscan_tls:1m;")
@@ -84,7 +86,7 @@ def nginx_config(front_dir: Path, host: str, port: int, upstream_port: int,
                         "            proxy_ssl_protocols TLSv1.2 TLSv1.3;")
     else:
         listen, server_tls, scheme, upstream_tls = (
-            f"listen {listen_address(host, port)};", "", "http", "")
+            f"listen {listen_address(host, port)}{dual};", "", "http", "")
     return f"""# Written by `fedscan server start`: the SuperLink's TLS front (Fleet API only).
 daemon off;
 worker_processes 1;
