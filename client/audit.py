@@ -6,21 +6,14 @@ ClientApp imports) can both write to it without an import cycle.
 
 from __future__ import annotations
 
-import json
-import sys
-import time
 from pathlib import Path
 
+from fedscan.shared import fab_policy
 
-def audit(state_dir: str | None, event: str, *, echo: bool = True, **fields: object) -> None:
-    """Append one decision to the site's audit log (JSON lines) and, with ``echo``, to
-    stderr."""
-    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "event": event, **fields}
-    line = json.dumps(record, sort_keys=True)
-    if echo:
-        print(f"fedscan-guard: {line}", file=sys.stderr, flush=True)
-    if state_dir:
-        path = Path(state_dir) / "audit.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8") as f:
-            f.write(line + "\n")
+
+def audit(state_dir: str | Path | None, event: str, *, echo: bool = True,
+          **fields: object) -> None:
+    """Append one decision to the site's audit log (``<state_dir>/audit.log``, JSON lines)
+    and, with ``echo``, to stderr; without a state folder, to stderr only."""
+    fab_policy.audit(Path(state_dir) / "audit.log" if state_dir else None, event,
+                     "fedscan-guard", echo=echo, **fields)

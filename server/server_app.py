@@ -150,7 +150,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedscan.server.deployment import NODES_FILE, load_server_settings
+    from fedscan.server.settings import NODES_FILE, load_server_settings
 
     run_config = context.run_config
     settings = load_server_settings(str(run_config["server-config"]))
