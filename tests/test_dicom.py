@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import highdicom as hd
@@ -141,6 +143,30 @@ def test_pydicom_bundled_file_reads_with_its_values_and_geometry(tmp_path, name)
 def test_ct_rescale_intercept_is_applied():
     ds = pydicom.dcmread(bundled("CT_small.dcm"))
     assert float(ds.RescaleIntercept) != 0  # the file really exercises the modality rescale
+
+
+def test_enhanced_multiframe_reads_like_its_single_frame_series(tmp_path):
+    # highdicom's legacy converter writes the series as one Enhanced MR multi-frame file.
+    image_path, _ = two_blob_case(tmp_path / "nifti", "PIL", (2.0, 5.0, 3.0), (20, 12, 14), 15.0)
+    files = write_series(image_path, tmp_path / "single")
+    datasets = [pydicom.dcmread(f) for f in files]
+    for ds in datasets:  # MR attributes the converter requires and SimpleITK does not write
+        for keyword, value in dict(ScanningSequence="GR", SequenceVariant="NONE", ScanOptions="",
+                                   MRAcquisitionType="3D", EchoTime=1, RepetitionTime=2,
+                                   EchoTrainLength=1, ImagingFrequency=1,
+                                   MagneticFieldStrength=3, ContentDate="20240102",
+                                   ContentTime="101500", AcquisitionNumber=1).items():
+            setattr(ds, keyword, value)
+    multiframe = hd.legacy.LegacyConvertedEnhancedMRImage(
+        legacy_datasets=datasets, series_instance_uid=hd.UID(), series_number=4,
+        sop_instance_uid=hd.UID(), instance_number=1)
+    (tmp_path / "multi").mkdir()
+    multiframe.save_as(tmp_path / "multi" / "enhanced.dcm")
+    assert int(pydicom.dcmread(tmp_path / "multi" / "enhanced.dcm").NumberOfFrames) == 14
+    got = read_folder(tmp_path / "multi")
+    error_mm, voxels = same_world_grid(got, nib.load(image_path))
+    assert error_mm < GEOMETRY_TOL_MM
+    assert np.array_equal(voxels, np.asanyarray(nib.load(image_path).dataobj))
 
 
 # --- (3) SEG round trip ------------------------------------------------------------------------
@@ -432,3 +458,37 @@ def test_out_folder_must_be_new(series_folder, tmp_path, capsys):
     assert run_import(series_folder, tmp_path / "site") == 2
     assert "exists and is not empty" in error_line(capsys)
     assert (tmp_path / "site" / "keep.txt").read_text() == "mine"
+
+
+def test_predict_needs_one_series(series_folder, tmp_path, capsys):
+    export = tmp_path / "export"
+    shutil.copytree(series_folder, export / "a")
+    shutil.copytree(series_folder, export / "b")
+    for f in (export / "b").iterdir():
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID = "1.2.3.4.6"
+        ds.SeriesDescription = "second"
+        ds.save_as(f)
+    cfg = parse_with(TINY, {})
+    model = save_model(tmp_path / "m.pt", config=cfg,
+                       state_dict=build_task(cfg).build_model().state_dict())
+    assert main(["predict", "--model", str(model), "--image", str(export),
+                 "--out", str(tmp_path / "o.nii.gz")]) == 2
+    line = error_line(capsys)
+    assert "holds 2 image series, one is expected" in line and str(export / "b") in line
+    assert main(["predict", "--model", str(model), "--image", str(export / "a"),
+                 "--out", str(tmp_path / "o.nii.gz"), "--seg-out", str(tmp_path / "o.nii")]) == 2
+    assert "expected a .dcm file name" in error_line(capsys)
+    nifti = tmp_path / "nifti" / "image.nii.gz"
+    assert main(["predict", "--model", str(model), "--image", str(nifti),
+                 "--out", str(tmp_path / "o.nii.gz"), "--seg-out", str(tmp_path / "s.dcm")]) == 2
+    assert "--seg-out needs a DICOM series" in error_line(capsys)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_cli_process_prints_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedscan", "import-dicom", "--dicom",
+                           str(tmp_path / "nowhere"), "--out", str(tmp_path / "site")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"fedscan: error: {tmp_path / 'nowhere'}: DICOM folder not found"
