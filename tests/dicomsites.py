@@ -98,8 +98,12 @@ def label_frames(label: np.ndarray, label_affine: np.ndarray, datasets: list[pyd
 
 
 def write_seg(datasets: list[pydicom.Dataset], frames: np.ndarray, names: dict[int, str],
-              path: Path) -> Path:
-    """A binary SEG (highdicom) with ``frames`` holding segment numbers ``names`` declares."""
+              path: Path, kind: str = "BINARY") -> Path:
+    """A SEG (highdicom) of ``kind`` (BINARY, FRACTIONAL or LABELMAP) of ``datasets``.
+
+    ``frames`` holds segment numbers that ``names`` declares, ``(frame, row, column)``, or for
+    FRACTIONAL one probability plane per segment in the last axis.
+    """
     algorithm = hd.AlgorithmIdentificationSequence(
         name="test", version="1", family=codes.cid7162.ArtificialIntelligence)
     segments = [hd.seg.SegmentDescription(
@@ -108,12 +112,14 @@ def write_seg(datasets: list[pydicom.Dataset], frames: np.ndarray, names: dict[i
         segmented_property_type=codes.SCT.AnatomicalStructure,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm) for n, label in sorted(names.items())]
+    fractional = {"fractional_type": "PROBABILITY"} if kind == "FRACTIONAL" else {}
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=frames.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+        source_images=datasets,
+        pixel_array=frames.astype(np.float32 if kind == "FRACTIONAL" else np.uint8),
+        segmentation_type=hd.seg.SegmentationTypeValues[kind], segment_descriptions=segments,
         series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
         instance_number=1, manufacturer="test", manufacturer_model_name="test",
-        software_versions="1", device_serial_number="1")
+        software_versions="1", device_serial_number="1", **fractional)
     path.parent.mkdir(parents=True, exist_ok=True)
     seg.save_as(path)
     return path

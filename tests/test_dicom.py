@@ -23,6 +23,8 @@ from fedscan.cli import main
 from fedscan.shared.checkpoint import save_model
 from fedscan.shared.data import read_dataset
 from fedscan.shared.dicom_io import one_series, read_series
+from fedscan.shared.dicom_seg import read_seg_labels
+from fedscan.shared.errors import DataError
 from fedscan.shared.inference import predict_file
 from fedscan.shared.tasks import build_task
 from tests.dicomsites import (
@@ -210,6 +212,45 @@ def test_seg_segments_map_to_declared_labels(tmp_path):
     case = read_dataset(tmp_path / "site", num_classes=3).cases[0]
     _, label = same_world_grid(nib.load(case["label"]), nib.load(label_path))
     assert np.array_equal(label, np.asanyarray(nib.load(label_path).dataobj))
+
+
+@pytest.fixture
+def blob_series(tmp_path):
+    """A PIL oblique series, its volume as read, its sorted datasets and label frames."""
+    image_path, label_path = two_blob_case(tmp_path / "nifti", "PIL", (2.0, 4.0, 3.0),
+                                           (22, 12, 20), 20.0)
+    datasets = sorted_datasets(write_series(image_path, tmp_path / "series"))
+    label = nib.load(label_path)
+    frames = label_frames(np.asanyarray(label.dataobj), label.affine, datasets)
+    return read_series(one_series(tmp_path / "series")), datasets, frames
+
+
+@pytest.mark.parametrize("kind", ["BINARY", "FRACTIONAL", "LABELMAP"])
+def test_seg_types_read_onto_the_series_grid(blob_series, tmp_path, kind):
+    volume, datasets, frames = blob_series
+    pixels = frames
+    if kind == "FRACTIONAL":  # probabilities: >= 0.5 is in the segment
+        pixels = np.stack([(frames == 1) * 0.8, (frames == 2) * 0.6 + (frames == 1) * 0.3], -1)
+    seg = write_seg(datasets, pixels, {1: "a", 2: "b"}, tmp_path / f"{kind}.dcm", kind)
+    labels = read_seg_labels(seg, volume, {1: 2, 2: 1})  # classes swapped on purpose
+    expected = np.where(frames > 0, 3 - frames, 0).transpose(2, 1, 0)
+    assert labels.shape == volume.image.shape
+    assert np.array_equal(labels, expected)
+
+
+def test_seg_with_overlapping_segments_or_no_source_references(blob_series, tmp_path):
+    volume, datasets, frames = blob_series
+    both = np.stack([frames == 1, (frames == 1) | (frames == 2)], -1).astype(np.float32)
+    seg = write_seg(datasets, both, {1: "a", 2: "b"}, tmp_path / "overlap.dcm", "FRACTIONAL")
+    with pytest.raises(DataError, match=r"overlap.dcm: segments 1 and 2 overlap in \d+ voxels"):
+        read_seg_labels(seg, volume, {1: 1, 2: 2})
+    seg = write_seg(datasets, frames, {1: "a", 2: "b"}, tmp_path / "noref.dcm")
+    ds = pydicom.dcmread(seg)
+    for item in ds.PerFrameFunctionalGroupsSequence:  # placed by position only
+        del item.DerivationImageSequence
+    ds.save_as(seg)
+    with pytest.raises(DataError, match="noref.dcm: SEG cannot be placed on series"):
+        read_seg_labels(seg, volume, {1: 1, 2: 2})
 
 
 # --- import-dicom: folder structures, ids, mapping, image-only series -------------------------
