@@ -9,6 +9,7 @@ and fractional segments count where their value is at least 0.5.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,9 +84,15 @@ def read_seg_labels(path: Path, volume: SeriesVolume, class_of_segment: dict[int
     try:
         seg = hd.seg.segread(str(path))
         numbers = list(seg.get_segment_numbers())
-        per_segment = seg.get_pixels_by_source_instance(
-            source_sop_instance_uids=[p.sop_uid for p in volume.planes],
-            segment_numbers=numbers, combine_segments=False)
+        if volume.planes[0].frame is None:
+            per_segment = seg.get_pixels_by_source_instance(
+                source_sop_instance_uids=[p.sop_uid for p in volume.planes],
+                segment_numbers=numbers, combine_segments=False)
+        else:  # frames of one multi-frame image, referenced by (1-based) frame number
+            per_segment = seg.get_pixels_by_source_frame(
+                source_sop_instance_uid=volume.planes[0].sop_uid,
+                source_frame_numbers=[p.frame + 1 for p in volume.planes],
+                segment_numbers=numbers, combine_segments=False)
     except Exception as exc:  # highdicom raises many types for SEGs it cannot place
         raise DataError(f"{path}: SEG cannot be placed on series {volume.series.folder} "
                         f"({_why(exc)})") from None
@@ -139,13 +146,21 @@ def write_seg(labels: np.ndarray, volume: SeriesVolume, out_path: Path,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm)
         for number, name in enumerate(class_names, start=1)]
-    seg = hd.seg.Segmentation(
-        source_images=source_images, pixel_array=pixel_array.astype(np.uint8),
-        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
-        series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="fedscan", manufacturer_model_name="fedscan predict",
-        software_versions=__version__, device_serial_number="none",
-        series_description="fedscan segmentation")
+    # highdicom logs a notice for an all-background mask (it then stores every frame); the
+    # console keeps to our own lines.
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        seg = hd.seg.Segmentation(
+            source_images=source_images, pixel_array=pixel_array.astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
+            series_instance_uid=hd.UID(), series_number=9000, sop_instance_uid=hd.UID(),
+            instance_number=1, manufacturer="fedscan", manufacturer_model_name="fedscan predict",
+            software_versions=__version__, device_serial_number="none",
+            series_description="fedscan segmentation")
+    finally:
+        logger.setLevel(level)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.partial")
     seg.save_as(partial)

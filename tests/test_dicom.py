@@ -24,6 +24,7 @@ from fedscan.shared.checkpoint import save_model
 from fedscan.shared.data import read_dataset
 from fedscan.shared.dicom_io import one_series, read_series
 from fedscan.shared.dicom_seg import read_seg_labels
+from fedscan.shared.dicom_seg import write_seg as write_prediction_seg
 from fedscan.shared.errors import DataError
 from fedscan.shared.inference import predict_file
 from fedscan.shared.tasks import build_task
@@ -149,7 +150,8 @@ def test_ct_rescale_intercept_is_applied():
 
 def test_enhanced_multiframe_reads_like_its_single_frame_series(tmp_path):
     # highdicom's legacy converter writes the series as one Enhanced MR multi-frame file.
-    image_path, _ = two_blob_case(tmp_path / "nifti", "PIL", (2.0, 5.0, 3.0), (20, 12, 14), 15.0)
+    image_path, label_path = two_blob_case(tmp_path / "nifti", "PIL", (2.0, 5.0, 3.0),
+                                           (20, 12, 14), 15.0)
     files = write_series(image_path, tmp_path / "single")
     datasets = [pydicom.dcmread(f) for f in files]
     for ds in datasets:  # MR attributes the converter requires and SimpleITK does not write
@@ -165,10 +167,16 @@ def test_enhanced_multiframe_reads_like_its_single_frame_series(tmp_path):
     (tmp_path / "multi").mkdir()
     multiframe.save_as(tmp_path / "multi" / "enhanced.dcm")
     assert int(pydicom.dcmread(tmp_path / "multi" / "enhanced.dcm").NumberOfFrames) == 14
-    got = read_folder(tmp_path / "multi")
-    error_mm, voxels = same_world_grid(got, nib.load(image_path))
+    volume = read_series(one_series(tmp_path / "multi"))
+    error_mm, voxels = same_world_grid(volume.image, nib.load(image_path))
     assert error_mm < GEOMETRY_TOL_MM
     assert np.array_equal(voxels, np.asanyarray(nib.load(image_path).dataobj))
+    # A SEG of the multi-frame image references its frames; it reads back onto the grid.
+    labels = np.asanyarray(nib.load(label_path).dataobj)
+    _, labels = same_world_grid(nib.Nifti1Image(labels, nib.load(label_path).affine),
+                                volume.image)
+    seg = write_prediction_seg(labels, volume, tmp_path / "seg.dcm", ["left", "right"])
+    assert np.array_equal(read_seg_labels(seg, volume, {1: 1, 2: 2}), labels)
 
 
 # --- (3) SEG round trip ------------------------------------------------------------------------
