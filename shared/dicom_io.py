@@ -218,8 +218,10 @@ def _floats(value: object, n: int, where: str, keyword: str) -> np.ndarray:
     return out
 
 
-def _functional(header: Dataset, frame: int, sequence: str, keyword: str) -> object:
-    """A multi-frame attribute from the per-frame group ``frame``, else the shared group."""
+def _attribute(header: Dataset, frame: int, sequence: str, keyword: str) -> object:
+    """An attribute of one frame: from its per-frame functional group, else the shared group
+    (Enhanced objects), else the top level (classic single-frame objects); ``None`` if absent.
+    """
     for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
                           ("SharedFunctionalGroupsSequence", 0)):
         items = header.get(groups)
@@ -227,45 +229,36 @@ def _functional(header: Dataset, frame: int, sequence: str, keyword: str) -> obj
             inner = items[index].get(sequence)
             if inner and keyword in inner[0]:
                 return inner[0].get(keyword)
-    return None
+    return header.get(keyword)
 
 
 def _planes(series: ImageSeries) -> tuple[list[Plane], np.ndarray]:
-    """Every plane of the series (unsorted) and the pixel spacing (row, column) in mm."""
-    multi = [int(h.get("NumberOfFrames", 1) or 1) > 1 for h in series.headers]
-    if any(multi) and len(series.files) > 1:
-        raise DataError(f"{series.folder}: series mixes a multi-frame file with other files; "
-                        "one multi-frame file or single-frame files are supported")
-    header, path = series.headers[0], series.files[0]
-    if multi[0]:
-        frames = int(header.NumberOfFrames)
-        spacing = _floats(_functional(header, 0, "PixelMeasuresSequence", "PixelSpacing"),
-                          2, str(path), "PixelSpacing")
-        planes = []
+    """Every plane of the series (unsorted) and the pixel spacing (row, column) in mm.
+
+    Works for classic single-frame files, Enhanced single-frame files (geometry in functional
+    groups) and multi-frame files alike.
+    """
+    planes: list[Plane] = []
+    sizes, spacings = set(), set()
+    for header, path in zip(series.headers, series.files, strict=True):
+        sizes.add((int(header.get("Rows", 0)), int(header.get("Columns", 0))))
+        frames = int(header.get("NumberOfFrames", 1) or 1)
         for k in range(frames):
-            position = _functional(header, k, "PlanePositionSequence", "ImagePositionPatient")
-            orient = _functional(header, k, "PlaneOrientationSequence", "ImageOrientationPatient")
-            planes.append(Plane(path, k, _floats(position, 3, f"{path} frame {k + 1}",
-                                                 "ImagePositionPatient"),
-                                _floats(orient, 6, f"{path} frame {k + 1}",
-                                        "ImageOrientationPatient"),
+            where = f"{path} frame {k + 1}" if frames > 1 else str(path)
+            spacings.add(tuple(_floats(_attribute(header, k, "PixelMeasuresSequence",
+                                                  "PixelSpacing"), 2, where, "PixelSpacing")))
+            position = _attribute(header, k, "PlanePositionSequence", "ImagePositionPatient")
+            orient = _attribute(header, k, "PlaneOrientationSequence", "ImageOrientationPatient")
+            planes.append(Plane(path, k if frames > 1 else None,
+                                _floats(position, 3, where, "ImagePositionPatient"),
+                                _floats(orient, 6, where, "ImageOrientationPatient"),
                                 str(header.get("SOPInstanceUID", ""))))
-        return planes, spacing
-    sizes = {(int(h.get("Rows", 0)), int(h.get("Columns", 0))) for h in series.headers}
     if len(sizes) > 1:
         shown = " and ".join(f"{r}x{c}" for r, c in sorted(sizes)[:2])
         raise DataError(f"{series.folder}: images of different sizes in one series ({shown})")
-    spacings = {tuple(_floats(h.get("PixelSpacing"), 2, str(f), "PixelSpacing"))
-                for h, f in zip(series.headers, series.files, strict=True)}
     if len(spacings) > 1:
         raise DataError(f"{series.folder}: inconsistent pixel spacing in one series "
                         f"({' and '.join(str(list(s)) for s in sorted(spacings)[:2])} mm)")
-    planes = [Plane(f, None, _floats(h.get("ImagePositionPatient"), 3, str(f),
-                                     "ImagePositionPatient"),
-                    _floats(h.get("ImageOrientationPatient"), 6, str(f),
-                            "ImageOrientationPatient"),
-                    str(h.get("SOPInstanceUID", "")))
-              for h, f in zip(series.headers, series.files, strict=True)]
     return planes, np.array(spacings.pop())
 
 
@@ -361,13 +354,18 @@ def _decode(series: ImageSeries, planes: list[Plane]) -> np.ndarray:
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM's notes would bypass our one line
     try:
-        if planes[0].frame is None:
+        if all(p.frame is None for p in planes):  # one file per slice, already sorted
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames([str(p.file) for p in planes])
             array = sitk.GetArrayFromImage(reader.Execute())
-        else:
-            stored = sitk.GetArrayFromImage(sitk.ReadImage(str(planes[0].file)))
-            array = stored[[p.frame for p in planes]]
+        else:  # multi-frame files: each read once, frames picked in sorted order
+            stored: dict[Path, np.ndarray] = {}
+            for p in planes:
+                if p.file not in stored:
+                    stored[p.file] = sitk.GetArrayFromImage(sitk.ReadImage(str(p.file)))
+            rows, cols = int(series.headers[0].Rows), int(series.headers[0].Columns)
+            array = np.stack([stored[p.file].reshape(-1, rows, cols)[p.frame or 0]
+                              for p in planes])
     except RuntimeError as exc:
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
         raise DataError(f"{series.folder}: pixel data could not be decoded "

@@ -62,6 +62,13 @@ def segment_names(path: Path, header: Dataset) -> dict[int, str]:
     return names
 
 
+def _single_multiframe(volume: SeriesVolume, path: Path) -> None:
+    """SEGs of multi-frame images are supported when the series is one such file."""
+    if len({p.file for p in volume.planes}) > 1:
+        raise DataError(f"{path}: SEGs of a series made of several multi-frame files are not "
+                        "supported")
+
+
 def read_seg_labels(path: Path, volume: SeriesVolume, class_of_segment: dict[int, int]
                     ) -> np.ndarray:
     """A SEG's segments as a class map on the series' voxel grid.
@@ -81,10 +88,13 @@ def read_seg_labels(path: Path, volume: SeriesVolume, class_of_segment: dict[int
         DataError: one line naming the SEG: unreadable, references instances outside the
             series, a frame size that differs from the images', or overlapping segments.
     """
+    multiframe = any(p.frame is not None for p in volume.planes)
+    if multiframe:
+        _single_multiframe(volume, path)
     try:
         seg = hd.seg.segread(str(path))
         numbers = list(seg.get_segment_numbers())
-        if volume.planes[0].frame is None:
+        if not multiframe:
             per_segment = seg.get_pixels_by_source_instance(
                 source_sop_instance_uids=[p.sop_uid for p in volume.planes],
                 segment_numbers=numbers, combine_segments=False)
@@ -127,12 +137,14 @@ def write_seg(labels: np.ndarray, volume: SeriesVolume, out_path: Path,
     Returns:
         ``out_path``.
     """
-    by_file = {str(f): ds for f, ds in zip(volume.series.files, volume.series.headers, strict=True)}
+    by_file = {str(f): ds for f, ds in
+               zip(volume.series.files, volume.series.headers, strict=True)}
     frames = np.ascontiguousarray(labels.transpose(2, 1, 0))  # (slice, row, column)
-    if volume.planes[0].frame is None:
+    if all(p.frame is None for p in volume.planes):
         source_images = [by_file[str(p.file)] for p in volume.planes]
         pixel_array = frames
     else:  # one multi-frame file: frames go back to their stored order
+        _single_multiframe(volume, out_path)
         source_images = [by_file[str(volume.planes[0].file)]]
         pixel_array = np.zeros_like(frames)
         pixel_array[[p.frame for p in volume.planes]] = frames
@@ -151,7 +163,7 @@ def write_seg(labels: np.ndarray, volume: SeriesVolume, out_path: Path,
     logger = logging.getLogger("highdicom")
     level = logger.level
     logger.setLevel(logging.ERROR)
-    try:
+    try:  # highdicom refuses some sources (e.g. several Enhanced files): one line, not a trace
         seg = hd.seg.Segmentation(
             source_images=source_images, pixel_array=pixel_array.astype(np.uint8),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=segments,
@@ -159,6 +171,9 @@ def write_seg(labels: np.ndarray, volume: SeriesVolume, out_path: Path,
             instance_number=1, manufacturer="fedscan", manufacturer_model_name="fedscan predict",
             software_versions=__version__, device_serial_number="none",
             series_description="fedscan segmentation")
+    except Exception as exc:
+        raise DataError(f"{out_path}: DICOM SEG could not be written for series "
+                        f"{volume.series.folder} ({_why(exc)})") from None
     finally:
         logger.setLevel(level)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+STORAGE = {"MR": "1.2.840.10008.5.1.4.1.1.4", "CT": "1.2.840.10008.5.1.4.1.1.2"}
 
 
 def write_series(nifti: Path, folder: Path, *, modality: str = "MR",
@@ -41,7 +41,7 @@ def write_series(nifti: Path, folder: Path, *, modality: str = "MR",
     tags = {
         "0010|0010": "Doe^Jane", "0010|0020": "PID-0042", "0008|0020": "20240102",
         "0008|0030": "101500", "0020|000d": study_uid, "0020|000e": series_uid,
-        "0020|0052": frame_uid, "0008|0060": modality, "0008|0016": MR_IMAGE_STORAGE,
+        "0020|0052": frame_uid, "0008|0060": modality, "0008|0016": STORAGE[modality],
         "0020|0011": "3", "0008|103e": "test series", "0020|0037": orientation,
         "0018|0050": f"{image.GetSpacing()[2]:.10g}", "0008|0008": "ORIGINAL\\PRIMARY\\AXIAL",
     }
@@ -67,13 +67,30 @@ def write_series(nifti: Path, folder: Path, *, modality: str = "MR",
     return files
 
 
+def geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """(orientation, position, pixel spacing) of a single-frame dataset, classic or Enhanced
+    (GDCM writes an MR image with a rescale slope as Enhanced MR, geometry in functional
+    groups)."""
+    if "ImageOrientationPatient" in ds:
+        holder = {k: ds for k in ("orientation", "position", "spacing")}
+    else:
+        shared, frame = ds.SharedFunctionalGroupsSequence[0], \
+            ds.PerFrameFunctionalGroupsSequence[0]
+        holder = {"orientation": shared.PlaneOrientationSequence[0],
+                  "position": frame.PlanePositionSequence[0],
+                  "spacing": shared.PixelMeasuresSequence[0]}
+    iop = np.array([float(v) for v in holder["orientation"].ImageOrientationPatient])
+    ipp = np.array([float(v) for v in holder["position"].ImagePositionPatient])
+    dr, dc = (float(v) for v in holder["spacing"].PixelSpacing)
+    return iop, ipp, (dr, dc)
+
+
 def sorted_datasets(files: list[Path]) -> list[pydicom.Dataset]:
     """The series' datasets sorted along the slice normal (the order a SEG's frames follow)."""
     datasets = [pydicom.dcmread(f) for f in files]
-    iop = np.array([float(v) for v in datasets[0].ImageOrientationPatient])
+    iop = geometry(datasets[0])[0]
     normal = np.cross(iop[:3], iop[3:])
-    return sorted(datasets, key=lambda ds: float(normal @ np.array(
-        [float(v) for v in ds.ImagePositionPatient])))
+    return sorted(datasets, key=lambda ds: float(normal @ geometry(ds)[1]))
 
 
 def label_frames(label: np.ndarray, label_affine: np.ndarray, datasets: list[pydicom.Dataset]
@@ -86,9 +103,7 @@ def label_frames(label: np.ndarray, label_affine: np.ndarray, datasets: list[pyd
     inverse = np.linalg.inv(label_affine)
     frames = []
     for ds in datasets:
-        iop = np.array([float(v) for v in ds.ImageOrientationPatient])
-        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
-        dr, dc = (float(v) for v in ds.PixelSpacing)
+        iop, ipp, (dr, dc) = geometry(ds)
         rows, cols = np.meshgrid(np.arange(ds.Rows), np.arange(ds.Columns), indexing="ij")
         lps = ipp + cols[..., None] * dc * iop[:3] + rows[..., None] * dr * iop[3:]
         ras = lps * np.array([-1.0, -1.0, 1.0])

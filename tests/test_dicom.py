@@ -92,18 +92,40 @@ def test_simpleitk_series_round_trip_keeps_geometry_and_values(tmp_path, axcodes
     assert got.header.get_qform(coded=True)[1] == 1 and got.header.get_sform(coded=True)[1] == 1
 
 
-def test_float_image_round_trip_within_rescale_precision(tmp_path):
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_float_image_round_trip_within_rescale_precision(tmp_path, modality):
+    # Classic files, or for MR Enhanced single-frame files when no DICOM was read in this
+    # process yet (a GDCM process-wide setting; the next test pins that case down).
     image_path, _ = two_blob_case(tmp_path / "nifti", "LAS", (1.5, 1.5, 4.0), (24, 20, 8),
                                   oblique=10.0, dtype=np.float32)
     slope = 0.01
-    write_series(image_path, tmp_path / "dicom", rescale_slope=slope)
+    write_series(image_path, tmp_path / "dicom", rescale_slope=slope, modality=modality)
     header = pydicom.dcmread(next((tmp_path / "dicom").iterdir()))
-    assert float(header.RescaleSlope) == slope and header.PixelRepresentation == 1
+    rescale = header if "RescaleSlope" in header else \
+        header.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence[0]
+    assert float(rescale.RescaleSlope) == slope and header.PixelRepresentation == 1
     error_mm, voxels = same_world_grid(read_folder(tmp_path / "dicom"), nib.load(image_path))
     assert error_mm < GEOMETRY_TOL_MM
     diff = np.abs(voxels - np.asanyarray(nib.load(image_path).dataobj))
     assert diff.max() <= slope / 2 + 1e-4  # rounding to the stored integer, no more
     assert diff.max() > 0  # the data really needed the slope
+
+
+def test_enhanced_single_frame_files_round_trip(tmp_path):
+    # In a fresh process (no DICOM read yet) GDCM writes a rescaled MR image as Enhanced MR
+    # single-frame files: geometry, pixel spacing and rescale live in functional groups.
+    image_path, _ = two_blob_case(tmp_path / "nifti", "PIL", (2.0, 5.0, 3.0), (20, 12, 10),
+                                  oblique=15.0, dtype=np.float32)
+    script = ("import sys; from pathlib import Path; from tests.dicomsites import write_series; "
+              "write_series(Path(sys.argv[1]), Path(sys.argv[2]), rescale_slope=0.01)")
+    subprocess.run([sys.executable, "-c", script, str(image_path), str(tmp_path / "dicom")],
+                   check=True, timeout=120, cwd=Path(__file__).parent.parent)
+    header = pydicom.dcmread(next((tmp_path / "dicom").iterdir()))
+    assert header.SOPClassUID.name == "Enhanced MR Image Storage"
+    assert "ImageOrientationPatient" not in header and int(header.NumberOfFrames) == 1
+    error_mm, voxels = same_world_grid(read_folder(tmp_path / "dicom"), nib.load(image_path))
+    assert error_mm < GEOMETRY_TOL_MM
+    assert np.abs(voxels - np.asanyarray(nib.load(image_path).dataobj)).max() <= 0.005 + 1e-4
 
 
 # --- (2) a DICOM file shipped inside pydicom's wheel ---------------------------------------------
