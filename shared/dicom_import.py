@@ -205,6 +205,11 @@ def import_dicom(dicom_dir: str | Path, out_dir: str | Path, *, labels: list[str
         DataError: one line naming the folder or file at fault; nothing is left at ``out_dir``.
     """
     out = Path(os.path.abspath(os.path.expanduser(out_dir)))
+    if labels is not None:
+        lowered = [n.strip().lower() for n in labels]
+        if not all(lowered) or len(set(lowered)) != len(lowered):
+            raise DataError(f"--labels {','.join(labels)}: class names must be non-empty and "
+                            "distinct")
     scan = scan_dicom(dicom_dir)
     if not scan.series:
         raise DataError(f"{scan.root}: only SEG objects, no image series to import")
