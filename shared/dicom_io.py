@@ -13,7 +13,7 @@ exactly the one the checks accepted. Nothing here writes outside the caller's fo
 from __future__ import annotations
 
 import os
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,14 +408,6 @@ def read_series(series: ImageSeries) -> SeriesVolume:
     array = _decode(series, planes)
     return SeriesVolume(series=series, planes=planes,
                         image=nifti_image(np.ascontiguousarray(array.transpose(2, 1, 0)), affine))
-
-
-def group_by_folder(series: list[ImageSeries]) -> dict[Path, list[ImageSeries]]:
-    """Image series keyed by the folder holding them."""
-    out: dict[Path, list[ImageSeries]] = defaultdict(list)
-    for s in series:
-        out[s.folder].append(s)
-    return out
 
 
 def is_dicom_input(path: str | Path) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import locale
 from pathlib import Path
 
 import highdicom as hd
@@ -52,6 +53,19 @@ def write_series(nifti: Path, folder: Path, *, modality: str = "MR",
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()  # keep the UIDs set here
     files = []
+    # GDCM's writer leaves the process locale at "C" (ASCII), which would break text decoding
+    # of later subprocess output in the same test session: put it back afterwards.
+    saved_locale = locale.setlocale(locale.LC_ALL)
+    try:
+        _write_planes(image, tags, folder, writer, files)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved_locale)
+    return files
+
+
+def _write_planes(image: sitk.Image, tags: dict[str, str], folder: Path,
+                  writer: sitk.ImageFileWriter, files: list[Path]) -> None:
+    """Write each slice of ``image`` with ``tags`` plus its own position, number and UID."""
     for k in range(image.GetDepth()):
         plane = image[:, :, k]
         for tag, value in tags.items():
@@ -64,7 +78,6 @@ def write_series(nifti: Path, folder: Path, *, modality: str = "MR",
         writer.SetFileName(str(path))
         writer.Execute(plane)
         files.append(path)
-    return files
 
 
 def geometry(ds: pydicom.Dataset) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
