@@ -21,11 +21,35 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from fedscan.shared.dicom_io import is_dicom_input
+
+    if is_dicom_input(args.image):
+        from fedscan.shared.dicom_predict import predict_dicom
+
+        written = predict_dicom(args.model, args.image, args.out, seg_out=args.seg_out,
+                                largest_component=args.largest_component, device=args.device)
+        for path in written:
+            print(f"wrote {path}")
+        return 0
+    if args.seg_out:
+        raise FedscanError("--seg-out needs a DICOM series as --image (a SEG references one)")
     from fedscan.shared.inference import predict_file
 
     out = predict_file(args.model, args.image, args.out,
                        largest_component=args.largest_component, device=args.device)
     print(f"wrote {out}")
+    return 0
+
+
+def _import_dicom(args: argparse.Namespace) -> int:
+    from fedscan.shared.dicom_import import format_report, import_dicom
+
+    labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
+    report = import_dicom(args.dicom, args.out, labels=labels, skip_bad=args.skip_bad,
+                          mapping=args.mapping,
+                          warn=lambda line: print(line, file=sys.stderr))
+    for line in format_report(report):
+        print(line)
     return 0
 
 
@@ -78,10 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, help="override the config's rounds")
     p.set_defaults(func=_simulate)
 
-    p = sub.add_parser("predict", help="segment a NIfTI scan with a trained model")
+    p = sub.add_parser("predict", help="segment a NIfTI scan or DICOM series with a trained "
+                                       "model")
     p.add_argument("--model", required=True, help="final_model.pt from a run")
-    p.add_argument("--image", required=True, help="input NIfTI (any orientation and spacing)")
+    p.add_argument("--image", required=True,
+                   help="input NIfTI (any orientation and spacing), or a folder holding one "
+                        "DICOM series")
     p.add_argument("--out", required=True, help="output label NIfTI (input's grid)")
+    p.add_argument("--seg-out", help="DICOM input only: also write a DICOM SEG (.dcm) "
+                                     "referencing the series, for a PACS")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component (brain masks)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -97,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output NIfTI (input's shape and affine)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_harmonize)
+
+    p = sub.add_parser("import-dicom", help="turn DICOM series (and SEG or NIfTI labels) into a "
+                                            "site folder in the data contract (local only)")
+    p.add_argument("--dicom", required=True,
+                   help="folder searched recursively for DICOM series (any structure)")
+    p.add_argument("--out", required=True, help="new site folder (MSD layout, dataset.json)")
+    p.add_argument("--labels", help="foreground class names in class order, comma-separated "
+                                    "(SEG segments are matched by label; default: from the SEGs)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out series that are not one regular volume (with a warning) "
+                        "instead of stopping")
+    p.add_argument("--mapping", help="where the case id -> series CSV goes "
+                                     "(default: OUT/dicom_import.csv)")
+    p.set_defaults(func=_import_dicom)
 
     p = sub.add_parser("phantoms", help="write the synthetic phantom hospitals to a folder")
     p.add_argument("--out", required=True)
