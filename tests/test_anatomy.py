@@ -15,6 +15,8 @@ from fedscan.simulations.scanners import T1, T2, MRProfile, clean_profile, fine_
 #: 1 mm grid over the head (the sub-grid is the grid: no partial volume from integration).
 FINE = MRProfile("fine", "RAS", (1.0, 1.0, 1.0))
 SITES = ("site-a", "site-b", "site-c")
+#: A 2 mm sub-grid where the test is not about partial volume (8x fewer samples than 1 mm).
+QUICK = 2.0
 
 
 def _head(seed: int) -> A.FoldedHead:
@@ -28,11 +30,12 @@ def fine_fractions() -> dict[str, np.ndarray]:
 
 def test_same_seed_same_case_other_seed_other_case() -> None:
     profile = P.SITE_PROFILES["site-b"]
-    img, lab, aff = A.render(_head(0), profile, np.random.default_rng(1))
-    again, lab_again, aff_again = A.render(_head(0), profile, np.random.default_rng(1))
+    img, lab, aff = A.render(_head(0), profile, np.random.default_rng(1), fine_mm=QUICK)
+    again, lab_again, aff_again = A.render(_head(0), profile, np.random.default_rng(1),
+                                           fine_mm=QUICK)
     assert np.array_equal(img, again) and np.array_equal(lab, lab_again)
     assert np.array_equal(aff, aff_again)
-    other, lab_other, _ = A.render(_head(1), profile, np.random.default_rng(1))
+    other, lab_other, _ = A.render(_head(1), profile, np.random.default_rng(1), fine_mm=QUICK)
     assert not np.array_equal(img, other) and not np.array_equal(lab, lab_other)
 
 
@@ -40,7 +43,7 @@ def test_grid_orientation_dtype_and_labels_follow_the_profile() -> None:
     head = _head(2)
     for name in SITES:
         profile = P.SITE_PROFILES[name]
-        image, label, affine = A.render(head, profile, np.random.default_rng(0))
+        image, label, affine = A.render(head, profile, np.random.default_rng(0), fine_mm=QUICK)
         shape, expected = P.profile_grid(profile)
         assert image.shape == label.shape == shape
         np.testing.assert_allclose(affine, expected)
@@ -54,7 +57,7 @@ def test_brain_volume_is_adult_and_agrees_across_grids() -> None:
         head = _head(seed)
         volumes = []
         for name in SITES:
-            _, label, affine = A.render_clean(head, P.SITE_PROFILES[name])
+            _, label, affine = A.render_clean(head, P.SITE_PROFILES[name], fine_mm=QUICK)
             volumes.append(label.sum() * abs(np.linalg.det(affine[:3, :3])) / 1e3)
         assert min(volumes) > 900 and max(volumes) < 1700, volumes
         assert (max(volumes) - min(volumes)) / min(volumes) < 0.05, volumes
@@ -124,8 +127,8 @@ def test_t1_and_t2_contrast_of_pure_tissue(fine_fractions: dict[str, np.ndarray]
 def test_tissue_classes_lie_inside_the_brain_mask() -> None:
     head = _head(4)
     profile = P.SITE_PROFILES["site-c"]
-    classes, affine = A.render_tissues(head, profile)
-    _, mask, affine_mask = A.render_clean(head, profile)
+    classes, affine = A.render_tissues(head, profile, fine_mm=QUICK)
+    _, mask, affine_mask = A.render_clean(head, profile, fine_mm=QUICK)
     np.testing.assert_array_equal(affine, affine_mask)
     assert set(np.unique(classes)) == set(A.TISSUE_CLASSES)
     np.testing.assert_array_equal(classes > 0, mask > 0)
@@ -134,20 +137,21 @@ def test_tissue_classes_lie_inside_the_brain_mask() -> None:
 def test_truth_is_the_same_head_on_the_site_grid() -> None:
     head = _head(5)
     profile = P.SITE_PROFILES["site-c"]  # PIL, uint16 with an offset, gamma 1.6
-    image, label, affine = A.render(head, profile, np.random.default_rng(0))
-    truth, truth_affine = A.render_truth(head, profile)
+    image, label, affine = A.render(head, profile, np.random.default_rng(0), fine_mm=QUICK)
+    truth, truth_affine = A.render_truth(head, profile, fine_mm=QUICK)
     np.testing.assert_array_equal(truth_affine, affine)
     assert truth.shape == image.shape and truth.dtype == np.float32
-    _, truth_label, _ = A.render_clean(head, clean_profile(profile, P.REFERENCE_PROFILE))
+    _, truth_label, _ = A.render_clean(head, clean_profile(profile, P.REFERENCE_PROFILE),
+                                     fine_mm=QUICK)
     np.testing.assert_array_equal(truth_label, label)
     assert float(truth.min()) == 0.0  # no noise, no offset: air is 0
     # The reference contrast, not the site's: linear, so WM/GM keeps the tissue ratio.
-    fractions, _ = A.render_fractions(head, profile)
+    fractions, _ = A.render_fractions(head, profile, QUICK)
     wm, gm = fractions["wm"] > 0.9, fractions["gm"] > 0.9
     if wm.any() and gm.any():
         assert float(np.median(truth[gm]) / np.median(truth[wm])) == pytest.approx(
             T1.gm / T1.wm, abs=0.05)
-    again, _ = A.render_truth(head, profile)
+    again, _ = A.render_truth(head, profile, fine_mm=QUICK)
     assert np.array_equal(truth, again)
 
 
@@ -155,12 +159,12 @@ def test_psf_blurs_and_noise_fills_the_air() -> None:
     head = _head(6)
     sharp = MRProfile("sharp", "RAS", (2.0, 2.0, 2.0), fov_mm=(160.0, 200.0, 180.0))
     blurred = dataclasses.replace(sharp, psf_fwhm=(4.0, 4.0, 4.0))
-    a, _, _ = A.render(head, sharp, np.random.default_rng(0))
-    b, _, _ = A.render(head, blurred, np.random.default_rng(0))
+    a, _, _ = A.render(head, sharp, np.random.default_rng(0), fine_mm=QUICK)
+    b, _, _ = A.render(head, blurred, np.random.default_rng(0), fine_mm=QUICK)
     energy = [float(sum(np.square(np.diff(x, axis=k)).sum() for k in range(3))) for x in (a, b)]
     assert energy[1] < 0.5 * energy[0]
     noisy = dataclasses.replace(sharp, noise_std=0.05)
-    image, label, _ = A.render(head, noisy, np.random.default_rng(0))
+    image, _, _ = A.render(head, noisy, np.random.default_rng(0), fine_mm=QUICK)
     assert float(image[0, 0, 0]) > 0 and float(image[:, :, -1].mean()) > 0.02
 
 
@@ -168,4 +172,5 @@ def test_profile_rejects_bad_psf_and_too_many_channels() -> None:
     with pytest.raises(ValueError, match="psf_fwhm"):
         MRProfile("x", "RAS", (2.0, 2.0, 2.0), psf_fwhm=(1.0, -1.0, 0.0))
     with pytest.raises(ValueError, match="3 channel"):
-        A.render(_head(0), P.SITE_PROFILES["site-a"], np.random.default_rng(0), channels=3)
+        A.render(_head(0), P.SITE_PROFILES["site-a"], np.random.default_rng(0), channels=3,
+                 fine_mm=QUICK)
