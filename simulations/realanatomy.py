@@ -110,6 +110,9 @@ class Template:
     Attributes:
         volume: (1, C, X, Y, Z) float32 tensor of :attr:`CHANNELS`.
         affine: template voxel-to-mm affine.
+        hull: (1, 1, X, Y, Z) signed distance (mm, negative inside) to a smooth hull around
+            the brain, on a 2 mm grid (it is smooth, and its distance transform costs).
+        hull_affine: the hull grid's voxel-to-mm affine.
         centre: brain mask centroid (template mm).
         ventricle_centre: ventricles' centroid (template mm).
         t1_fit: T1 of (gm, wm, csf) fitted to the template's T1 (0-1 scale).
@@ -117,10 +120,12 @@ class Template:
         head_box: (min, max) template mm within 24 mm of the hull (the head's shells).
     """
 
-    CHANNELS = ("brain", "gm", "wm", "ventricles", "t1_residual", "hull")
+    CHANNELS = ("brain", "gm", "wm", "ventricles", "t1_residual")
 
     volume: torch.Tensor
     affine: np.ndarray
+    hull: torch.Tensor
+    hull_affine: np.ndarray
     centre: np.ndarray
     ventricle_centre: np.ndarray
     t1_fit: np.ndarray
@@ -168,9 +173,10 @@ def load_template() -> Template:
     x, y, z = np.meshgrid(*mm, indexing="ij", sparse=True)
 
     central = (np.abs(x) < 36) & (y > -60) & (y < 40) & (z > 0) & (z < 40)
-    parts, n = ndimage.label((csf > 0.5) & central)
-    sizes = ndimage.sum_labels(np.ones_like(parts), parts, index=np.arange(1, n + 1))
-    ventricles = (parts == 1 + int(np.argmax(sizes))).astype(np.float32)
+    parts, _ = ndimage.label((csf > 0.5) & central)
+    sizes = np.bincount(parts.ravel())
+    sizes[0] = 0
+    ventricles = (parts == int(np.argmax(sizes))).astype(np.float32)
 
     inside = brain > 0
     design = np.stack([gm[inside], wm[inside], csf[inside]], axis=1)
@@ -178,24 +184,30 @@ def load_template() -> Template:
     residual = np.where(inside, maps["t1"] - (gm * t1_fit[0] + wm * t1_fit[1]
                                               + csf * t1_fit[2]), 0.0)
 
-    # Hull: the brain mask smoothed (sulci and notches filled), thresholded, signed distance.
-    hull = ndimage.gaussian_filter(brain, sigma=4.0) > 0.3
-    hull_sdf = (ndimage.distance_transform_edt(~hull)
-                - ndimage.distance_transform_edt(hull)).astype(np.float32)
+    # Hull: the brain mask at 2 mm, smoothed (sulci and notches filled), thresholded; its
+    # signed distance in mm.
+    coarse = brain[::2, ::2, ::2]
+    hull = ndimage.gaussian_filter(coarse, sigma=2.0) > 0.3
+    hull_sdf = 2.0 * (ndimage.distance_transform_edt(~hull)
+                      - ndimage.distance_transform_edt(hull)).astype(np.float32)
+    hull_affine = affine.copy()
+    hull_affine[:3, :3] *= 2.0
 
-    volume = np.stack([brain, gm, wm, ventricles, residual.astype(np.float32), hull_sdf])
+    volume = np.stack([brain, gm, wm, ventricles, residual.astype(np.float32)])
     voxels = np.argwhere(inside)
     centre = affine[:3, :3] @ voxels.mean(axis=0) + affine[:3, 3]
     vent_centre = affine[:3, :3] @ np.argwhere(ventricles > 0).mean(axis=0) + affine[:3, 3]
 
-    def box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def box(mask: np.ndarray, to_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         index = np.argwhere(mask)
-        lo, hi = (affine[:3, :3] @ v + affine[:3, 3] for v in (index.min(0), index.max(0)))
+        lo, hi = (to_mm[:3, :3] @ v + to_mm[:3, 3] for v in (index.min(0), index.max(0)))
         return lo, hi
 
-    return Template(volume=torch.from_numpy(volume)[None], affine=affine, centre=centre,
-                    ventricle_centre=vent_centre, t1_fit=t1_fit.astype(np.float32),
-                    brain_box=box(inside), head_box=box(hull_sdf < 24.0))
+    return Template(volume=torch.from_numpy(volume)[None], affine=affine,
+                    hull=torch.from_numpy(hull_sdf)[None, None], hull_affine=hull_affine,
+                    centre=centre, ventricle_centre=vent_centre,
+                    t1_fit=t1_fit.astype(np.float32), brain_box=box(inside, affine),
+                    head_box=box(hull_sdf < 24.0, hull_affine))
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,9 +246,11 @@ class Patient:
 def sample_patient(rng: np.random.Generator, *, enlarge_ventricles: bool = True) -> Patient:
     """Draw one patient's deformation and head.
 
-    Ranges: overall scale 0.9-1.1 with 4 % per axis, rotation up to 10 degrees (pitch) and
-    6 (roll, yaw), shear up to 0.04, shift up to 8 mm, nonlinear displacement ~2 mm RMS per
-    axis at wavelengths of 40-110 mm, ventricles enlarged by up to 1.5x in width.
+    Ranges: overall scale 0.84-1.0 (the MNI152 average brain is larger than individual
+    brains: its mask holds 1.89 l, adult intracranial volumes are ~1.2-1.7 l) with 4 % per
+    axis, rotation up to 10 degrees (pitch) and 6 (roll, yaw), shear up to 0.04, shift up to
+    8 mm, nonlinear displacement ~2 mm RMS per axis at wavelengths of 40-110 mm, ventricles
+    enlarged up to ~1.6x in volume.
 
     Args:
         rng: source of randomness; the same state gives the same patient.
@@ -246,7 +260,7 @@ def sample_patient(rng: np.random.Generator, *, enlarge_ventricles: bool = True)
         The patient.
     """
     template = load_template()
-    scale = np.diag(rng.uniform(0.9, 1.1) * rng.uniform(0.96, 1.04, size=3))
+    scale = np.diag(rng.uniform(0.84, 1.0) * rng.uniform(0.96, 1.04, size=3))
     shear = np.eye(3)
     shear[np.triu_indices(3, 1)] = rng.uniform(-0.04, 0.04, size=3)
     rotation = _rotation(np.deg2rad(rng.uniform(-1, 1, size=3) * np.array([10.0, 6.0, 6.0])))
@@ -257,12 +271,12 @@ def sample_patient(rng: np.random.Generator, *, enlarge_ventricles: bool = True)
     offset = template.centre - linear @ shift
     displacement = tuple(sample_waves(rng, 8, wavelength=(40.0, 110.0), rms=2.0)
                          for _ in range(3))
-    growth = rng.uniform(0.0, 0.33) if enlarge_ventricles else 0.0
+    growth = rng.uniform(0.0, 0.35) if enlarge_ventricles else 0.0
     return Patient(
         linear=linear, offset=offset,
         displacement=displacement,  # type: ignore[arg-type]
         ventricle_growth=float(growth),
-        ventricle_sigma=np.array([18.0, 30.0, 16.0]),
+        ventricle_sigma=np.array([25.0, 40.0, 22.0]),
         csf_mm=rng.uniform(1.0, 2.5), skull_mm=rng.uniform(5.0, 7.5),
         scalp_mm=rng.uniform(4.0, 7.0),
         shell_waves=sample_waves(rng, 6, wavelength=(60.0, 160.0), rms=0.8),
@@ -294,13 +308,11 @@ def _to_template(patient: Patient, grid: FineGrid) -> list[np.ndarray]:
     return u
 
 
-def _sample(channels: torch.Tensor, u: list[np.ndarray], shape: tuple[int, ...]
-            ) -> np.ndarray:
-    """Trilinear samples (C, *shape) of template maps (1, C, X, Y, Z) at template mm ``u``.
-
-    Border padding: below the template's floor the maps continue as they are there.
+def _sample(channels: torch.Tensor, affine: np.ndarray, u: list[np.ndarray],
+            shape: tuple[int, ...]) -> np.ndarray:
+    """Trilinear samples (C, *shape) of maps (1, C, X, Y, Z) with voxel-to-mm ``affine`` (RAS,
+    diagonal) at template mm ``u``. Border padding: past an edge the maps continue as there.
     """
-    affine = load_template().affine
     size = channels.shape[2:]
     norm = []
     for a in (2, 1, 0):  # grid_sample's x indexes the last axis
@@ -346,7 +358,8 @@ def render_fractions(
                        fine_mm=max(profile.spacing) + 1.0)
     u = _to_template(patient, voxels)
     native = voxels.fine_shape[0::2]
-    hull = _sample(template.volume[:, -1:], u, voxels.fine_shape)[0].reshape(native)
+    hull = _sample(template.hull, template.hull_affine, u, voxels.fine_shape)[0]
+    hull = hull.reshape(native)
     hull = hull + patient.shell_waves.on_grid(voxels, np.eye(3), np.zeros(3)).reshape(native)
     width = float(np.mean(profile.spacing))
     floor = np.float32(template.head_box[0][2])
@@ -356,8 +369,8 @@ def render_fractions(
     # Every ~fine_mm inside the brain's box: tissue maps and the side (template x < 0: left).
     grid = fine_grid(profile, _world_box(patient, *template.brain_box, 8.0), fine_mm)
     u = _to_template(patient, grid)
-    maps = dict(zip(Template.CHANNELS[:-1], _sample(template.volume[:, :-1], u,
-                                                     grid.fine_shape), strict=True))
+    maps = dict(zip(Template.CHANNELS, _sample(template.volume, template.affine, u,
+                                               grid.fine_shape), strict=True))
     left = ramp(u[0], float(np.mean(grid.step)))
     fine = {"brain": maps["brain"], "gm": maps["gm"], "wm": maps["wm"],
             "left_gm": maps["gm"] * left, "ventricles": maps["ventricles"],
