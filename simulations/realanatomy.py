@@ -92,8 +92,10 @@ LABEL_SETS: dict[str, dict[str, str]] = {
 #: Label pairs that are the left and right of one structure (for flips that swap them).
 MIRROR_PAIRS: dict[str, list[list[int]]] = {"brain": [], "parcellation": [[1, 2]]}
 CHANNEL_NAMES = ("T1", "T2")
-#: Sub-grid spacing: the template is 1 mm; 1.25x this is accepted to keep factors whole.
-FINE_MM = 1.0
+#: Sub-grid spacing. The template is 1 mm but an average of 152 brains, smooth on that
+#: scale; 1.5 mm sub-samples read trilinearly from it cost 3-4x less than 1 mm (measured:
+#: ~1.5-2 s against ~5 s per 2-channel case on one core).
+FINE_MM = 1.5
 #: Head field of view (mm, x y z): the largest deformed head with room to spare.
 HEAD_FOV = (192.0, 232.0, 216.0)
 
@@ -550,32 +552,36 @@ def _entry(case_id: str) -> dict[str, str]:
     return {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
 
 
-def write_msd(
+def save_case(folder: Path, case_id: str, image: np.ndarray, label: np.ndarray,
+              affine: np.ndarray) -> None:
+    """Write one case's image (4D, channels last, when it has channels) and label (uint8)."""
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    _save_nifti(image, affine, folder / "imagesTr" / f"{case_id}.nii.gz")
+    _save_nifti(label.astype(np.uint8), affine, folder / "labelsTr" / f"{case_id}.nii.gz")
+
+
+def write_dataset_json(
     folder: Path,
-    cases: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]],
+    case_ids: list[str],
     validation_ids: list[str] | None,
     *,
     description: str,
     label_set: str,
     channels: int,
 ) -> None:
-    """Write cases as an MSD dataset (4D images, channels last, when ``channels`` > 1).
+    """Write an MSD ``dataset.json`` for cases saved with :func:`save_case`.
 
     Args:
-        folder: the dataset folder (created).
-        cases: (case id, image, label, affine) per case.
+        folder: the dataset folder.
+        case_ids: every case, in order.
         validation_ids: cases listed under ``validation``; None writes no such list.
         description: ``description`` entry.
         label_set: key of :data:`LABEL_SETS` (``labels`` entry, ``mirror_pairs``).
         channels: image channels (``modality`` and ``channel_names`` entries).
     """
-    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-    for case_id, image, label, affine in cases:
-        _save_nifti(image, affine, folder / "imagesTr" / f"{case_id}.nii.gz")
-        _save_nifti(label.astype(np.uint8), affine, folder / "labelsTr" / f"{case_id}.nii.gz")
     held = set(validation_ids or [])
-    training = [_entry(c[0]) for c in cases if c[0] not in held]
+    training = [_entry(c) for c in case_ids if c not in held]
     names = {str(i): CHANNEL_NAMES[i] for i in range(channels)}
     meta: dict[str, object] = {
         "name": folder.name,
@@ -594,7 +600,7 @@ def write_msd(
         "test": [],
     }
     if validation_ids is not None:
-        meta["validation"] = [_entry(c[0]) for c in cases if c[0] in held]
+        meta["validation"] = [_entry(c) for c in case_ids if c in held]
     (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
 
 
@@ -655,25 +661,24 @@ def write_federation(
 
     def site(folder: Path, name: str, profile: ScannerProfile, n: int, n_val: int | None,
              truth: bool) -> None:
-        cases, truths = [], []
-        for index in range(n):
+        ids = [f"{name}_{index:03d}" for index in range(n)]
+        clean = clean_profile(profile, reference)
+        for index, case_id in enumerate(ids):  # one case in memory at a time
             anatomy_rng, scanner_rng = case_rngs(seed, name, index)
             fractions, affine = render_fractions(sample_patient(anatomy_rng), profile, fine_mm)
             label = labels_from(fractions, label_set)
-            case_id = f"{name}_{index:03d}"
-            cases.append((case_id, image_from(fractions, profile, channels, scanner_rng),
-                          label, affine))
+            save_case(folder / name, case_id,
+                      image_from(fractions, profile, channels, scanner_rng), label, affine)
             if truth:
-                clean = clean_profile(profile, reference)
-                truths.append((case_id, image_from(fractions, clean, channels, None), label,
-                               affine))
-        val = None if n_val is None else [c[0] for c in cases[n - n_val:]]
-        write_msd(folder / name, cases, val, description=_describe(profile, seed, name),
-                  label_set=label_set, channels=channels)
+                save_case(folder / "truth" / name, case_id,
+                          image_from(fractions, clean, channels, None), label, affine)
+        val = None if n_val is None else ids[n - n_val:]
+        write_dataset_json(folder / name, ids, val, description=_describe(profile, seed, name),
+                           label_set=label_set, channels=channels)
         if truth:
-            write_msd(folder / "truth" / name, truths, None, label_set=label_set,
-                      channels=channels, description=_describe(
-                          reference, seed, f"paired truth of {name} on its grid"))
+            write_dataset_json(folder / "truth" / name, ids, None, label_set=label_set,
+                               channels=channels, description=_describe(
+                                   reference, seed, f"paired truth of {name} on its grid"))
         say(f"{name}: {n} cases ({profile.orientation}, {tuple(profile.spacing)} mm)")
 
     def write(folder: Path) -> None:
