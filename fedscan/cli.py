@@ -13,7 +13,30 @@ def _simulate(args: argparse.Namespace) -> int:
     from fedscan.simulations.run import simulate
 
     modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
-    simulate(args.config, modes, Path(args.out), rounds=args.rounds)
+    simulate(args.config, modes, Path(args.out), rounds=args.rounds, status=_status_options(args))
+    return 0
+
+
+def _status_options(args: argparse.Namespace):
+    """The status page's options from ``--status``/``--status-host``/``--status-port``, or
+    None when none of them was given."""
+    if not (args.status or args.status_host or args.status_port is not None):
+        return None
+    from fedscan.shared.status.serve import DEFAULT_PORT, StatusOptions
+
+    return StatusOptions(host=args.status_host or "127.0.0.1",
+                         port=DEFAULT_PORT if args.status_port is None else args.status_port)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedscan.shared.status.serve import StatusOptions, StatusServer
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "live.json").is_file():
+        raise FedscanError(f"{run_dir}: not a run folder (no summary.json or live.json)")
+    server = StatusServer(run_dir.resolve(), StatusOptions(host=args.host, port=args.port))
+    print(f"fedscan: status page of {run_dir} at {server.url} (Ctrl-C stops it)", flush=True)
+    server.serve_forever()
     return 0
 
 
@@ -72,7 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="federated | local | pooled | all, or a comma list (default: federated)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
+    p.add_argument("--status", action="store_true",
+                   help="serve the live status page while the run goes (default "
+                        "http://127.0.0.1:8050/)")
+    p.add_argument("--status-port", type=int, default=None,
+                   help="status page port (implies --status; 0 picks a free one)")
+    p.add_argument("--status-host", default=None,
+                   help="status page address (implies --status; default 127.0.0.1; any other "
+                        "address requires a token: FEDSCAN_STATUS_TOKEN or a printed random "
+                        "one)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("dashboard", help="serve the status page of a run folder (live or "
+                                         "finished)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (summary.json, live.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other requires a token)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: a free one)")
+    p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("predict", help="segment a NIfTI scan with a trained model")
     p.add_argument("--model", required=True, help="final_model.pt from a run")
