@@ -74,9 +74,16 @@ class StatusServer:
         url: the address to open (with ``?token=`` when a token is required).
     """
 
-    def __init__(self, run_dir: Path | Callable[[], Path], options: StatusOptions) -> None:
+    def __init__(self, run_dir: Path | Callable[[], Path], options: StatusOptions,
+                 bind: str | None = None) -> None:
+        """Args:
+            run_dir: the run folder, or a callable returning the current one.
+            options: address, port, token and TLS files.
+            bind: listen here instead of ``options.host`` while applying ``options.host``'s
+                policy (tests attack an off-loopback page's policy on loopback).
+        """
         token = options.resolved_token()
-        self._sock = _bind(options.host, options.port)
+        self._sock = _bind(bind or options.host, options.port)
         port = self._sock.getsockname()[1]
         tls = bool(options.certfile and options.keyfile)
         app = create_app(run_dir, token=token, loopback_only_hosts=is_loopback(options.host),
