@@ -195,7 +195,7 @@ def _eta(live: Mapping[str, Any], rows: list[dict[str, Any]], total: int, done: 
     the round in flight has already run."""
     durations = [v for v in _dict(live.get("round_durations")).values() if _num(v)]
     durations = durations or [r["seconds"] for r in rows if r["seconds"]]
-    if not durations or done >= total:
+    if not durations or done >= total or live.get("state") != "running":
         return None
     # The median: a first round that includes the runtime's start-up does not skew it.
     mean = statistics.median(durations)

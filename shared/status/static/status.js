@@ -237,6 +237,11 @@ function renderCharts(view) {
     legend: {orientation: "h", y: -0.25}, paper_bgcolor: "white", plot_bgcolor: "white",
   });
   const config = {displaylogo: false, responsive: true};
+  const privateSites = sites.filter((site) =>
+    view.per_round.some((r) => r.sites[site] && typeof r.sites[site].epsilon === "number"));
+  // Metrics first, then privacy, in the same order on every refresh.
+  const order = view.metrics.map((m) => m.key).concat(privateSites.length ? ["epsilon"] : []);
+  container.append(...order.map((key) => chartDiv(container, key)));
   for (const metric of view.metrics) {
     const traces = sites.map((site, i) => {
       const s = series(view, site, (r, name) => r.sites[name] && r.sites[name].metrics[metric.key]);
@@ -249,8 +254,6 @@ function renderCharts(view) {
     Plotly.react(chartDiv(container, metric.key), traces,
                  layout(`${metric.key}${unit} per round`, metric.key), config);
   }
-  const privateSites = sites.filter((site) =>
-    view.per_round.some((r) => r.sites[site] && typeof r.sites[site].epsilon === "number"));
   if (privateSites.length) {
     const traces = [];
     privateSites.forEach((site) => {
