@@ -77,7 +77,13 @@ def _check_data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from fedscan.simulations import bench
 
-    if args.what == "dp-overhead":
+    args.out = args.out or f"runs/bench-{args.what}"
+    if args.what == "status-overhead":
+        from fedscan.simulations import bench_status
+
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
+        print(bench_status.format_status_overhead(result))
+    elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
     else:
         rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
@@ -144,12 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_check_data)
 
-    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility"],
+    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
+                                     "status page overhead")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
-                        "default federation at epsilon 1, 3, 8 and inf")
-    p.add_argument("--out", default="runs/bench-dp-utility",
-                   help="dp-utility: output folder (default: runs/bench-dp-utility)")
+                        "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
+                        "same small federation without and with the status page")
+    p.add_argument("--out", default=None,
+                   help="dp-utility, status-overhead: output folder (default: "
+                        "runs/bench-<what>)")
     p.add_argument("--rounds", type=int, help="dp-utility: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
