@@ -64,6 +64,12 @@ class ServerBlock:
     #: Seconds each round waits for every listed site to be online before it starts with the
     #: sites present (at least ``strategy.min_sites``).
     site_grace: float = 120.0
+    #: Status page port while the run goes (None: no page; 0: a free port); see
+    #: docs/operations.md.
+    status_port: int | None = None
+    #: Status page address: loopback unless set; any other address requires a token and is
+    #: served over HTTPS with ``cert``/``key``.
+    status_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -316,12 +322,14 @@ def start_server(config: str | Path, insecure: bool = False,
                                      env=flower_env(flwr_home), cwd=run_dir,
                                      start_new_session=True)
     (run_dir / "superlink.pid").write_text(str(superlink.pid))
+    page = None
     try:
         _wait_for_port(settings.control_address, superlink, settings.server.startup_timeout,
                        log_path)
         print(f"fedscan: SuperLink listening on {settings.server.host}:{settings.server.port} "
               f"({'INSECURE' if insecure else 'TLS, node authentication'}); log {log_path}",
               flush=True)
+        page = _start_status_page(settings, run_dir, insecure)
         for run in _runs(flwr_home):  # runs of a crashed server would compete for the sites
             if str(run.get("status", "")).split(":")[0] in ("pending", "starting", "running"):
                 flwr(["stop", str(run["run-id"])], flwr_home)
@@ -357,8 +365,23 @@ def start_server(config: str | Path, insecure: bool = False,
               flush=True)
         return summary
     finally:
+        if page is not None:
+            page.stop()
         if not keep_running:
             stop_superlink(superlink)
+
+
+def _start_status_page(settings: ServerSettings, run_dir: Path, insecure: bool) -> Any:
+    """The status page over ``run_dir`` when ``server.status_port`` is set, else None."""
+    block = settings.server
+    if block.status_port is None:
+        return None
+    from fedscan.shared.status.serve import StatusOptions, is_loopback, start_status
+
+    tls = not insecure and not is_loopback(block.status_host)
+    return start_status(run_dir, StatusOptions(
+        host=block.status_host, port=block.status_port,
+        certfile=block.cert if tls else None, keyfile=block.key if tls else None))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -28,13 +28,18 @@ POLL_SECONDS = 2.0
 
 
 def _write_sites(root: Path, n_cases: int, n_val: int) -> dict[str, Path]:
-    from fedscan.shared.phantoms import FEDERATION_LAYOUT, write_phantom_site
+    """Three phantom hospitals on coarse 6 mm grids (seconds per round on two cores)."""
+    from fedscan.shared.phantoms import ScannerProfile, write_phantom_site
 
+    profiles = [ScannerProfile("site-a", "RAS", (6.0, 6.0, 6.0), noise_std=0.02),
+                ScannerProfile("site-b", "LPS", (6.0, 6.0, 6.0), gamma=0.7, noise_std=0.03),
+                ScannerProfile("site-c", "PIL", (6.0, 6.0, 6.0), gamma=1.2, noise_std=0.02)]
     out = {}
-    for site, profile, *_ in FEDERATION_LAYOUT[:3]:
-        if not (root / site / "dataset.json").is_file():
-            write_phantom_site(root / site, site, profile, n_cases, n_val, seed=0)
-        out[site] = root / site
+    for profile in profiles:
+        folder = root / profile.name
+        if not (folder / "dataset.json").is_file():
+            write_phantom_site(folder, profile.name, profile, n_cases, n_val, seed=0)
+        out[profile.name] = folder
     return out
 
 
@@ -122,7 +127,8 @@ def status_overhead(out: Path, rounds: int = 3, repeats: int = 2) -> dict[str, A
     config.write_text(yaml.safe_dump({
         "sites": [{"name": n, "data": str(p)} for n, p in sites.items()],
         "rounds": rounds,
-        "train": {"local_steps": 10},
+        "data": {"spacing": [6.0, 6.0, 6.0]},
+        "train": {"patch_size": [24, 24, 24], "local_steps": 10},
         "evaluate": {"hd95": False},
     }))
     order = [arm for _ in range(repeats) for arm in (False, True, True, False)][: 2 * repeats]

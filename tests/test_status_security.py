@@ -161,3 +161,44 @@ def test_loopback_page_answers_only_loopback_host_names(run_dir):
             assert status == 400 and b"site-a" not in body
     finally:
         server.stop()
+
+
+def test_server_block_serves_the_page_over_https_with_the_server_certificate(tmp_path, run_dir,
+                                                                          monkeypatch):
+    """`server: {status_port, status_host}` off loopback: HTTPS with the SuperLink's
+    certificate (consortium CA) and the token; plain HTTP gets nowhere."""
+    from fedscan.server.deployment import ServerBlock, ServerSettings, _start_status_page
+    from fedscan.shared.certs import create_ca, create_server_cert
+    from fedscan.shared.config import parse_config
+
+    ca, _ = create_ca(tmp_path / "ca")
+    cert, key = create_server_cert(tmp_path / "ca", ["127.0.0.1"], out_dir=tmp_path / "server")
+    block = ServerBlock(cert=str(cert), key=str(key), status_port=0, status_host="0.0.0.0")
+    settings = ServerSettings(path=tmp_path / "server.yaml", server=block,
+                              federation=parse_config({"sites": [{"name": "a", "data": "/x"}]}))
+    # The policy of a 0.0.0.0 bind, listening on loopback for the test.
+    import fedscan.shared.status.serve as serve
+
+    bound = []
+    original = serve.StatusServer.__init__
+
+    def on_loopback(self, run_dir, options, bind=None):
+        bound.append(options.host)
+        original(self, run_dir, options, bind="127.0.0.1")
+
+    monkeypatch.setattr(serve.StatusServer, "__init__", on_loopback)
+    page = _start_status_page(settings, run_dir, insecure=False)
+    try:
+        assert bound == ["0.0.0.0"] and page.url.startswith("https://")
+        token = page.url.split("?token=")[1]
+        base = f"https://127.0.0.1:{page.port}"
+        assert httpx.get(base + "/api/status", verify=str(ca)).status_code == 401
+        answer = httpx.get(base + "/api/status", verify=str(ca),
+                           headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 200 and answer.json()["sites"][0]["name"] == "site-a"
+        login = httpx.get(base + "/", params={"token": token}, verify=str(ca))
+        assert "secure" in login.headers["set-cookie"].lower()
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{page.port}/api/status", timeout=5)
+    finally:
+        page.stop()
