@@ -26,6 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedscan.shared.report_html import write_html_report
+
 #: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
 MISSING = "—"
 
@@ -43,6 +45,8 @@ _FILE_NOTES = {
     "summary.json": "every number in this report, machine-readable (per round, per site, "
     "final results and the full run config).",
     "report.md": "this report.",
+    "report.html": "this report as one self-contained web page (plots embedded; opens from a "
+    "file share or an e-mail without a server).",
     "dice.png": "validation Dice per site after each round; the thick dashed grey line is the "
     "aggregate over sites.",
     "loss.png": "training loss per site after each round.",
@@ -677,7 +681,7 @@ def _model_lines(summary: Mapping[str, Any]) -> list[str]:
 
 def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     lines = ["## Files in this folder", ""]
-    for name in ("summary.json", "report.md", "dice.png", "loss.png"):
+    for name in ("summary.json", "report.md", "report.html", "dice.png", "loss.png"):
         lines.append(f"- `{name}`: {_FILE_NOTES[name]}")
     if _privacy_sites(summary):
         lines.append(f"- `epsilon.png`: {_FILE_NOTES['epsilon.png']}")
@@ -754,6 +758,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines += _files_lines(out_dir, summary)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    write_html_report(out_dir)  # report.html: the same, self-contained (plots embedded)
     return path
 
 

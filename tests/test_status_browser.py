@@ -246,3 +246,41 @@ def test_page_shows_what_summary_json_holds_before_and_after_rounds(tmp_path, br
         assert final["done"] == "3" and not errors
     finally:
         server.stop()
+
+
+def test_hostile_names_and_reasons_render_as_text(tmp_path, browser):
+    """A dishonest member names itself with markup and sends markup as its error reason:
+    the page shows the text and runs nothing."""
+    from fedscan.shared.status.serve import StatusOptions, StatusServer
+
+    evil = '<img src=x onerror="window.pwned=1">'
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "sites": [evil], "config": {"rounds": 2},
+        "rounds": [{"round": 1, "seconds": 1.0, "train": {}, "evaluate": {}, "aggregate": {},
+                    "errors": [{"site": evil, "phase": "train",
+                                "reason": '<script>window.pwned=2</script>'}]}]}))
+    server = StatusServer(tmp_path, StatusOptions(port=0)).start()
+    try:
+        page, _ = open_page(browser, server.url)
+        page.wait_for_function("() => document.body.dataset.updated", timeout=20_000)
+        assert page.evaluate("() => window.pwned") is None
+        assert page.inner_text("#sites tbody th") == evil
+        assert '<script>window.pwned=2</script>' in page.inner_text("#faults")
+        assert page.evaluate("() => document.querySelectorAll('main img, table img').length") == 0
+    finally:
+        server.stop()
+
+
+def test_report_html_opens_from_a_file_with_every_plot(tmp_path, browser):
+    from fedscan.shared.report import write_report
+
+    write_report(tmp_path, {
+        "mode": "federated", "task": "segmentation", "strategy": "fedavg", "sites": ["a"],
+        "rounds": [{"round": r, "seconds": 1.0, "train": {"a": {"loss": 1.0 / r}},
+                    "evaluate": {"a": {"dice": 0.5 + r / 10, "num_examples": 1}},
+                    "aggregate": {"dice": 0.5 + r / 10}} for r in (1, 2, 3)],
+        "final": {"dice": 0.8, "per_site": {}, "test_sets": {}}, "config": {"rounds": 3}})
+    page, errors = open_page(browser, (tmp_path / "report.html").as_uri())
+    widths = page.evaluate("() => [...document.images].map((i) => i.naturalWidth)")
+    assert len(widths) == len(list(tmp_path.glob("*.png"))) and all(w > 100 for w in widths)
+    assert not errors, errors
