@@ -29,13 +29,15 @@ def _status_options(args: argparse.Namespace):
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from fedscan.shared.status.serve import StatusOptions, StatusServer
+    from fedscan.shared.status.serve import StatusOptions, StatusServer, warn_plain_http
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "summary.json").is_file() and not (run_dir / "live.json").is_file():
         raise FedscanError(f"{run_dir}: not a run folder (no summary.json or live.json)")
-    server = StatusServer(run_dir.resolve(), StatusOptions(host=args.host, port=args.port))
+    options = StatusOptions(host=args.host, port=args.port)
+    server = StatusServer(run_dir.resolve(), options)
     print(f"fedscan: status page of {run_dir} at {server.url} (Ctrl-C stops it)", flush=True)
+    warn_plain_http(options)
     server.serve_forever()
     return 0
 
@@ -159,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="dp-utility, status-overhead: output folder (default: "
                         "runs/bench-<what>)")
-    p.add_argument("--rounds", type=int, help="dp-utility: override the rounds")
+    p.add_argument("--rounds", type=int,
+                   help="dp-utility, status-overhead: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
 

@@ -134,7 +134,7 @@ SUMMARY = {
 def test_view_outcomes_privacy_bytes_and_faults(tmp_path):
     view = build_view(write_run(tmp_path, SUMMARY))
     assert view["rounds"]["done"] == 2 and view["rounds"]["total"] == 5
-    assert view["run"]["state"] == "stopped"  # no live.json, no final model
+    assert view["run"]["state"] == "summary only"  # no live.json, no final model
     r1, r2 = view["per_round"]
     assert [r1["sites"][s]["outcome"] for s in "abc"] == ["trained", "trained", "rejected"]
     assert [r2["sites"][s]["outcome"] for s in "abc"] == ["declined", "error", None]

@@ -156,8 +156,13 @@ def start_status(run_dir: Path | Callable[[], Path], options: StatusOptions) -> 
     """
     server = StatusServer(run_dir, options).start()
     print(f"fedscan: status page {server.url}", flush=True)
+    warn_plain_http(options)
+    return server
+
+
+def warn_plain_http(options: StatusOptions) -> None:
+    """Say so when the token would cross a network in clear."""
     if not is_loopback(options.host) and not (options.certfile and options.keyfile):
         print("fedscan: WARNING: the status page is served over plain HTTP on a non-loopback "
-              "address: its token crosses the network in clear (use server TLS files or an "
-              "SSH tunnel)", flush=True)
-    return server
+              "address: its token crosses the network in clear (use TLS files or an SSH "
+              "tunnel)", flush=True)

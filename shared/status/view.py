@@ -219,8 +219,10 @@ def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
     summary, live = read_summary(run_dir), read_live(run_dir)
+    # Without live.json (a baseline run, or a run older than the status page) only the
+    # summary tells: a final model means finished.
     state = live.get("state") or ("finished" if summary.get("model") else
-                                  "unknown" if not summary else "stopped")
+                                  "unknown" if not summary else "summary only")
     updated = _num(live.get("updated"))
     stale = state in ("running", "held", "starting") and (updated is None
                                                           or now - updated > STALE_SECONDS)
