@@ -211,7 +211,7 @@ def test_page_shows_what_summary_json_holds_before_and_after_rounds(tmp_path, br
 
         # After round 1: held before round 2.
         wait_for(lambda: read_json(live).get("state") == "held"
-                 and read_json(live).get("round") == 1, 240, "round 1 to complete", proc)
+                 and read_json(live).get("round") == 1, 400, "round 1 to complete", proc)
         first = check_page_equals_summary(page, read_json(run / "summary.json"))
         assert first["in_flight"] == ""
 
@@ -220,7 +220,7 @@ def test_page_shows_what_summary_json_holds_before_and_after_rounds(tmp_path, br
         wait_for(lambda: read_json(live).get("round") == 2, 30, "round 2 to start", proc)
         hold.touch()
         wait_for(lambda: read_json(live).get("state") == "held"
-                 and read_json(live).get("round") == 2, 120, "round 2 to complete", proc)
+                 and read_json(live).get("round") == 2, 300, "round 2 to complete", proc)
         second = check_page_equals_summary(page, read_json(run / "summary.json"))
         assert second["charts"]["dice"], "the Dice chart is drawn"
         shot = tmp_path / "status-page.png"
@@ -230,7 +230,7 @@ def test_page_shows_what_summary_json_holds_before_and_after_rounds(tmp_path, br
         assert not errors, errors
 
         hold.unlink()
-        assert proc.wait(timeout=180) == 0, "".join(drained)[-3000:]
+        assert proc.wait(timeout=300) == 0, "".join(drained)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
