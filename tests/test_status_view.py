@@ -191,3 +191,18 @@ def test_unreadable_files_show_an_empty_run(tmp_path):
     (tmp_path / "live.json").write_text("[1, 2]")
     view = build_view(tmp_path)
     assert view["run"]["state"] == "unknown" and view["per_round"] == [] and view["sites"] == []
+
+
+def test_non_finite_and_odd_values_keep_the_answer_valid_json(tmp_path):
+    (tmp_path / "summary.json").write_text(
+        '{"sites": ["a"], "rounds": [{"round": 1, "seconds": NaN, "train": {"a": '
+        '{"loss": Infinity, "epsilon": NaN, "status": ["x"]}}, "evaluate": {"a": '
+        '{"dice": NaN}}, "aggregate": {"dice": -Infinity}}]}')
+    (tmp_path / "live.json").write_text(
+        json.dumps({"state": "running", "updated": time.time(), "round": 1.5,
+                    "nodes": {"1": {"site": "a", "status": {"x": 1}, "online": "yes"}}}))
+    view = build_view(tmp_path)
+    json.dumps(view, allow_nan=False)  # what the app sends; raises on NaN
+    row = view["per_round"][0]["sites"]["a"]
+    assert row["loss"] is None and row["epsilon"] is None and row["status"] is None
+    assert view["rounds"]["in_flight"] is None and view["sites"][0]["online"] is False

@@ -43,6 +43,11 @@ def _num(value: Any) -> float | int | None:
     return value if math.isfinite(value) else None
 
 
+def _scalar(value: Any) -> float | int | str | None:
+    """A number (finite) or a string as it is; anything else None (keeps the JSON valid)."""
+    return value if isinstance(value, str) else _num(value)
+
+
 def _rounds(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     rounds = summary.get("rounds")
     out = [dict(r) for r in rounds if isinstance(r, Mapping)] if isinstance(rounds, list) else []
@@ -121,7 +126,7 @@ def _round_rows(summary: Mapping[str, Any], sites: list[str],
             per_site[site] = {
                 "outcome": _outcome(r, site),
                 "metrics": {k: _num(evaluate.get(k)) for k in keys if k in evaluate},
-                **{f: train[f] for f in TRAIN_FIELDS if f in train},
+                **{f: _scalar(train[f]) for f in TRAIN_FIELDS if f in train},
             }
         aggregate = _dict(r.get("aggregate"))
         rows.append({"round": r["round"], "seconds": _num(r.get("seconds")),
@@ -149,7 +154,10 @@ def _site_rows(summary: Mapping[str, Any], live: Mapping[str, Any], sites: list[
     complete = [r for r in rows if r["complete"]]
     out = []
     for site in sites:
-        node = next((n for n in nodes if n.get("site") == site), {})
+        # The node last sent work (a site that rejoined under a new node id has two).
+        node = max((n for n in nodes if n.get("site") == site),
+                   key=lambda n: (_num(n.get("sent")) or 0, _num(n.get("last_contact")) or 0),
+                   default={})
         down = up = 0
         for r in _rounds(summary):
             for key, value in _dict(_dict(r.get("bytes")).get(site)).items():
@@ -164,16 +172,17 @@ def _site_rows(summary: Mapping[str, Any], live: Mapping[str, Any], sites: list[
                         if r["sites"][site]["metrics"]), {})
         out.append({
             "name": site,
-            "online": node.get("online") if live_now else None,
+            "online": node.get("online") is True if live_now and node else None,
             "last_contact": _num(node.get("last_contact")),
-            "in_flight": node.get("status") if in_flight else None,
-            "error": node.get("error") if in_flight and node.get("status") == "error" else None,
+            "in_flight": _scalar(node.get("status")) if in_flight else None,
+            "error": (_scalar(node.get("error"))
+                      if in_flight and node.get("status") == "error" else None),
             "last_round": complete[-1]["round"] if complete else None,
             "last_outcome": complete[-1]["sites"][site]["outcome"] if complete else None,
             "bytes_down": down, "bytes_up": up,
             "epsilon": _num(privacy.get("epsilon")),
             "epsilon_budget": _num(privacy.get("epsilon_budget")),
-            "privacy_status": privacy.get("status"),
+            "privacy_status": _scalar(privacy.get("status")),
             "metrics": metrics,
         })
     return out
@@ -221,7 +230,7 @@ def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     summary, live = read_summary(run_dir), read_live(run_dir)
     # Without live.json (a baseline run, or a run older than the status page) only the
     # summary tells: a final model means finished.
-    state = live.get("state") or ("finished" if summary.get("model") else
+    state = _scalar(live.get("state")) or ("finished" if summary.get("model") else
                                   "unknown" if not summary else "summary only")
     updated = _num(live.get("updated"))
     stale = state in ("running", "held", "starting") and (updated is None
@@ -233,16 +242,17 @@ def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     done = sum(1 for r in rows if r["complete"])
     config = _dict(summary.get("config"))
     total = _num(live.get("rounds_total")) or _num(config.get("rounds")) or len(rows)
-    in_flight = live.get("round") if live_now and state == "running" else None
+    live_round = live.get("round") if isinstance(_num(live.get("round")), int) else None
+    in_flight = live_round if live_now and state == "running" else None
     if live.get("phase") == "train" and any(r["round"] == in_flight and r["complete"]
                                             for r in rows):
         in_flight = None  # between rounds: the round has closed, the next not yet started
-    phase = live.get("phase") if in_flight is not None else None
+    phase = _scalar(live.get("phase")) if in_flight is not None else None
     return {
         "now": now,
         "run": {
             "name": run_dir.name, "state": state, "stale": stale, "updated": updated,
-            "reason": live.get("reason") if state == "failed" else None,
+            "reason": _scalar(live.get("reason")) if state == "failed" else None,
             "mode": summary.get("mode"), "task": summary.get("task") or config.get("task"),
             "strategy": summary.get("strategy"),
             "held": (run_dir / HOLD_FILE).exists() and state != "finished",
