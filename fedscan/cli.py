@@ -83,8 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "status-overhead":
         from fedscan.simulations import bench_status
 
-        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3,
-                                              sequential=args.sequential)
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
         print(bench_status.format_status_overhead(result))
     elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
@@ -165,9 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int,
                    help="dp-utility, status-overhead: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
-    p.add_argument("--sequential", action="store_true",
-                   help="status-overhead: runs one after the other (ABBA) instead of side by "
-                        "side")
     p.set_defaults(func=_bench)
 
     from fedscan.deploy_cli import add_deployment_commands

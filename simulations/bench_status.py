@@ -1,11 +1,8 @@
 """Benchmark: what the status page adds to a run's wall time.
 
 The same small federation runs with ``fedscan simulate`` as a user starts it, without and with
-the status page (``--status-port 0``), both at the same time (side by side), so whatever else
-loads a shared machine falls on both arms alike; each pair gives one ratio. (Run one after the
-other, ``sequential=True``, in the order off, on, on, off, the machine's drift between runs can
-dwarf a 2 % effect: measured +13 % with ±40 % between runs of the same arm under a load
-average of 12-27 on two cores.) While the page is up, a client
+the status page (``--status-port 0``), in the order off, on, on, off (and again for more
+repeats) so drift on a shared machine falls on both arms alike. While the page is up, a client
 loads it the way the page does (the page, its script and style, plotly.js once, then
 ``/api/status`` every 2 s) for the whole run. The browser's own drawing is not counted: it runs
 wherever the operator looks from.
@@ -117,19 +114,12 @@ def _writer_seconds(sites: int) -> float:
         return live.write_seconds / 200
 
 
-def status_overhead(out: Path, rounds: int = 3, repeats: int = 2,
-                    sequential: bool = False) -> dict[str, Any]:
-    """Run the federation ``repeats`` times in each arm, page off and on.
-
-    Args:
-        out: folder for the sites, config and runs.
-        rounds: federated rounds per run.
-        repeats: runs per arm.
-        sequential: one run after the other (ABBA) instead of each pair side by side.
+def status_overhead(out: Path, rounds: int = 3, repeats: int = 2) -> dict[str, Any]:
+    """Run the federation ``2 * repeats`` times, page off and on alternately (ABBA).
 
     Returns:
-        Per-run wall times per arm, their means, the ratio on/off (mean of the pairs' ratios
-        side by side), the poll answer times and the live writer's time per write.
+        Per-run wall times per arm, their means, the ratio on/off, the poll answer times and
+        the live writer's time per write.
     """
     out = Path(out)
     sites = _write_sites(out / "data", n_cases=8, n_val=2)
@@ -141,51 +131,32 @@ def status_overhead(out: Path, rounds: int = 3, repeats: int = 2,
         "train": {"patch_size": [24, 24, 24], "local_steps": 10},
         "evaluate": {"hd95": False},
     }))
+    order = [arm for _ in range(repeats) for arm in (False, True, True, False)][: 2 * repeats]
     walls: dict[bool, list[float]] = {False: [], True: []}
     polls: list[float] = []
-    if sequential:
-        order = [arm for _ in range(repeats) for arm in (False, True, True, False)]
-        for i, page in enumerate(order[: 2 * repeats]):
-            wall, answers = _run_once(config, out / f"run-{i}-{'on' if page else 'off'}", page)
-            walls[page].append(wall)
-            polls += answers
-            print(f"run {i + 1}/{2 * repeats}: status page {'on ' if page else 'off'} "
-                  f"{wall:.1f} s", flush=True)
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        for i in range(repeats):
-            arms = (True, False) if i % 2 else (False, True)  # alternate who starts first
-            with ThreadPoolExecutor(2) as pool:
-                futures = {page: pool.submit(_run_once, config,
-                                             out / f"pair-{i}-{'on' if page else 'off'}", page)
-                           for page in arms}
-            for page in arms:
-                wall, answers = futures[page].result()
-                walls[page].append(wall)
-                polls += answers
-            print(f"pair {i + 1}/{repeats}: page off {walls[False][-1]:.1f} s, on "
-                  f"{walls[True][-1]:.1f} s", flush=True)
+    for i, page in enumerate(order):
+        wall, answers = _run_once(config, out / f"run-{i}-{'on' if page else 'off'}", page)
+        walls[page].append(wall)
+        polls += answers
+        print(f"run {i + 1}/{len(order)}: status page {'on ' if page else 'off'} "
+              f"{wall:.1f} s", flush=True)
     off, on = statistics.mean(walls[False]), statistics.mean(walls[True])
-    pairs = [b / a for a, b in zip(walls[False], walls[True], strict=True)]
     return {"off": walls[False], "on": walls[True], "mean_off": off, "mean_on": on,
-            "ratio": on / off if sequential else statistics.mean(pairs),
-            "sequential": sequential, "polls": len(polls),
+            "ratio": on / off, "polls": len(polls),
             "poll_ms": 1000 * statistics.median(polls) if polls else None,
             "writer_ms_3": 1000 * _writer_seconds(3), "writer_ms_50": 1000 * _writer_seconds(50)}
 
 
 def format_status_overhead(result: dict[str, Any]) -> str:
     """The benchmark's table as text."""
-    how = "one after the other, ABBA" if result["sequential"] else "side by side, in pairs"
     lines = [
-        f"status page overhead (same federation, fedscan simulate, page off/on {how})",
+        "status page overhead (same federation, fedscan simulate, page off/on alternately)",
         f"  page off: {', '.join(f'{w:.1f}' for w in result['off'])} s  mean "
         f"{result['mean_off']:.1f} s",
         f"  page on:  {', '.join(f'{w:.1f}' for w in result['on'])} s  mean "
         f"{result['mean_on']:.1f} s",
-        f"  ratio on/off{'' if result['sequential'] else ' (mean of the pairs)'}: "
-        f"{result['ratio']:.4f} ({100 * (result['ratio'] - 1):+.2f} %; goal < +2 %)",
+        f"  ratio on/off: {result['ratio']:.4f} ({100 * (result['ratio'] - 1):+.2f} %; "
+        f"goal < +2 %)",
     ]
     if result["poll_ms"] is not None:
         lines.append(f"  /api/status answers: {result['polls']}, median {result['poll_ms']:.1f} "
