@@ -2,7 +2,10 @@
 
 The same small federation runs with ``fedscan simulate`` as a user starts it, without and with
 the status page (``--status-port 0``), in the order off, on, on, off (and again for more
-repeats) so drift on a shared machine falls on both arms alike. While the page is up, a client
+repeats) so drift on a shared machine falls on both arms alike (two simulations at the same time
+were tried for a true side by side: their Ray actors never started on this 2-core machine).
+On a machine shared with other work the drift between runs can still dwarf a 2 % effect, so the
+page's own cost is also measured directly. While the page is up, a client
 loads it the way the page does (the page, its script and style, plotly.js once, then
 ``/api/status`` every 2 s) for the whole run. The browser's own drawing is not counted: it runs
 wherever the operator looks from.
