@@ -16,7 +16,32 @@ def _simulate(args: argparse.Namespace) -> int:
         modes = None  # the config's ``mode``
     else:
         modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
-    simulate(args.config, modes, Path(args.out), rounds=args.rounds)
+    simulate(args.config, modes, Path(args.out), rounds=args.rounds,
+             status=_status_options(args))
+
+
+def _status_options(args: argparse.Namespace):
+    """The status page's options from ``--status``/``--status-host``/``--status-port``, or
+    None when none of them was given."""
+    if not (args.status or args.status_host or args.status_port is not None):
+        return None
+    from fedscan.shared.status.serve import DEFAULT_PORT, StatusOptions
+
+    return StatusOptions(host=args.status_host or "127.0.0.1",
+                         port=DEFAULT_PORT if args.status_port is None else args.status_port)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedscan.shared.status.serve import StatusOptions, StatusServer, warn_plain_http
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "live.json").is_file():
+        raise FedscanError(f"{run_dir}: not a run folder (no summary.json or live.json)")
+    options = StatusOptions(host=args.host, port=args.port)
+    server = StatusServer(run_dir.resolve(), options)
+    print(f"fedscan: status page of {run_dir} at {server.url} (Ctrl-C stops it)", flush=True)
+    warn_plain_http(options)
+    server.serve_forever()
     return 0
 
 
@@ -81,7 +106,13 @@ def _check_data(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from fedscan.simulations import bench
 
-    if args.what == "dp-overhead":
+    args.out = args.out or f"runs/bench-{args.what}"
+    if args.what == "status-overhead":
+        from fedscan.simulations import bench_status
+
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
+        print(bench_status.format_status_overhead(result))
+    elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
     else:
         rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
@@ -100,7 +131,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's mode, federated unless it says otherwise)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
+    p.add_argument("--status", action="store_true",
+                   help="serve the live status page while the run goes (default "
+                        "http://127.0.0.1:8050/)")
+    p.add_argument("--status-port", type=int, default=None,
+                   help="status page port (implies --status; 0 picks a free one)")
+    p.add_argument("--status-host", default=None,
+                   help="status page address (implies --status; default 127.0.0.1; any other "
+                        "address requires a token: FEDSCAN_STATUS_TOKEN or a printed random "
+                        "one)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("dashboard", help="serve the status page of a run folder (live or "
+                                         "finished)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (summary.json, live.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other requires a token)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: a free one)")
+    p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("predict", help="segment a NIfTI scan or DICOM series with a trained "
                                        "model")
@@ -151,13 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_check_data)
 
-    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility"],
+    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
+                                     "status page overhead")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
-                        "default federation at epsilon 1, 3, 8 and inf")
-    p.add_argument("--out", default="runs/bench-dp-utility",
-                   help="dp-utility: output folder (default: runs/bench-dp-utility)")
-    p.add_argument("--rounds", type=int, help="dp-utility: override the rounds")
+                        "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
+                        "same small federation without and with the status page")
+    p.add_argument("--out", default=None,
+                   help="dp-utility, status-overhead: output folder (default: "
+                        "runs/bench-<what>)")
+    p.add_argument("--rounds", type=int,
+                   help="dp-utility, status-overhead: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
 

@@ -287,6 +287,7 @@ def start_server(config: str | Path, insecure: bool = False,
                                      preexec_fn=front.child_setup(not keep_running))
     (run_dir / "superlink.pid").write_text(str(superlink.pid))
     nginx: subprocess.Popen | None = None
+    page = None
     try:
         _wait_for_port(control_address, superlink, s.startup_timeout, log_path)
         front_dir.mkdir(exist_ok=True)
@@ -297,6 +298,7 @@ def start_server(config: str | Path, insecure: bool = False,
               f"({'INSECURE' if insecure else 'TLS, node authentication'}; Fleet API only); "
               f"SuperLink on {control_address} (operator only); logs {log_path}, "
               f"{front_dir}/access.log", flush=True)
+        page = _start_status_page(settings, run_dir, insecure)
         for run in _runs(flwr_home):  # runs of a crashed server would compete for the sites
             if str(run.get("status", "")).split(":")[0] in ("pending", "starting", "running"):
                 flwr(["stop", str(run["run-id"])], flwr_home)
@@ -332,10 +334,25 @@ def start_server(config: str | Path, insecure: bool = False,
               flush=True)
         return summary
     finally:
+        if page is not None:
+            page.stop()
         if not keep_running:
             if nginx is not None:
                 front.stop_process(nginx)
             stop_superlink(superlink)
+
+
+def _start_status_page(settings: ServerSettings, run_dir: Path, insecure: bool) -> Any:
+    """The status page over ``run_dir`` when ``server.status_port`` is set, else None."""
+    block = settings.server
+    if block.status_port is None:
+        return None
+    from fedscan.shared.status.serve import StatusOptions, is_loopback, start_status
+
+    tls = not insecure and not is_loopback(block.status_host)
+    return start_status(run_dir, StatusOptions(
+        host=block.status_host, port=block.status_port,
+        certfile=block.cert if tls else None, keyfile=block.key if tls else None))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
+from fedscan.server.live_grid import live_run
 from fedscan.server.rounds import (
     load_resume_point,
     model_fp32_bytes,
@@ -137,7 +138,8 @@ def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, Path(out_dir))
+        with live_run(grid, cfg, out_dir) as live_grid:
+            run_federation(live_grid, cfg, Path(out_dir))
 
     return app
 
@@ -157,7 +159,8 @@ def main(grid: Grid, context: Context) -> None:
     run_dir = Path(str(run_config["run-dir"]))
     nodes = run_dir / NODES_FILE
     names = json.loads(nodes.read_text()) if nodes.is_file() else {}
-    run_federation(grid, settings.federation, run_dir,
-                   resume=bool(run_config.get("resume", False)),
-                   site_grace=settings.server.site_grace,
-                   node_names={int(k): v for k, v in names.items()})
+    node_names = {int(k): v for k, v in names.items()}
+    with live_run(grid, settings.federation, run_dir, node_names) as live_grid:
+        run_federation(live_grid, settings.federation, run_dir,
+                       resume=bool(run_config.get("resume", False)),
+                       site_grace=settings.server.site_grace, node_names=node_names)

@@ -38,6 +38,12 @@ class ServerBlock:
     #: Seconds each round waits for every listed site to be online before it starts with the
     #: sites present (at least ``strategy.min_sites``).
     site_grace: float = 120.0
+    #: Status page port while the run goes (None: no page; 0: a free port); see
+    #: docs/operations.md.
+    status_port: int | None = None
+    #: Status page address: loopback unless set; any other address requires a token and is
+    #: served over HTTPS with ``cert``/``key``.
+    status_host: str = "127.0.0.1"
 
 
 @dataclass

@@ -33,6 +33,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedscan.shared.report_html import write_html_report
 from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
 
 #: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
@@ -52,6 +53,8 @@ _FILE_NOTES = {
     "summary.json": "every number in this report, machine-readable (per round, per site, "
     "final results and the full run config).",
     "report.md": "this report.",
+    "report.html": "this report as one self-contained web page (plots embedded; opens from a "
+    "file share or an e-mail without a server).",
     "loss.png": "training loss per site after each round.",
     "epsilon.png": "differential privacy spent (ε) per site after each round; dashed: the "
     "budget (in the site's colour when sites differ).",
@@ -799,7 +802,7 @@ def _model_lines(summary: Mapping[str, Any]) -> list[str]:
 
 def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     lines = ["## Files in this folder", ""]
-    for name in ("summary.json", "report.md"):
+    for name in ("summary.json", "report.md", "report.html"):
         lines.append(f"- `{name}`: {_FILE_NOTES[name]}")
     for spec in _plotted_specs(summary):
         lines.append(f"- `{plot_name(spec)}`: validation {_md(spec.label)} per site after each "
@@ -880,6 +883,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines += _files_lines(out_dir, summary)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    write_html_report(out_dir)  # report.html: the same, self-contained (plots embedded)
     return path
 
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
 from fedscan.shared.data import read_site, read_site_test_set
+
+if TYPE_CHECKING:
+    from fedscan.shared.status.serve import StatusOptions
 
 
 def quiet_flower() -> None:
@@ -92,7 +95,8 @@ def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
 
 
 def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
-             rounds: int | None = None) -> dict[str, dict[str, Any]]:
+             rounds: int | None = None, status: StatusOptions | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Run ``modes`` (a subset of federated/local/pooled) and return their summaries.
 
     Args:
@@ -101,6 +105,7 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
         out: the output folder. With several modes each writes into ``out/<mode>/`` and a
             comparison is written to ``out``.
         rounds: overrides the config's ``rounds``.
+        status: serve the status page over the folder of the mode running, while it runs.
     """
     quiet_flower()
     cfg = read_simulation_config(config) if config else default_config()
@@ -108,10 +113,35 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
         cfg.rounds = rounds
     modes = modes or [cfg.mode]
     check_data(cfg)
+    targets = {m: out / m if len(modes) > 1 else out for m in modes}
+    current = [targets[modes[0]]]
+    page = None
+    if status is not None:
+        from fedscan.shared.status.serve import start_status
+
+        page = start_status(lambda: current[0], status)
+    try:
+        summaries = _run_modes(cfg, modes, targets, current)
+    finally:
+        if page is not None:
+            page.stop()
+            print(f"fedscan: status page stopped; to view the run again: fedscan dashboard "
+                  f"{current[0]}", flush=True)
+    if len(modes) > 1:
+        from fedscan.shared.report import format_comparison, write_comparison
+
+        write_comparison(out, summaries)
+        print(format_comparison(summaries), flush=True)
+    return summaries
+
+
+def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
+               current: list[Path]) -> dict[str, dict[str, Any]]:
+    """Run each mode into its folder (``current[0]`` follows the mode running)."""
     summaries = {}
     for mode in modes:
         assert mode in MODES, mode
-        target = out / mode if len(modes) > 1 else out
+        target = current[0] = targets[mode]
         started = time.time()
         print(f"== {mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}", flush=True)
         summaries[mode] = run_mode(cfg, mode, target)
@@ -121,9 +151,4 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
             from fedscan.simulations.harmonisation import run_study
 
             run_study(cfg, target)
-    if len(modes) > 1:
-        from fedscan.shared.report import format_comparison, write_comparison
-
-        write_comparison(out, summaries)
-        print(format_comparison(summaries), flush=True)
     return summaries
