@@ -26,7 +26,7 @@ from fedscan.client.guard import SITE_CONFIG_ENV
 from fedscan.client.site_config import NODE_CONFIG_KEY, SiteSettings, load_site_settings
 from fedscan.shared.data import read_dataset
 from fedscan.shared.errors import ConfigError, DataError
-from fedscan.shared.fab_policy import task_commands, write_shim
+from fedscan.shared.fab_policy import install_shims
 
 #: flower-supernode exit code when its key is not registered on the SuperLink (Flower's 305,
 #: which reaches the parent as 305 & 0xFF or 1), and the message it prints then.
@@ -53,15 +53,8 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def install_guard(state_dir: Path) -> Path:
     """Write the ``flwr-clientapp`` shim (see ``client/guard.py``) and refusing shims for the
     other task programs a SuperExec could start; returns their folder."""
-    bin_dir = state_dir / "bin"
-    for command in task_commands():
-        guarded = command == "flwr-clientapp"
-        write_shim(bin_dir / command, sys.executable, "fedscan.client.guard",
-                   "main" if guarded else "refuse_task",
-                   "Written by `fedscan client start`: " + (
-                       "Flower's flwr-clientapp, guarded." if guarded else
-                       "this site runs only the fedscan ClientApp."))
-    return bin_dir
+    return install_shims(state_dir / "bin", "flwr-clientapp", "fedscan.client.guard",
+                         "fedscan client start", "this site runs only the fedscan ClientApp.")
 
 
 def supernode_command(settings: SiteSettings, config_path: Path, insecure: bool) -> list[str]:

@@ -32,10 +32,9 @@ from fedscan.shared.fab_policy import (
     FabRefused,
     audit,
     canonical_hash,
+    install_shims,
     read_fab,
     sha256,
-    task_commands,
-    write_shim,
 )
 
 APPROVED_SERVERAPP = "fedscan.server.server_app:app"
@@ -57,15 +56,8 @@ def approved_app_hash(app_dir: Path) -> str:
 def install_guard(run_dir: Path) -> Path:
     """Write ``RUN_DIR/bin``: the guarded ``flwr-serverapp`` and refusing shims for the other
     task programs; returns the folder to put first on the SuperLink's ``PATH``."""
-    bin_dir = run_dir / "bin"
-    for command in task_commands():
-        guarded = command == "flwr-serverapp"
-        write_shim(bin_dir / command, sys.executable, "fedscan.server.guard",
-                   "main" if guarded else "refuse_task",
-                   "Written by `fedscan server start`: " + (
-                       "Flower's flwr-serverapp, guarded." if guarded else
-                       "this server runs only the fedscan ServerApp."))
-    return bin_dir
+    return install_shims(run_dir / "bin", "flwr-serverapp", "fedscan.server.guard",
+                         "fedscan server start", "this server runs only the fedscan ServerApp.")
 
 
 def _audit_log() -> Path | None:

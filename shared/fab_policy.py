@@ -177,6 +177,28 @@ def write_shim(path: Path, python: str, module: str, function: str, comment: str
     return path
 
 
+def install_shims(bin_dir: Path, guarded: str, module: str, starter: str, refusal: str) -> Path:
+    """Write a shim for every task program Flower's SuperExec may start: ``guarded`` calls
+    ``module.main`` (the actor's guard), every other one ``module.refuse_task``.
+
+    Args:
+        bin_dir: the folder to put first on the SuperExec's ``PATH``.
+        guarded: the one program this actor runs (``flwr-serverapp`` or ``flwr-clientapp``).
+        module: the actor's guard module.
+        starter: the fedscan command that writes the shims, named in their comment.
+        refusal: why the other programs refuse, for their comment.
+
+    Returns:
+        ``bin_dir``.
+    """
+    for command in task_commands():
+        ok = command == guarded
+        write_shim(bin_dir / command, sys.executable, module, "main" if ok else "refuse_task",
+                   f"Written by `{starter}`: "
+                   + (f"Flower's {command}, guarded." if ok else refusal))
+    return bin_dir
+
+
 def task_commands() -> list[str]:
     """Every program Flower's SuperExec may start for a task (``flwr-serverapp``, ...)."""
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
