@@ -61,15 +61,17 @@ class _NoDeprecationNotices(logging.Filter):
 _DEPRECATION_FILTER = _NoDeprecationNotices()
 
 
-def configure_console(on: bool | None = None) -> None:
+def configure_console(on: bool | None = None, force: bool = False) -> None:
     """Make this process's console quiet (or verbose); cheap to call again.
 
     Args:
         on: verbose or not; None reads :func:`verbose`.
+        force: apply again even if already applied (a library imported since put its own
+            warning filters in front of ours, e.g. SQLAlchemy under MLflow).
     """
     global _configured
     on = verbose() if on is None else on
-    if _configured is on:
+    if _configured is on and not force:
         return
     _configured = on
     from flwr.common.logger import FLOWER_LOGGER, console_handler, update_console_handler

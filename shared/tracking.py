@@ -181,6 +181,12 @@ class _MlflowRun:
         except ImportError:
             raise ConfigError("config key 'tracking.mlflow': MLflow is not installed "
                               "(pip install 'fedscan[tracking]')") from None
+        from fedscan.shared.console import configure_console, verbose
+
+        configure_console(force=True)  # SQLAlchemy's deprecation filters went in front
+        if not verbose():  # MLflow's INFO lines (creating tables, ...) only when verbose
+            for name in ("mlflow", "alembic"):
+                logging.getLogger(name).setLevel(logging.WARNING)
         self.cfg, self.mode, self.out_dir = cfg, mode, out_dir
         self.uri = settings.mlflow
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
