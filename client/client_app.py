@@ -23,9 +23,12 @@ from fedscan.client.privacy import (
     save_ledger,
     train_private,
 )
+from fedscan.client.sent_log import make_sent_log_mod
+from fedscan.client.site_log import say
 from fedscan.client.task_policy import accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
+from fedscan.shared.console import configure_console
 from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
@@ -90,9 +93,9 @@ def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[
 
 
 def train(msg: Message, context: Context, site: SiteConfig,
-          allow_task_import: bool = False) -> Message:
+          allow_task_import: bool = False, echo: bool = True) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
-    has a privacy setting)."""
+    has a privacy setting); progress goes to the site's log and, with ``echo``, its console."""
     # No server paths, within the site's policy, audited; the message config decoded once.
     cfg, instruction = accept_task(msg, site)
     server_round = instruction.server_round
@@ -110,8 +113,8 @@ def train(msg: Message, context: Context, site: SiteConfig,
 
     def on_step(step: int, total: int, loss: float) -> None:
         if step % every == 0 or step == total:
-            print(f"[{site.name}] round {server_round} step {step}/{total} loss {loss:.4f}",
-                  flush=True)
+            say(site, f"[{site.name}] round {server_round} step {step}/{total} loss {loss:.4f}",
+                echo)
 
     privacy = effective_privacy(site.privacy)
     if privacy is None:
@@ -131,11 +134,10 @@ def train(msg: Message, context: Context, site: SiteConfig,
             # Saved even if training failed half-way: steps taken count, released or not.
             save_ledger(ledger, context.state, site.state_dir)
         privacy_record = ledger.record(done.status, done.result.steps if done.result else 0)
-        print(f"[{site.name}] round {server_round} privacy {done.status}: "
-              f"epsilon {privacy_record['epsilon']:.4f} of {privacy.epsilon:g} after "
-              f"{ledger.steps} "
-              f"steps (sigma {ledger.noise_multiplier:.4f}, q {ledger.sample_rate:.4f})",
-              flush=True)
+        say(site, f"[{site.name}] round {server_round} privacy {done.status}: "
+                  f"epsilon {privacy_record['epsilon']:.4f} of {privacy.epsilon:g} after "
+                  f"{ledger.steps} steps (sigma {ledger.noise_multiplier:.4f}, "
+                  f"q {ledger.sample_rate:.4f})", echo)
         if done.result is None:  # declined: the global model back, weight 0 in aggregation
             weights = msg.content[ARRAYS].to_torch_state_dict()
             loss, taken, examples = float("nan"), 0, 0
@@ -168,12 +170,12 @@ def _evaluation_record(result: EvalResult) -> ConfigRecord:
 
 
 def evaluate(msg: Message, context: Context, site: SiteConfig,
-             allow_task_import: bool = False) -> Message:
+             allow_task_import: bool = False, echo: bool = True) -> Message:
     """Evaluate the received global model on the site's validation cases."""
     cfg, instruction = accept_task(msg, site)
     data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context, allow_task_import)
-    _save_site_model(cfg, site, model, task, instruction.server_round)
+    _save_site_model(cfg, site, model, task, instruction.server_round, echo)
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
                           SITE: site_record(site.name)})
@@ -181,7 +183,7 @@ def evaluate(msg: Message, context: Context, site: SiteConfig,
 
 
 def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task: Task,
-                     server_round: int) -> None:
+                     server_round: int, echo: bool = True) -> None:
     """Write ``<state_dir>/site_model.pt``: the received model with this site's own weights.
 
     Only for tasks that keep weights at the site (a CycleGAN's curves and discriminators,
@@ -193,26 +195,32 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
         return
     path = save_model(Path(site.state_dir) / SITE_MODEL, config=cfg, state_dict=state,
                       meta={"site": site.name, "round": server_round})
-    print(f"[{site.name}] saved this site's model to {path}", flush=True)
+    say(site, f"[{site.name}] saved this site's model to {path}", echo)
 
 
-def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False) -> ClientApp:
+def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
+                    echo: bool = True) -> ClientApp:
     """A ClientApp whose handlers act for the site ``resolve_site`` names.
 
     Every handler runs inside the error mod: a failure reaches the server as a generic code
-    only, the full error stays in the site's log. ``allow_task_import`` lets it build a task
+    only, the full error stays in the site's log; every reply is listed in the site's
+    ``sent.log`` (:mod:`fedscan.client.sent_log`). ``allow_task_import`` lets it build a task
     the config names by import path: simulation only, where the researcher's code is on both
-    sides; a deployed hospital runs built-in tasks only.
+    sides; a deployed hospital runs built-in tasks only. ``echo``: progress lines on the
+    console too (a simulation shows them only when verbose); they are in site.log anyway.
     """
-    app = ClientApp(mods=[make_error_mod(resolve_site)])
+    # Outermost first: every reply, an error reply too, is recorded in the site's sent.log.
+    app = ClientApp(mods=[make_sent_log_mod(resolve_site), make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, resolve_site(context), allow_task_import)
+        configure_console()  # this process's (a Ray worker's) console too: each line once
+        return train(msg, context, resolve_site(context), allow_task_import, echo)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, resolve_site(context), allow_task_import)
+        configure_console()
+        return evaluate(msg, context, resolve_site(context), allow_task_import, echo)
 
     return app
 

@@ -24,14 +24,12 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from fedscan.client.privacy import PrivacyError
+from fedscan.client.site_log import SITE_LOG
 from fedscan.client.task_policy import PolicyRefused
 from fedscan.shared.config import SiteConfig
 from fedscan.shared.error_codes import SITE_ERRORS
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.messages import SchemaMismatch
-
-#: File in the site's state folder that keeps every failure in full (never sent).
-SITE_LOG = "site.log"
 
 #: Exception class -> code, most specific first; anything else is ``internal-error``.
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (

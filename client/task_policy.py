@@ -30,6 +30,7 @@ from typing import Any
 from flwr.app import Message, MessageType
 
 from fedscan.client.audit import audit
+from fedscan.client.site_log import say
 from fedscan.shared.config import Config, SiteConfig, SitePolicy
 from fedscan.shared.data import read_site
 from fedscan.shared.errors import ConfigError, FedscanError
@@ -152,6 +153,6 @@ def accept_task(msg: Message, site: SiteConfig) -> tuple[Config, RoundConfig]:
     audit(site.state_dir, "task-accepted", echo=False, clamped=clamped, **where)
     if clamped:
         asked, used = clamped["local_steps"]
-        print(f"[{site.name}] round {server_round}: {asked} local steps asked, {used} run "
-              "(policy.max_local_steps)", flush=True)
+        say(site, f"[{site.name}] round {server_round}: {asked} local steps asked, {used} run "
+                  "(policy.max_local_steps)")
     return cfg, instruction

@@ -140,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="status page address (implies --status; default 127.0.0.1; any other "
                         "address requires a token: FEDSCAN_STATUS_TOKEN or a printed random "
                         "one)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Flower's log (INFO and DEBUG, deprecation notices) and every "
+                        "site's step lines (default: one progress display)")
     p.set_defaults(func=_simulate)
 
     p = sub.add_parser("dashboard", help="serve the status page of a run folder (live or "
@@ -221,6 +224,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        from fedscan.shared.console import set_verbose
+
+        set_verbose(True)  # before any Flower process or Ray worker starts: they inherit it
     if args.command == "simulate" and args.mode not in (None, "all"):
         bad = [m for m in args.mode.split(",") if m not in ("federated", "local", "pooled")]
         if bad:

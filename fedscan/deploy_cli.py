@@ -90,6 +90,29 @@ def _client_check(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _client_status(args: argparse.Namespace) -> int:
+    import json
+
+    from fedscan.client.site_config import load_site_settings
+    from fedscan.client.site_status import format_status, site_status
+
+    site = load_site_settings(args.config).site
+    if not args.serve:
+        status = site_status(site)
+        print(json.dumps(status, indent=1) if args.json else format_status(status))
+        return 0
+    from fedscan.client.site_page import site_page_factory
+    from fedscan.shared.status.serve import StatusOptions, StatusServer, warn_plain_http
+
+    site_status(site)  # a missing state folder is an error now, not on the first request
+    options = StatusOptions(host=args.host, port=args.port)
+    server = StatusServer(None, options, make_app=site_page_factory(site))
+    print(f"fedscan: site {site.name}'s own page at {server.url} (Ctrl-C stops it)", flush=True)
+    warn_plain_http(options)
+    server.serve_forever()
+    return 0
+
+
 def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
     """Add ``certs``, ``server`` and ``client`` to the ``fedscan`` parser."""
     certs = sub.add_parser("certs", help="consortium CA, server certificate, hospital keys")
@@ -122,6 +145,8 @@ def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
                    help="plain-text HTTP, no node authentication (test networks only)")
     p.add_argument("--keep-running", action="store_true",
                    help="leave the SuperLink running after the run")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the ServerApp's Flower log (INFO, DEBUG, deprecation notices)")
     p.set_defaults(func=_server_start)
     p = ssub.add_parser("register-site", help="admit a hospital's public key "
                                               "(flwr supernode register)")
@@ -138,8 +163,22 @@ def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="site.yaml")
     p.add_argument("--insecure", action="store_true",
                    help="plain-text HTTP, no node authentication (test networks only)")
+    p.add_argument("--verbose", action="store_true",
+                   help="show the ClientApp's Flower log (INFO, DEBUG, deprecation notices)")
     p.set_defaults(func=_client_start)
     p = asub.add_parser("check", help="preflight: data, server, certificate, key, resources")
     p.add_argument("--config", required=True, help="site.yaml")
     p.add_argument("--insecure", action="store_true", help="skip the TLS and key checks")
     p.set_defaults(func=_client_check)
+    p = asub.add_parser("status", help="what ran on this site's data: runs accepted and "
+                                       "refused, rounds, epsilon, what was sent (local only)")
+    p.add_argument("--config", required=True, help="site.yaml")
+    p.add_argument("--json", action="store_true", help="print the view as JSON")
+    p.add_argument("--serve", action="store_true",
+                   help="serve the view as a local web page instead of printing it")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="--serve: address to bind (default 127.0.0.1; any other requires a "
+                        "token: FEDSCAN_STATUS_TOKEN or a printed random one)")
+    p.add_argument("--port", type=int, default=8051,
+                   help="--serve: port (default 8051; 0 picks a free one)")
+    p.set_defaults(func=_client_status)

@@ -57,6 +57,11 @@ class LiveGrid:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
 
+    @property
+    def live(self) -> LiveStatus:
+        """The run's live status (its listeners follow every send and reply)."""
+        return self._live
+
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self._grid.get_node_ids())
         self._live.online(ids)

@@ -26,12 +26,11 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.error_codes import describe_error
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import SITE, RoundConfig, reply_site, site_record
+from fedscan.shared.messages import SITE, RoundConfig, message_bytes, reply_site, site_record
 
 log = logging.getLogger("fedscan.server")
 
@@ -45,11 +44,6 @@ class RoundFailed(RuntimeError):
 
     The round is not counted as completed, so ``--resume`` repeats it.
     """
-
-
-def message_bytes(msg: Message) -> int:
-    """Bytes of a message's serialized objects: what its receiver pulls over the network."""
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
 def model_fp32_bytes(state: dict[str, torch.Tensor]) -> int:

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
-from tqdm.auto import tqdm
 
 from fedscan.server.live_grid import live_run
+from fedscan.server.progress import RoundProgress
 from fedscan.server.rounds import (
     load_resume_point,
     model_fp32_bytes,
@@ -23,20 +23,24 @@ from fedscan.server.rounds import (
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
-from fedscan.shared.data import read_site_test_set
+from fedscan.shared.console import configure_console
+from fedscan.shared.data import case_id, read_site_test_set
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
+from fedscan.shared.tracking import PREVIEWS, Tracker
 
 log = logging.getLogger("fedscan.server")
 
 
-def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
+def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
+                       tracker: Tracker | None = None) -> dict[str, Any]:
     """Evaluate the final global model on the server's own held-out folders.
 
-    These are the operator's data, so per-case values may be reported (unlike sites').
+    These are the operator's data, so per-case values may be reported (unlike sites'), and
+    a few prediction pictures per test set go to ``tracker`` when the task draws them.
     """
     if not cfg.test_sets:
         return {}
@@ -55,6 +59,10 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
         res = task.evaluate(model, cases)
         results[test_set.name] = {**res.metrics, "num_examples": res.num_examples,
                                   "cases": res.per_case}
+        if tracker is not None and hasattr(task, "preview"):
+            for case in cases[:PREVIEWS]:
+                tracker.preview(test_set.name, case_id(case), task.preview(model, case),
+                                step=cfg.rounds)
     return results
 
 
@@ -100,7 +108,10 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         log.warning("resuming %s after round %d of %d", out_dir, last, cfg.rounds)
     elif resume:
         log.warning("nothing to resume in %s: starting at round 1", out_dir)
-    progress = tqdm(total=cfg.rounds, initial=first - 1, desc="federated rounds", unit="round")
+    progress = RoundProgress(cfg.rounds, first, [s.name for s in cfg.sites])
+    live = getattr(grid, "live", None)  # a LiveGrid: the bar shows each site's state
+    if live is not None:
+        live.listeners.append(progress.sites_changed)
 
     def on_round_end(server_round: int, round_arrays: ArrayRecord) -> None:
         # Strategy state first: a checkpoint listed in summary.json always has its state.
@@ -110,25 +121,30 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         name = history.headline.name if history.headline else None
         known = [r for r in history.rounds if r["aggregate"].get(name) is not None]
         if known:
-            progress.set_postfix_str(f"{name} {known[-1]['aggregate'][name]:.3f} "
-                                     f"(round {known[-1]['round']} model)")
-        progress.update(1)
+            progress.metric(f"{name} {known[-1]['aggregate'][name]:.3f} "
+                            f"(round {known[-1]['round']} model)")
+        progress.round_done()
 
     round_config = RoundConfig.for_run(cfg)
-    final_arrays = run_rounds(
-        strategy, grid, arrays, range(first, cfg.rounds + 1),
-        timeout=cfg.strategy.round_timeout,
-        train_config=round_config,
-        evaluate_config=round_config,
-        history=history, on_round_end=on_round_end,
-        expected_sites=len(cfg.sites), site_grace=site_grace, node_names=node_names,
-    )
-    progress.close()
+    try:
+        final_arrays = run_rounds(
+            strategy, grid, arrays, range(first, cfg.rounds + 1),
+            timeout=cfg.strategy.round_timeout,
+            train_config=round_config,
+            evaluate_config=round_config,
+            history=history, on_round_end=on_round_end,
+            expected_sites=len(cfg.sites), site_grace=site_grace, node_names=node_names,
+        )
+    finally:
+        progress.close()
+        if live is not None:
+            live.listeners.remove(progress.sites_changed)
     final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     model_path = history.save_final_model(final_state)
-    final = {"test_sets": evaluate_test_sets(cfg, final_state)}
+    final = {"test_sets": evaluate_test_sets(cfg, final_state, history.tracker)}
     summary = history.write_summary(final=final, model=model_path)
     write_report(out_dir, summary)
+    history.finish_tracking(summary)
     return summary
 
 
@@ -138,6 +154,7 @@ def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        configure_console()
         with live_run(grid, cfg, out_dir) as live_grid:
             run_federation(live_grid, cfg, Path(out_dir))
 
@@ -154,6 +171,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     from fedscan.server.settings import NODES_FILE, load_server_settings
 
+    configure_console()
     run_config = context.run_config
     settings = load_server_settings(str(run_config["server-config"]))
     run_dir = Path(str(run_config["run-dir"]))

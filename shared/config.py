@@ -161,6 +161,25 @@ class EvaluateConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking of a run (the server's or researcher's side only; never sent).
+
+    TensorBoard event files are written into ``RUN_DIR/tensorboard`` unless ``tensorboard``
+    is false. With ``mlflow`` set (a tracking URI, e.g. ``sqlite:///runs/mlflow.db``), the
+    run is also logged to MLflow: parameters, per-round metrics, the report and plots as
+    artifacts, and the final model as a version of the registered model ``model_name``.
+    """
+
+    tensorboard: bool = True
+    #: MLflow tracking (and registry) URI; None: no MLflow. Needs ``pip install fedscan[tracking]``.
+    mlflow: str | None = None
+    #: MLflow experiment the run is logged under.
+    experiment: str = "fedscan"
+    #: Registered model the final model becomes a version of (default: ``fedscan-<task>``).
+    model_name: str | None = None
+
+
+@dataclass
 class HarmonisationConfig:
     """CycleGAN scanner harmonisation (``task: harmonisation``): site domain -> reference domain.
 
@@ -226,6 +245,8 @@ class Config:
     harmonisation: HarmonisationConfig = field(default_factory=HarmonisationConfig)
     #: DP-SGD for every site without its own ``privacy`` block; None: no DP.
     privacy: PrivacyConfig | None = None
+    #: TensorBoard / MLflow (the server's side only: not part of what sites receive).
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -328,6 +349,11 @@ def from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
     if (isinstance(obj, HarmonisationConfig) and base is not None and obj.reference is not None
             and not Path(obj.reference).is_absolute()):
         obj.reference = str((base / obj.reference).resolve())
+    if isinstance(obj, TrackingConfig) and base is not None and obj.mlflow:
+        # sqlite:///relative.db is relative to the config file too (sqlite:////abs.db is not).
+        prefix = "sqlite:///"
+        if obj.mlflow.startswith(prefix) and not Path(obj.mlflow[len(prefix):]).is_absolute():
+            obj.mlflow = prefix + str((base / obj.mlflow[len(prefix):]).resolve())
     return obj
 
 

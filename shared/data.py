@@ -488,3 +488,19 @@ def read_site_test_set(test_set: SiteConfig, data: DataConfig, *, check: bool) -
     """A configured held-out folder's cases, checked with the run's ``data`` settings."""
     return read_test_set(test_set.data, name=test_set.name, num_classes=data.num_classes,
                          in_channels=data.in_channels, check=check)
+
+
+def data_fingerprint(site: SiteData) -> str:
+    """An opaque sha256 of a site's data: over the sorted sha256s of each case's file
+    contents (image, then label), so it changes when any case is added, removed or altered
+    and never depends on file names, paths or order. It reveals nothing but equality."""
+    digests = []
+    for case in [*site.train, *site.validation]:
+        h = hashlib.sha256()
+        for key in ("image", "label"):
+            if case.get(key):
+                with open(case[key], "rb") as f:
+                    for block in iter(lambda f=f: f.read(1 << 20), b""):
+                        h.update(block)
+        digests.append(h.hexdigest())
+    return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()

@@ -10,6 +10,7 @@ written into summary.json (``metrics``), where the report and any other reader f
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Sequence
@@ -22,6 +23,9 @@ from fedscan.shared.checkpoint import save_model
 from fedscan.shared.config import Config
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
+from fedscan.shared.tracking import Tracker
+
+log = logging.getLogger("fedscan.history")
 
 
 def _clean(value: Any) -> Any:
@@ -77,6 +81,8 @@ class RunHistory:
         self.model_fp32_bytes: int | None = None
         #: Rounds after which the run was resumed (a restart after a crash).
         self.resumed_after: list[int] = []
+        #: TensorBoard (and MLflow when configured) get every summary this writes.
+        self.tracker = Tracker(self.out_dir, cfg, mode)
 
     def _round(self, rnd: int) -> dict[str, Any]:
         for entry in self.rounds:
@@ -200,4 +206,15 @@ class RunHistory:
         tmp = self.out_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(data, indent=2))
         tmp.replace(self.out_dir / "summary.json")
+        try:
+            self.tracker.update(data)
+        except Exception as exc:  # tracking must never stop a federation
+            log.warning("tracking: %s: %s", type(exc).__name__, exc)
         return data
+
+    def finish_tracking(self, summary: dict[str, Any]) -> None:
+        """After the report is written: artifacts and the model version (MLflow)."""
+        try:
+            self.tracker.finish(summary)
+        except Exception as exc:  # the run's own outputs are complete; say what failed
+            log.warning("tracking: %s: %s", type(exc).__name__, exc)

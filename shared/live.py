@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class LiveStatus:
             "nodes": {},  # node id -> site, online, status this round, sent, last_contact
             "reason": None,  # why a run failed
         }
+        #: Called with the state after each send, reply and the end of the run (the console's
+        #: progress display follows the round through these).
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []
         #: Seconds spent writing live.json (the writer's whole cost to the run).
         self.write_seconds = 0.0
         self._last_write = 0.0
@@ -94,6 +97,7 @@ class LiveStatus:
             entry = self._node(node, site)
             entry.update(status="waiting", sent=now)
         self.write()
+        self._notify()
 
     def replied(self, node: int, site: str | None, error: str | None = None) -> None:
         """A reply from ``node`` arrived (an error reply when ``error`` is set)."""
@@ -101,6 +105,7 @@ class LiveStatus:
         entry.update(status="error" if error else "replied", last_contact=time.time(),
                      error=error)
         self._changed()
+        self._notify()
 
     def online(self, node_ids: Iterable[int]) -> None:
         """The nodes the SuperLink reports as connected now."""
@@ -120,6 +125,11 @@ class LiveStatus:
         for entry in self.state["nodes"].values():
             entry["status"] = None
         self.write()
+        self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener(self.state)
 
     def _close_round(self, now: float) -> None:
         """Record the duration of the round last started, once."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedscan.shared.config import Config, SiteConfig, parse_config
 from fedscan.shared.errors import FedscanError
@@ -51,6 +52,14 @@ EVALUATE_RECEIVED = "evaluate-received"
 EVALUATION = "evaluation"
 
 
+
+
+def message_bytes(msg: Message) -> int:
+    """Bytes of a message's serialized objects: what its receiver pulls over the network
+    (apart from HTTP framing). The server counts each round with it, each site its replies."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
 #: The version of :class:`RoundConfig`; bump it when its meaning changes.
 SCHEMA_VERSION = 1
 SCHEMA = "schema-version"
@@ -61,6 +70,8 @@ PROXIMAL_MU = "proximal-mu"
 #: Run-config keys that never travel to a site: its data, the server's test sets, and
 #: privacy, which is each hospital's own.
 SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
+#: Run-config keys for the server's side only (where it logs the run): not sent to sites.
+SERVER_ONLY_KEYS = ("tracking",)
 
 
 class SchemaMismatch(FedscanError):
@@ -92,7 +103,8 @@ class RoundConfig:
         left out, and no path travels (``harmonisation.reference`` comes from each site's
         own config), so the server can neither loosen a guarantee nor choose what a site
         reads."""
-        data = {k: v for k, v in cfg.to_dict().items() if k not in SITE_ONLY_KEYS}
+        data = {k: v for k, v in cfg.to_dict().items()
+                if k not in SITE_ONLY_KEYS and k not in SERVER_ONLY_KEYS}
         data["harmonisation"]["reference"] = None
         return cls(task_config=json.dumps(data))
 

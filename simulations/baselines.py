@@ -59,6 +59,7 @@ def run_local(cfg: Config, out_dir: Path) -> dict[str, Any]:
             meta={"site": site.name})
     summary = history.write_summary(model=models)
     write_report(out_dir, summary)
+    history.finish_tracking(summary)
     return summary
 
 
@@ -83,7 +84,8 @@ def run_pooled(cfg: Config, out_dir: Path) -> dict[str, Any]:
         history.finish_round(rnd, model.state_dict())
     state = model.state_dict()
     path = history.save_final_model(state)
-    summary = history.write_summary(final={"test_sets": evaluate_test_sets(cfg, state)},
-                                    model=path)
+    test_sets = evaluate_test_sets(cfg, state, history.tracker)
+    summary = history.write_summary(final={"test_sets": test_sets}, model=path)
     write_report(out_dir, summary)
+    history.finish_tracking(summary)
     return summary

@@ -50,14 +50,17 @@ def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
 
     from fedscan.client.client_app import make_client_app
     from fedscan.server.server_app import make_server_app
+    from fedscan.shared.console import configure_console, verbose
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
     server_app = make_server_app(cfg, out_dir)
     # The researcher's machine runs both sides: a task named by import path is allowed here.
+    # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
-                                 allow_task_import=True)
+                                 allow_task_import=True, echo=False)
+    configure_console()  # Flower's lines once, no DEBUG (Opacus gives the root a handler)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
-                   backend_config=simulation_backend(cfg))
+                   backend_config=simulation_backend(cfg), verbose_logging=verbose())
     summary = out_dir / "summary.json"
     if not summary.is_file():
         raise FedscanError(f"federated run ended without writing {summary}; see the log above")

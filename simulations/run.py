@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
+from fedscan.shared.console import configure_console
 from fedscan.shared.data import read_site, read_site_test_set
 
 if TYPE_CHECKING:
@@ -80,11 +82,23 @@ def headline(summary: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no metrics"
 
 
+def write_fingerprints(cfg: Config, out_dir: Path) -> None:
+    """``data_fingerprints.json``: each site's data fingerprint (an opaque hash of its case
+    contents, :func:`~fedscan.shared.data.data_fingerprint`), for the run's model version.
+    Computed here because a simulation holds every site's data; deployed sites send none."""
+    from fedscan.shared.data import data_fingerprint
+    from fedscan.shared.tracking import FINGERPRINTS_FILE
+
+    prints = {s.name: data_fingerprint(read_site(s, cfg.data, check=False)) for s in cfg.sites}
+    (out_dir / FINGERPRINTS_FILE).write_text(json.dumps(prints, indent=1))
+
+
 def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
     """Run one mode into ``out_dir`` and return its summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "mode": mode},
                                                         sort_keys=False))
+    write_fingerprints(cfg, out_dir)
     if mode == "federated":
         from fedscan.simulations.federated import run_federated
 
@@ -108,6 +122,7 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
         status: serve the status page over the folder of the mode running, while it runs.
     """
     quiet_flower()
+    configure_console()
     cfg = read_simulation_config(config) if config else default_config()
     if rounds is not None:
         cfg.rounds = rounds
@@ -132,7 +147,51 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
 
         write_comparison(out, summaries)
         print(format_comparison(summaries), flush=True)
+    print(format_outputs(out, [targets[m] for m in modes], cfg), flush=True)
     return summaries
+
+
+def format_outputs(out: Path, folders: list[Path], cfg: Config | None = None) -> str:
+    """The closing block: where each output of the run is and how to open it.
+
+    Args:
+        out: the run's output folder.
+        folders: the folder of each mode run (``out`` itself for a single mode).
+        cfg: the run config (its MLflow store, if any).
+    """
+    lines = [f"== outputs in {out}"]
+    if (out / "comparison.md").is_file():
+        lines.append(f"  comparison     {out / 'comparison.md'}")
+    for folder in folders:
+        tag = f" ({folder.name})" if folder != out else ""
+        rows = [
+            ("report", "report.html", "open in a browser (no server needed); report.md beside it"),
+            ("results", "summary.json", "every round, site and metric"),
+            ("final model", "final_model.pt", f"fedscan predict --model "
+                                             f"{folder / 'final_model.pt'} --image SCAN --out SEG"),
+            ("checkpoints", "checkpoints", "the global model after every round"),
+        ]
+        for label, name, how in rows:
+            if (folder / name).exists():
+                lines.append(f"  {label + tag:<14} {folder / name}  ({how})")
+        plots = sorted(p.name for p in folder.glob("*.png"))
+        if plots:
+            lines.append(f"  {'plots' + tag:<14} {folder}/{{{','.join(plots)}}}")
+        if (folder / "site-state").is_dir():
+            lines.append(f"  {'site logs' + tag:<14} {folder / 'site-state'}/SITE/site.log "
+                         f"(each virtual hospital's log, audit.log and ε ledger)")
+        if (folder / "tensorboard").is_dir():
+            lines.append(f"  {'TensorBoard' + tag:<14} tensorboard --logdir "
+                         f"{folder / 'tensorboard'}  (then open http://localhost:6006/)")
+        if (folder / "live.json").is_file():
+            lines.append(f"  {'status page' + tag:<14} fedscan dashboard {folder}  "
+                         f"(then open http://127.0.0.1:8050/)")
+    if cfg is not None and cfg.tracking.mlflow:
+        tracking = cfg.tracking
+        lines.append(f"  {'MLflow':<14} mlflow ui --backend-store-uri {tracking.mlflow}  "
+                     f"(experiment {tracking.experiment!r}, registered model "
+                     f"{tracking.model_name or 'fedscan-' + cfg.task!r})")
+    return "\n".join(lines)
 
 
 def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],

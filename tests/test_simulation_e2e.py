@@ -1,9 +1,12 @@
 """End to end: a real Flower simulation (Ray) with 2 tiny phantom sites and 2 rounds, then
 predict on a held-out case, checked against the Dice the run reported for that case."""
 
+import importlib.util
 import json
+import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -32,6 +35,11 @@ def make_site(root: Path, profile: ScannerProfile, n: int, n_val: int, seed: int
     return root / profile.name
 
 
+HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
+#: The run's tracking block: a local SQLite store (relative to the config file).
+MLFLOW = "tracking: {mlflow: 'sqlite:///mlflow.db', experiment: e2e}\n"
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("e2e")
@@ -46,11 +54,13 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
         "data: {spacing: [8, 8, 8]}\n"
         "model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}\n"
         "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 4}\n"
+        + (MLFLOW if HAS_MLFLOW else "")
     )
     out = root / "run"
     proc = subprocess.run([sys.executable, "-m", "fedscan", "simulate", "--config", str(cfg),
                            "--out", str(out)], capture_output=True, text=True, timeout=170)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (root / "console.txt").write_text(proc.stdout + proc.stderr)
     return root, out
 
 
@@ -111,3 +121,99 @@ def test_predict_matches_reported_case_dice(tiny_run):
     dice = 2 * (p & t).sum() / max(p.sum() + t.sum(), 1)
     reported = summary["final"]["test_sets"]["heldout"]["cases"]["heldout_000"]["dice"]
     assert dice == pytest.approx(reported, abs=0.01)
+
+
+def visible_lines(text: str) -> list[str]:
+    """What a terminal finally shows of each console line (a progress bar redraws its line
+    with carriage returns)."""
+    lines = (line.split("\r")[-1].strip() for line in text.split("\n"))
+    return [line for line in lines if line]
+
+
+@pytest.mark.slow
+def test_console_prints_each_line_once_without_debug(tiny_run):
+    root, out = tiny_run
+    # Captured in text mode, the bar's carriage returns became newlines: each of its states
+    # counts as a line here, so even those must all differ (stricter than a terminal).
+    text = (root / "console.txt").read_text()
+    lines = visible_lines(text)
+    repeated = {line: n for line, n in Counter(lines).items() if n > 1}
+    assert not repeated, text[-4000:]
+    noise = [line for line in lines
+             if re.search(r"DEBUG|DEPRECATED|Deprecat|FutureWarning|UserWarning", line)]
+    assert not noise, noise
+    # One progress display: the rounds bar, with each site's state inside it.
+    assert "federated rounds" in text and re.search(r"round 2: (site-[ab] (done|training)"
+                                                    r"(, )?)+", text), text[-3000:]
+    assert "[site-a] round" not in text  # the sites' step lines are in their own logs
+    log = (out / "site-state" / "site-a" / "site.log").read_text()
+    assert "[site-a] round 2 step 4/4 loss" in log
+    # The closing block names every output and how to open it.
+    block = text[text.index(f"== outputs in {out}"):]
+    for path in (out / "report.html", out / "summary.json", out / "final_model.pt"):
+        assert str(path) in block, block
+    assert f"fedscan dashboard {out}" in block
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_every_rounds_metrics_per_site(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0,
+                                                                       "images": 0})
+    events.Reload()
+
+    def series(tag: str) -> dict[int, float]:
+        return {e.step: e.value for e in events.Scalars(tag)}
+
+    for site in ("site-a", "site-b"):
+        keys = [k for k in summary["rounds"][0]["evaluate"][site] if k != "num_examples"]
+        assert "dice" in keys
+        for key in keys:  # every metric the task declares, per-class keys included
+            assert series(f"{key}/{site}") == pytest.approx(
+                {r["round"]: r["evaluate"][site][key] for r in summary["rounds"]}, rel=1e-6)
+        assert series(f"train_loss/{site}") == pytest.approx(
+            {r["round"]: r["train"][site]["loss"] for r in summary["rounds"]}, rel=1e-6)
+    assert series("dice/aggregate") == pytest.approx(
+        {r["round"]: r["aggregate"]["dice"] for r in summary["rounds"]}, rel=1e-6)
+    previews = [t for t in events.Tags()["images"] if t.startswith("preview/heldout/")]
+    assert sorted(previews) == ["preview/heldout/heldout_000", "preview/heldout/heldout_001"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_MLFLOW, reason="MLflow is the optional [tracking] extra")
+def test_mlflow_run_and_model_version_name_config_and_data(tiny_run):
+    from mlflow.tracking import MlflowClient
+
+    from fedscan.shared.config import load_config
+    from fedscan.shared.data import data_fingerprint, read_site
+
+    root, out = tiny_run
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+                          registry_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("e2e")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["rounds"] == "2" and run.data.params["sites"] == "site-a,site-b"
+    assert not any(str(root / "data") in v for v in run.data.params.values())
+    for site in ("site-a", "site-b"):
+        history = client.get_metric_history(run.info.run_id, f"dice/{site}")
+        assert {m.step: m.value for m in history} == pytest.approx(
+            {r["round"]: r["evaluate"][site]["dice"] for r in summary["rounds"]})
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "report.html", "dice.png", "summary.json", "model"} <= artifacts
+    (version,) = client.search_model_versions("name='fedscan-segmentation'")
+    assert version.run_id == run.info.run_id
+    # The config hash is the one every site recorded in its audit log for this run.
+    audit = [json.loads(line) for line in
+             (out / "site-state" / "site-a" / "audit.log").read_text().splitlines()]
+    assert {a["sha256"] for a in audit} == {version.tags["config_sha256"]}
+    cfg = load_config(root / "tiny.yaml")
+    for site in cfg.sites:
+        expected = data_fingerprint(read_site(site, cfg.data, check=False))
+        assert version.tags[f"data_fingerprint.{site.name}"] == expected
+    assert version.tags["sites"] == "site-a,site-b"
+    assert version.tags["code_version"].startswith("0.1.0")

@@ -63,25 +63,17 @@ def _host_name(host_header: str) -> str:
     return host_header.rsplit(":", 1)[0] if host_header.count(":") == 1 else host_header
 
 
-def create_app(run_dir: Path | Callable[[], Path], token: str | None = None,
-               loopback_only_hosts: bool = True, secure_cookie: bool = False) -> FastAPI:
-    """The status app over one run folder.
+def guarded_app(token: str | None = None, loopback_only_hosts: bool = True,
+                secure_cookie: bool = False) -> FastAPI:
+    """A FastAPI app with the page's guard (GET only, loopback Host names, token, security
+    headers) and no routes yet: the status page and a site's own page share it.
 
     Args:
-        run_dir: the run folder, or a callable returning it (a simulation of several modes
-            moves from one folder to the next).
         token: required on every request when set.
         loopback_only_hosts: answer only requests whose ``Host`` is a loopback name (for a
             page bound to loopback).
         secure_cookie: mark the token cookie ``Secure`` (the page is served over HTTPS).
-
-    Returns:
-        The FastAPI app (no docs or OpenAPI routes).
     """
-    folder = run_dir if callable(run_dir) else (lambda: Path(run_dir))
-    page = {name: (_STATIC / name).read_bytes()
-            for name in ("index.html", "status.js", "status.css")}
-    plotly_path = plotly_js()
     secret = token.encode() if token else None
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -124,6 +116,27 @@ def create_app(run_dir: Path | Callable[[], Path], token: str | None = None,
         response.set_cookie(COOKIE, given, httponly=True, samesite="strict",
                             secure=secure_cookie, path="/")
         return response
+
+    return app
+
+
+def create_app(run_dir: Path | Callable[[], Path], token: str | None = None,
+               loopback_only_hosts: bool = True, secure_cookie: bool = False) -> FastAPI:
+    """The status app over one run folder.
+
+    Args:
+        run_dir: the run folder, or a callable returning it (a simulation of several modes
+            moves from one folder to the next).
+        token, loopback_only_hosts, secure_cookie: see :func:`guarded_app`.
+
+    Returns:
+        The FastAPI app (no docs or OpenAPI routes).
+    """
+    folder = run_dir if callable(run_dir) else (lambda: Path(run_dir))
+    page = {name: (_STATIC / name).read_bytes()
+            for name in ("index.html", "status.js", "status.css")}
+    plotly_path = plotly_js()
+    app = guarded_app(token, loopback_only_hosts, secure_cookie)
 
     def static(name: str, media_type: str) -> Response:
         return Response(page[name], media_type=media_type)

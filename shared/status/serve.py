@@ -17,13 +17,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
 
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.status.app import create_app
 
+#: Builds a guarded app: ``(token, loopback_only_hosts, secure_cookie) -> FastAPI``.
+AppFactory = Callable[[str | None, bool, bool], FastAPI]
 #: Default port of the status page.
 DEFAULT_PORT = 8050
 #: Environment variable that gives the token (instead of a random one).
@@ -74,20 +78,23 @@ class StatusServer:
         url: the address to open (with ``?token=`` when a token is required).
     """
 
-    def __init__(self, run_dir: Path | Callable[[], Path], options: StatusOptions,
-                 bind: str | None = None) -> None:
+    def __init__(self, run_dir: Path | Callable[[], Path] | None, options: StatusOptions,
+                 bind: str | None = None, make_app: AppFactory | None = None) -> None:
         """Args:
             run_dir: the run folder, or a callable returning the current one.
             options: address, port, token and TLS files.
             bind: listen here instead of ``options.host`` while applying ``options.host``'s
                 policy (tests attack an off-loopback page's policy on loopback).
+            make_app: builds another guarded app instead of the status page (a site's own
+                page), called as ``make_app(token, loopback_only_hosts, secure_cookie)``.
         """
         token = options.resolved_token()
         self._sock = _bind(bind or options.host, options.port)
         port = self._sock.getsockname()[1]
         tls = bool(options.certfile and options.keyfile)
-        app = create_app(run_dir, token=token, loopback_only_hosts=is_loopback(options.host),
-                         secure_cookie=tls)
+        if make_app is None:
+            make_app = partial(create_app, run_dir)
+        app = make_app(token, is_loopback(options.host), tls)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                                 ssl_certfile=options.certfile if tls else None,
                                 ssl_keyfile=options.keyfile if tls else None)

@@ -194,6 +194,9 @@ class Task(Protocol):
     def phases(self, model: nn.Module) -> list[Phase]:
         """The updates of one local step, in order (what DP-SGD clips and noises)."""
 
+    # Optional: ``preview(model, case) -> np.ndarray`` (an RGB uint8 picture of the model's
+    # output on one case, for TensorBoard). Only the server's own test sets are previewed.
+
 
 def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
                   shared: Iterable[nn.Parameter] | None = None):

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedscan.shared.config import Config
-from fedscan.shared.data import case_id, read_label
+from fedscan.shared.data import case_id, load_nifti, read_label
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
 from fedscan.shared.metrics import case_metrics, native_spacing
@@ -218,6 +218,30 @@ class SegmentationTask:
             hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]
             metrics["hd95"] = float(np.mean(hd)) if hd else float("nan")
         return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
+
+    def preview(self, model: nn.Module, case: Case) -> np.ndarray:
+        """One slice of a case as three panels: image, truth (green), prediction (red).
+
+        The slice is the one (along the image's third voxel axis) with the most labelled
+        foreground. Returns an RGB ``uint8`` array ``(H, 3 * W, 3)``.
+        """
+        device = next(model.parameters()).device
+        with evaluating(model):
+            pred, _ = predict_volume(model, case["image"], self.cfg, device,
+                                     largest_component=self.cfg.evaluate.largest_component)
+        label = read_label(case["label"], self.cfg.data.num_classes, pred.shape)
+        image = np.asarray(load_nifti(case["image"]).dataobj, dtype=np.float32)
+        if image.ndim > 3:
+            image = image[..., 0]  # the first channel
+        z = int(np.argmax((label > 0).sum(axis=(0, 1)))) if label.ndim == 3 else 0
+        grey = image[..., z]
+        low, high = np.percentile(grey, [1, 99])
+        grey = np.clip((grey - low) / max(high - low, 1e-6), 0, 1)
+        base = np.repeat(grey[..., None], 3, axis=-1)
+        truth, guess = base.copy(), base.copy()
+        truth[label[..., z] > 0] = 0.5 * truth[label[..., z] > 0] + [0, 0.5, 0]
+        guess[pred[..., z] > 0] = 0.5 * guess[pred[..., z] > 0] + [0.5, 0, 0]
+        return (np.concatenate([base, truth, guess], axis=1) * 255).astype(np.uint8)
 
 
 # -- training data ---------------------------------------------------------------------------

@@ -1,0 +1,96 @@
+"""The console: each Flower line once, no DEBUG or deprecation notice unless verbose; the rounds
+bar shows each site's state; the closing block names every output. (A real simulation's whole
+console is checked in test_simulation_e2e.py.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from fedscan.shared.console import set_verbose, verbose
+
+#: A process as a run has it: Opacus imported (its ``logging.basicConfig`` gives the root
+#: logger a handler), then Flower, fedscan and Python warnings log one probe line per level.
+PROBE = """
+import logging, sys, warnings
+import opacus
+from flwr.common.logger import FLOWER_LOGGER, warn_deprecated_feature
+from fedscan.shared.console import configure_console
+if sys.argv[1] != "untouched":
+    configure_console(sys.argv[1] == "verbose")
+FLOWER_LOGGER.debug("probe-debug")
+FLOWER_LOGGER.info("probe-info")
+FLOWER_LOGGER.warning("probe-warning")
+warn_deprecated_feature("probe-feature")
+logging.getLogger("fedscan.server").info("probe-fedscan-info")
+logging.getLogger("fedscan.server").warning("probe-fedscan-warning")
+warnings.warn("probe-deprecation", DeprecationWarning, stacklevel=1)
+"""
+
+
+def console(mode: str) -> str:
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", PROBE, mode],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def test_untouched_flower_prints_twice_with_debug():
+    out = console("untouched")  # the cause, as Flower and Opacus leave it
+    assert out.count("probe-warning") == 2 and ":DEBUG:probe-debug" in out
+
+
+def test_default_prints_each_warning_once_and_nothing_else():
+    out = console("quiet")
+    assert out.count("probe-warning") == 1, out
+    assert out.count("fedscan: probe-fedscan-warning") == 1
+    for hidden in ("probe-debug", "probe-info", "probe-feature", "DEPRECATED",
+                   "probe-fedscan-info", "probe-deprecation", "DEBUG"):
+        assert hidden not in out, (hidden, out)
+
+
+def test_verbose_brings_flowers_log_back_once():
+    out = console("verbose")
+    for shown in ("probe-debug", "probe-info", "probe-warning", "probe-fedscan-info",
+                  "DEPRECATED FEATURE: probe-feature", "probe-deprecation"):
+        assert out.count(shown) == 1, (shown, out)
+
+
+def test_verbose_travels_in_the_environment(monkeypatch):
+    monkeypatch.delenv("FEDSCAN_VERBOSE", raising=False)
+    assert not verbose()
+    set_verbose(True)
+    assert verbose()  # Ray workers and Flower processes inherit it
+    set_verbose(False)
+    assert not verbose()
+
+
+def test_rounds_bar_shows_each_sites_state(capsys):
+    from fedscan.server.progress import RoundProgress
+
+    bar = RoundProgress(3, 1, ["site-a", "site-b"])
+    nodes = {"1": {"site": "site-b", "status": "replied"}, "2": {"site": None,
+                                                              "status": "waiting"}}
+    bar.sites_changed({"phase": "train", "round": 1, "nodes": nodes})
+    assert bar.bar.postfix == "round 1: site-b done, 1 waiting"
+    nodes["2"].update(site="site-a", status="error")
+    bar.sites_changed({"phase": "train", "round": 1, "nodes": nodes})
+    bar.metric("dice 0.500 (round 1 model)")
+    assert bar.bar.postfix == "round 1: site-a error, site-b done | dice 0.500 (round 1 model)"
+    bar.round_done()
+    nodes["1"]["status"] = nodes["2"]["status"] = "waiting"
+    bar.sites_changed({"phase": "final_evaluate", "round": 3, "nodes": nodes})
+    assert bar.bar.postfix.startswith("final evaluation: site-a evaluating, site-b evaluating")
+    assert bar.bar.n == 1
+    bar.close()
+
+
+def test_outputs_block_names_what_exists(tmp_path):
+    from fedscan.simulations.run import format_outputs
+
+    for name in ("report.html", "summary.json", "final_model.pt", "live.json", "dice.png"):
+        (tmp_path / name).write_text("x")
+    text = format_outputs(tmp_path, [tmp_path])
+    assert f"{tmp_path / 'report.html'}" in text and "open in a browser" in text
+    assert f"fedscan dashboard {tmp_path}" in text and "dice.png" in text
+    assert "checkpoints" not in text  # not written, not listed
