@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 from pathlib import Path
 
 from fedscan.shared.errors import FedscanError
@@ -240,7 +242,26 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("fedscan: interrupted; outputs written so far are kept", file=sys.stderr)
+        _exit_if_threads_linger(130)
         return 130
+
+
+def _exit_if_threads_linger(code: int) -> None:
+    """Exit now when worker threads outlive Ctrl-C: Flower's simulation engine keeps its
+    (non-daemon) threads and Ray actors waiting, so the interpreter would never finish. Ray is
+    shut down first (bounded) so no actor is left behind; every output was already written."""
+    lingering = [t for t in threading.enumerate()
+                 if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if not lingering:
+        return
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        stopper = threading.Thread(target=ray.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(timeout=15)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

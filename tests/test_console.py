@@ -94,3 +94,42 @@ def test_outputs_block_names_what_exists(tmp_path):
     assert f"{tmp_path / 'report.html'}" in text and "open in a browser" in text
     assert f"fedscan dashboard {tmp_path}" in text and "dice.png" in text
     assert "checkpoints" not in text  # not written, not listed
+
+
+def test_ctrl_c_stops_a_simulation_and_keeps_its_rounds(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) mid-run: the process
+    ends promptly with 130, leaves no Ray process behind and keeps every completed round."""
+    import json
+    import os
+    import signal
+    import time
+
+    from tinysites import TINY_RUN, make_sites
+
+    sites = make_sites(tmp_path / "data", n_cases=2)
+    config = tmp_path / "run.yaml"
+    config.write_text("sites:\n" + "".join(f"  - {{name: {n}, data: {p}}}\n"
+                                           for n, p in sites.items()) + "rounds: 50\n" + TINY_RUN)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "fedscan", "simulate", "--config", str(config),
+                             "--out", str(out)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "summary.json").is_file() or not json.loads(
+                (out / "summary.json").read_text() or "{}").get("rounds"):
+            assert proc.poll() is None and time.monotonic() < deadline, "no round completed"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "fedscan: interrupted; outputs written so far are kept" in err
+    rounds = json.loads((out / "summary.json").read_text())["rounds"]
+    assert 1 <= len(rounds) < 50
+    time.sleep(2)
+    left = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True,
+                          text=True).stdout.split()
+    assert not left, f"processes left in the run's group: {left}"
