@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
-from fedscan.shared.data import read_site, read_site_test_set
+from fedscan.shared.data import consortium_data_config, read_site, read_site_test_set
 
 if TYPE_CHECKING:
     from fedscan.shared.status.serve import StatusOptions
@@ -41,6 +41,10 @@ def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
             # The phantoms' public reference set: clean scans of other heads, with labels.
             data = {**data, "harmonisation": {**block, "reference": str(ensure_reference_set())}}
     folders = ensure_default_federation()
+    block = data.get("data") if isinstance(data.get("data"), dict) else {}
+    if "mirror_pairs" not in block and "symmetric_labels" not in block:
+        # The phantoms' one class is the brain mask, the same on both sides: flips are safe.
+        data = {**data, "data": {**block, "symmetric_labels": True}}
     data = {**data, "sites": [{"name": n, "data": str(p)} for n, p in folders.items()
                               if n != "heldout"]}
     if "heldout" in folders and "test_sets" not in data:
@@ -62,11 +66,13 @@ def read_simulation_config(path: str | Path) -> Config:
 
 
 def check_data(cfg: Config) -> None:
-    """Validate every site's and test set's data contract in full before any training."""
-    for site in cfg.sites:
-        read_site(site, cfg.data, check=True)
+    """Validate every site's and test set's data contract in full before any training, then
+    complete ``cfg.data`` from the sites' dataset.json (class and channel names, left/right
+    declaration: :func:`~fedscan.shared.data.consortium_data_config`)."""
+    sites = [read_site(site, cfg.data, check=True) for site in cfg.sites]
     for test_set in cfg.test_sets:
         read_site_test_set(test_set, cfg.data, check=True)
+    cfg.data = consortium_data_config(cfg.data, sites)
 
 
 def headline(summary: dict[str, Any]) -> str:

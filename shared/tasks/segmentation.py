@@ -21,7 +21,6 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandBiasFieldd,
     RandCropByPosNegLabeld,
-    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
@@ -38,6 +37,7 @@ from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
 from fedscan.shared.metrics import case_metrics, native_spacing
 from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
+from fedscan.shared.tasks.augmentation import lateral_axis, lateral_flip, lateral_swap
 from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.loop import case_loader
 
@@ -121,21 +121,24 @@ class SegmentationTask:
         """Random patch sampling and augmentation applied to a cached preprocessed case.
 
         Intensity augmentation imitates another scanner (contrast curve, bias field, gain,
-        offset, blur, noise; ``train.scanner_augmentation``); spatial augmentation stays
-        cheap (a left-right flip).
+        offset, blur, noise; ``train.scanner_augmentation``). The only spatial augmentation
+        is a left-right flip, and only where the labels allow it
+        (:func:`~fedscan.shared.tasks.augmentation.lateral_swap`: declared mirror pairs are
+        swapped with it, or the label set is declared symmetric).
         """
         cfg = self.cfg
         patch = cfg.train.patch_size
         pos = cfg.train.pos_fraction
-        lr_axis = next(i for i, c in enumerate(cfg.data.orientation.upper()) if c in "LR")
         steps = [
             SpatialPadd(KEYS, spatial_size=patch),
             # Negatives come from inside the body (image > 0), not the empty background.
             RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=patch, pos=pos,
                                    neg=1.0 - pos, num_samples=1, image_key="image",
                                    image_threshold=0.0),
-            RandFlipd(KEYS, prob=0.5, spatial_axis=lr_axis),
         ]
+        swap = lateral_swap(cfg.data)
+        if swap is not None:
+            steps.append(lateral_flip(KEYS, "label", lateral_axis(cfg.data.orientation), swap))
         if cfg.train.scanner_augmentation:
             steps += [
                 RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
