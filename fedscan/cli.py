@@ -55,7 +55,7 @@ def _predict(args: argparse.Namespace) -> int:
                                 largest_component=args.largest_component, device=args.device)
         for path in written:
             print(f"wrote {path}")
-        return 0
+        return _score(args)
     if args.seg_out:
         raise FedscanError("--seg-out needs a DICOM series as --image (a SEG references one)")
     from fedscan.shared.inference import predict_file
@@ -63,6 +63,19 @@ def _predict(args: argparse.Namespace) -> int:
     out = predict_file(args.model, args.image, args.out,
                        largest_component=args.largest_component, device=args.device)
     print(f"wrote {out}")
+    return _score(args)
+
+
+def _score(args: argparse.Namespace) -> int:
+    """With ``--label``: the prediction's per-class Dice and HD95 against the reference."""
+    if not args.label:
+        return 0
+    from fedscan.shared.inference import score_prediction
+    from fedscan.shared.report import format_class_table
+
+    metrics, names = score_prediction(args.model, args.out, args.label)
+    print(f"scored against {args.label}:")
+    print(format_class_table(metrics, names[1:]))
     return 0
 
 
@@ -161,6 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "referencing the series, for a PACS")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component (brain masks)")
+    p.add_argument("--label", help="a reference label NIfTI on the scan's grid: print the "
+                                   "prediction's Dice and HD95 per class")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_predict)
 

@@ -141,6 +141,19 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
     return summaries
 
 
+def _print_test_sets(summary: dict[str, Any]) -> None:
+    """Each held-out test set's per-class table (classes named from ``data.labels``)."""
+    from fedscan.shared.report import format_class_table
+
+    labels = ((summary.get("config") or {}).get("data") or {}).get("labels") or []
+    for name, result in (summary.get("final", {}).get("test_sets") or {}).items():
+        table = format_class_table({k: v for k, v in result.items() if k != "cases"},
+                                   labels[1:] or None)
+        if table:
+            print(f"== test set {name} ({result.get('num_examples')} cases):\n{table}",
+                  flush=True)
+
+
 def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
                current: list[Path]) -> dict[str, dict[str, Any]]:
     """Run each mode into its folder (``current[0]`` follows the mode running)."""
@@ -153,6 +166,7 @@ def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
         summaries[mode] = run_mode(cfg, mode, target)
         print(f"== {mode} done in {time.time() - started:.0f}s: "
               f"{headline(summaries[mode])}", flush=True)
+        _print_test_sets(summaries[mode])
         if cfg.task == "harmonisation" and mode == "federated":
             from fedscan.simulations.harmonisation import run_study
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
@@ -31,11 +30,11 @@ from monai.transforms import (
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedscan.shared.config import Config
+from fedscan.shared.config import Config, class_names
 from fedscan.shared.data import case_id, read_label
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
-from fedscan.shared.metrics import case_metrics, native_spacing
+from fedscan.shared.metrics import case_metrics, mean_over_cases, native_spacing
 from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
 from fedscan.shared.tasks.augmentation import lateral_axis, lateral_flip, lateral_swap
 from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
@@ -199,15 +198,19 @@ class SegmentationTask:
         predict. Dice is the mean over foreground classes (1 when a class is absent from both
         label and prediction). HD95 is undefined when a class is absent from either; such
         classes are left out of a case's mean, a case with none defined gets ``nan`` and is
-        left out of the mean over cases (``nan`` when no case has one).
+        left out of the mean over cases (``nan`` when no case has one). Each foreground
+        class also gets ``dice/<class>`` (and ``hd95/<class>``), named from ``data.labels``
+        (:func:`~fedscan.shared.config.class_names`), so every site sends the same keys.
 
         Returns:
-            Mean ``dice`` (and ``hd95``) over cases, ``len(cases)``, per-case metrics.
+            Mean ``dice`` (and ``hd95``) and per-class means over cases, ``len(cases)``,
+            per-case metrics.
         """
         if not cases:
             return EvalResult(metrics={}, num_examples=0, per_case={})
         cfg = self.cfg
         device = next(model.parameters()).device
+        names = class_names(cfg.data)
         per_case: dict[str, dict[str, float]] = {}
         with evaluating(model):
             for case in cases:
@@ -215,12 +218,10 @@ class SegmentationTask:
                                            largest_component=cfg.evaluate.largest_component)
                 label = read_label(case["label"], cfg.data.num_classes, pred.shape)
                 per_case[case_id(case)] = case_metrics(
-                    pred, label, cfg.data.num_classes, native_spacing(img), hd95=cfg.evaluate.hd95)
-        metrics = {"dice": float(np.mean([m["dice"] for m in per_case.values()]))}
-        if cfg.evaluate.hd95:
-            hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]
-            metrics["hd95"] = float(np.mean(hd)) if hd else float("nan")
-        return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
+                    pred, label, cfg.data.num_classes, native_spacing(img),
+                    hd95=cfg.evaluate.hd95, class_names=names)
+        return EvalResult(metrics=mean_over_cases(per_case.values()), num_examples=len(cases),
+                          per_case=per_case)
 
 
 # -- training data ---------------------------------------------------------------------------
