@@ -41,6 +41,7 @@ def write_study(out: Path, *, label_set: str = "hemispheres", cases: int = 12,
     Returns:
         The config file (``out/federation.yaml``).
     """
+    out = Path(out).resolve()  # the config names absolute folders
     layout = tuple((name, R.SITE_PROFILES[name], cases, validation)
                    for name in ("site-a", "site-b", "site-c"))
     fed = R.write_federation(out / "data", seed, layout=layout,
