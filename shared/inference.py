@@ -209,6 +209,27 @@ def _write(image: nib.Nifti1Image, out_path: str | Path) -> Path:
     return out_path
 
 
+def load_segmentation_model(model_path: str | Path, device: str = "auto"
+                            ) -> tuple[Config, nn.Module, torch.device]:
+    """A saved segmentation model in eval mode on ``device`` (``auto``: CUDA when present).
+
+    Raises:
+        FedscanError: not a segmentation model, or weights that do not fit its config.
+    """
+    cfg, state_dict, _ = load_model(model_path)
+    if cfg.task != "segmentation":
+        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
+                           "models")
+    model = build_task(cfg).build_model()
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        raise FedscanError(f"{model_path}: weights do not match the model its config "
+                           "describes") from None
+    dev = resolve_device(device)
+    return cfg, model.to(dev).eval(), dev
+
+
 def predict_file(
     model_path: str | Path,
     image_path: str | Path,
@@ -233,19 +254,7 @@ def predict_file(
     Raises:
         FedscanError: one line naming the model or image file at fault.
     """
-    cfg, state_dict, _ = load_model(model_path)
-    if cfg.task != "segmentation":
-        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
-                           "models")
-    task = build_task(cfg)
-    model = task.build_model()
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise FedscanError(f"{model_path}: weights do not match the model its config "
-                           "describes") from None
-    dev = resolve_device(device)
-    model.to(dev).eval()
+    cfg, model, dev = load_segmentation_model(model_path, device)
     keep = cfg.evaluate.largest_component if largest_component is None else largest_component
     labels, img = predict_volume(model, image_path, cfg, dev, largest_component=keep)
     return _write(image_like(labels, img, np.uint8), out_path)
