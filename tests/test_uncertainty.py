@@ -33,7 +33,7 @@ def config(**sections):
     return parse_with(base, sections)
 
 
-def write_scan(folder) -> tuple[str, str]:
+def write_scan(folder, name: str = "scan") -> tuple[str, str]:
     """A 16^3 2 mm scan stored LPS: a bright block left (class 1), a darker one right (2)."""
     affine = np.diag([-2.0, -2.0, 2.0, 1.0])
     affine[:3, 3] = [15.0, 15.0, -15.0]
@@ -42,7 +42,7 @@ def write_scan(folder) -> tuple[str, str]:
     label[9:14, 4:12, 4:12] = 1
     rng = np.random.default_rng(0)
     image = (100 + 80 * (label == 1) + 40 * (label == 2) + rng.normal(0, 5, label.shape))
-    paths = str(folder / "scan.nii.gz"), str(folder / "ref.nii.gz")
+    paths = str(folder / f"{name}.nii.gz"), str(folder / f"{name}_ref.nii.gz")
     nib.save(nib.Nifti1Image(image.astype(np.float32), affine), paths[0])
     nib.save(nib.Nifti1Image(label, affine), paths[1])
     return paths
@@ -128,3 +128,27 @@ def test_cli_writes_both_maps_and_prints_the_ratio(tmp_path):
                           "--image", scan, "--out", str(out), "--uncertainty", "1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "at least 2 passes" in bad.stderr
+
+
+def test_study_prints_ratio_and_rank_correlation(tmp_path):
+    import json
+
+    from fedscan.simulations.uncertainty import study, summarise
+
+    folder = tmp_path / "heldout"
+    entries = []
+    folder.mkdir()
+    for i in range(3):
+        scan, ref = write_scan(folder, f"case{i}")
+        entries.append({"image": scan, "label": ref})
+    (folder / "dataset.json").write_text(json.dumps({"training": [
+        {k: v.replace(str(folder), ".") for k, v in e.items()} for e in entries]}))
+    cfg = config(data={"mirror_pairs": [[1, 2]]})
+    path = save_model(tmp_path / "m.pt", config=cfg,
+                      state_dict=SegmentationTask(cfg).build_model().state_dict())
+    rows = study(path, [folder], passes=2, device="cpu")
+    assert len(rows) == 3 and all(0 <= r["dice"] <= 1 for r in rows)
+    text = summarise([{**r, "dice": d, "score": s} for r, d, s in
+                      zip(rows, (0.9, 0.8, 0.7), (0.1, 0.2, 0.3), strict=True)])
+    assert "error/correct ratio" in text
+    assert "Spearman rank correlation of Dice and uncertainty score: -1.000" in text
