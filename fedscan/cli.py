@@ -84,8 +84,8 @@ def _predict_uncertain(args: argparse.Namespace) -> int:
     out, map_path, result = predict_file_with_uncertainty(args.model, args.image, args.out,
                                                           args.uncertainty, device=args.device)
     print(f"wrote {out}\nwrote {map_path}")
-    print(f"uncertainty score {result.score:.4f} (mean normalised entropy over predicted "
-          f"foreground; {args.uncertainty} {result.method} passes)")
+    print(f"uncertainty score {result.score:.4f} (normalised entropy, mean over foreground "
+          f"classes of their voxels' mean; {args.uncertainty} {result.method} passes)")
     if args.label:
         reference = read_label(args.label, None, result.labels.shape)
         wrong, right, n_wrong, n_right = error_uncertainty(result.labels, reference,

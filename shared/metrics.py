@@ -16,6 +16,7 @@ must fix.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -65,8 +66,10 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
         both = [bool(p[0, c].any() and y[0, c].any()) for c in range(1, num_classes)]
         per_class = [float("nan")] * (num_classes - 1)
         if any(both):
-            hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
-                                            spacing=list(spacing))[0]
+            with warnings.catch_warnings():  # MONAI 1.6 warns of its own deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
+                                                spacing=list(spacing))[0]
             per_class = [float(h) if ok and math.isfinite(float(h)) else float("nan")
                          for h, ok in zip(hd, both, strict=True)]
         finite = [h for h in per_class if math.isfinite(h)]

@@ -12,8 +12,8 @@ one preprocessing and its inversion are shared by all passes (MONAI's
 ``TestTimeAugmentation`` would rerun and invert the whole pipeline per pass, and returns the
 spread of argmax labels rather than probabilities).
 
-A scan's score is the mean uncertainty over the voxels it labels foreground (all voxels when
-it labels none): scans the model is unsure of score high.
+A scan's score is the mean over foreground classes of the mean uncertainty of the voxels
+labelled that class (:func:`scan_score`): scans the model is unsure of score high.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ class UncertainPrediction:
     Attributes:
         labels: ``uint8`` classes (argmax of the mean probabilities).
         uncertainty: ``float32`` normalised predictive entropy in [0, 1].
-        score: mean uncertainty over the voxels labelled foreground.
+        score: :func:`scan_score`.
         method: ``mc-dropout`` or ``tta``.
         image: the input as a nibabel image (its geometry).
     """
@@ -137,11 +137,22 @@ def predict_with_uncertainty(model: nn.Module, image_path: str | Path, cfg: Conf
     native = to_native(torch.cat([mean, entropy]), image, pre, img)
     labels = native[:-1].argmax(0).numpy().astype(np.uint8)
     uncertainty = native[-1].clamp(0.0, 1.0).numpy().astype(np.float32)
-    foreground = labels > 0
-    region = uncertainty[foreground] if foreground.any() else uncertainty
     return UncertainPrediction(labels=labels, uncertainty=uncertainty,
-                               score=float(region.mean()),
+                               score=scan_score(labels, uncertainty),
                                method="mc-dropout" if mc else "tta", image=img)
+
+
+def scan_score(labels: np.ndarray, uncertainty: np.ndarray) -> float:
+    """A scan's uncertainty: the mean over foreground classes of the mean uncertainty of the
+    voxels labelled that class (all voxels when none is labelled foreground).
+
+    Class-balanced like the headline Dice (a mean over classes), so a small structure the
+    model is unsure of weighs as much as a large one it is sure of.
+    """
+    classes = [c for c in np.unique(labels) if c > 0]
+    if not classes:
+        return float(uncertainty.mean())
+    return float(np.mean([uncertainty[labels == c].mean() for c in classes]))
 
 
 def error_uncertainty(labels: np.ndarray, reference: np.ndarray, uncertainty: np.ndarray,

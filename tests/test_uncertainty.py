@@ -17,6 +17,7 @@ from fedscan.shared.tasks.segmentation import SegmentationTask
 from fedscan.shared.uncertainty import (
     error_uncertainty,
     predict_with_uncertainty,
+    scan_score,
     uncertainty_path,
 )
 from tests.tinysites import parse_with
@@ -103,6 +104,9 @@ def test_error_uncertainty_counts_foreground_only():
     assert error_uncertainty(labels, reference, uncertainty) == pytest.approx(
         (0.7, 0.15, 2, 2))
     assert uncertainty_path("out/m.nii.gz").name == "m_uncertainty.nii.gz"
+    # The score is class-balanced: a small unsure class counts as much as a large sure one.
+    assert scan_score(labels, uncertainty) == pytest.approx(np.mean([(0.1 + 0.8) / 2, 0.2]))
+    assert scan_score(np.zeros(5, int), uncertainty) == pytest.approx(uncertainty.mean())
 
 
 def test_cli_writes_both_maps_and_prints_the_ratio(tmp_path):
