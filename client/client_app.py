@@ -9,6 +9,7 @@ training is DP-SGD (:mod:`fedscan.client.privacy`) and the site enforces its ε 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from fedscan.client.task_policy import accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.console import configure_console
-from fedscan.shared.data import SiteData, read_site
+from fedscan.shared.data import SiteData, read_site, site_data_config
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
@@ -51,9 +52,12 @@ from fedscan.shared.tasks.loop import train_steps
 SiteResolver = Callable[[Context], SiteConfig]
 
 
-def _site_data(cfg: Config, site: SiteConfig) -> SiteData:
+def _site_data(cfg: Config, site: SiteConfig) -> tuple[Config, SiteData]:
+    """The site's data and the config it trains with (its dataset.json's left/right
+    declaration where the server's config has none)."""
     # The data contract was checked in full before the run; here only dataset.json is read.
-    return read_site(site, cfg.data, check=False)
+    data = read_site(site, cfg.data, check=False)
+    return dataclasses.replace(cfg, data=site_data_config(cfg.data, data)), data
 
 
 #: ``context.state`` key of the weights that never leave the site (``Task.shared_keys``'
@@ -99,7 +103,7 @@ def train(msg: Message, context: Context, site: SiteConfig,
     # No server paths, within the site's policy, audited; the message config decoded once.
     cfg, instruction = accept_task(msg, site)
     server_round = instruction.server_round
-    data = _site_data(cfg, site)
+    cfg, data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context, allow_task_import)
     evaluation = None
     if instruction.evaluate_received:
@@ -173,7 +177,7 @@ def evaluate(msg: Message, context: Context, site: SiteConfig,
              allow_task_import: bool = False, echo: bool = True) -> Message:
     """Evaluate the received global model on the site's validation cases."""
     cfg, instruction = accept_task(msg, site)
-    data = _site_data(cfg, site)
+    cfg, data = _site_data(cfg, site)
     model, task = _load_global(cfg, msg, context, allow_task_import)
     _save_site_model(cfg, site, model, task, instruction.server_round, echo)
     result = task.evaluate(model, data.validation)

@@ -53,18 +53,61 @@ def _predict(args: argparse.Namespace) -> int:
     if is_dicom_input(args.image):
         from fedscan.shared.dicom_predict import predict_dicom
 
+        if args.uncertainty is not None:
+            raise FedscanError("--uncertainty needs a NIfTI --image")
+
         written = predict_dicom(args.model, args.image, args.out, seg_out=args.seg_out,
                                 largest_component=args.largest_component, device=args.device)
         for path in written:
             print(f"wrote {path}")
-        return 0
+        return _score(args)
     if args.seg_out:
         raise FedscanError("--seg-out needs a DICOM series as --image (a SEG references one)")
+    if args.uncertainty is not None:
+        return _predict_uncertain(args)
     from fedscan.shared.inference import predict_file
 
     out = predict_file(args.model, args.image, args.out,
                        largest_component=args.largest_component, device=args.device)
     print(f"wrote {out}")
+    return _score(args)
+
+
+def _predict_uncertain(args: argparse.Namespace) -> int:
+    """``--uncertainty N``: the label map, an uncertainty map beside it and the scan's score;
+    with ``--label`` also the wrong/correct voxels' mean uncertainty."""
+    from fedscan.shared.data import read_label
+    from fedscan.shared.uncertainty import error_uncertainty, predict_file_with_uncertainty
+
+    if args.uncertainty < 2:
+        raise FedscanError("--uncertainty needs at least 2 passes")
+    if args.largest_component:
+        raise FedscanError("--largest-component and --uncertainty: choose one")
+    out, map_path, result = predict_file_with_uncertainty(args.model, args.image, args.out,
+                                                          args.uncertainty, device=args.device)
+    print(f"wrote {out}\nwrote {map_path}")
+    print(f"uncertainty score {result.score:.4f} (normalised entropy, mean over foreground "
+          f"classes of their voxels' mean; {args.uncertainty} {result.method} passes)")
+    if args.label:
+        reference = read_label(args.label, None, result.labels.shape)
+        wrong, right, n_wrong, n_right = error_uncertainty(result.labels, reference,
+                                                           result.uncertainty)
+        ratio = f"{wrong / right:.2f}" if right > 0 else "undefined"
+        print(f"uncertainty of wrong voxels {wrong:.4f} ({n_wrong}), of correct voxels "
+              f"{right:.4f} ({n_right}): ratio {ratio}")
+    return _score(args)
+
+
+def _score(args: argparse.Namespace) -> int:
+    """With ``--label``: the prediction's per-class Dice and HD95 against the reference."""
+    if not args.label:
+        return 0
+    from fedscan.shared.inference import score_prediction
+    from fedscan.shared.report import format_class_table
+
+    metrics, names = score_prediction(args.model, args.out, args.label)
+    print(f"scored against {args.label}:")
+    print(format_class_table(metrics, names[1:]))
     return 0
 
 
@@ -166,6 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "referencing the series, for a PACS")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component (brain masks)")
+    p.add_argument("--label", help="a reference label NIfTI on the scan's grid: print the "
+                                   "prediction's Dice and HD95 per class")
+    p.add_argument("--uncertainty", type=int, metavar="N",
+                   help="N stochastic passes (MC dropout if the model has dropout, else "
+                        "test-time augmentation): also write OUT's _uncertainty map "
+                        "(normalised entropy, input's grid) and print a per-scan score")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_predict)
 

@@ -86,11 +86,33 @@ class DataConfig:
     spacing: list[float] = field(default_factory=lambda: [4.0, 4.0, 4.0])
     in_channels: int = 1
     num_classes: int = 2
+    #: The consortium's class names by index, background first (``num_classes`` of them).
+    #: Per-class metrics are named from them, and every site's dataset.json ``labels`` must
+    #: name the same classes in the same order. Empty: ``class_1``, ``class_2``, ... (a
+    #: simulation takes them from its sites' dataset.json when all agree).
+    labels: list[str] = field(default_factory=list)
+    #: The image channels by index (``in_channels`` of them); each site's dataset.json
+    #: ``channel_names``/``modality`` must match. Empty: not checked.
+    channel_names: list[str] = field(default_factory=list)
+    #: Class pairs a left-right flip swaps (``[[1, 2]]``: left and right of one structure).
+    #: None: not declared here (a site's dataset.json ``mirror_pairs`` may declare them).
+    #: Nothing declared and not ``symmetric_labels``: no left-right flip in training.
+    mirror_pairs: list[list[int]] | None = None
+    #: The label set is left-right symmetric (no lateralised classes): flip without swapping.
+    symmetric_labels: bool = False
     #: Intensity percentiles mapped to [0, 1] (robust to scanner gain and bright outliers).
     intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
     #: Fraction of cases held out for validation when dataset.json has no validation list.
     val_fraction: float = 0.2
     split_seed: int = 0
+
+
+def class_names(data: DataConfig) -> list[str]:
+    """Every class's name, background first: ``data.labels``, else ``background``,
+    ``class_1``, ``class_2``, ..."""
+    if data.labels:
+        return list(data.labels)
+    return ["background", *(f"class_{i}" for i in range(1, data.num_classes))]
 
 
 @dataclass
@@ -377,8 +399,11 @@ def _check_values(cfg: Config) -> None:
         raise bad("model.spatial_dims", "must be 2 or 3")
     if len(cfg.data.spacing) != 3 or any(s <= 0 for s in cfg.data.spacing):
         raise bad("data.spacing", "must be three positive numbers (mm)")
-    if len(cfg.data.orientation) != 3:
-        raise bad("data.orientation", "must be three axis codes such as RAS or LPS")
+    codes = cfg.data.orientation.upper()
+    if len(codes) != 3 or sorted(next((i for i, pair in enumerate(("LR", "AP", "SI"))
+                                       if c in pair), 9) for c in codes) != [0, 1, 2]:
+        raise bad("data.orientation", "must be three axis codes, one of L/R, A/P and S/I each, "
+                  "such as RAS, LPS or PIL")
     if len(cfg.train.patch_size) != 3 or any(p < 1 for p in cfg.train.patch_size):
         raise bad("train.patch_size", "must be three positive ints (use 1 as the last for 2D)")
     if dims == 2 and cfg.train.patch_size[2] != 1:
@@ -387,6 +412,7 @@ def _check_values(cfg: Config) -> None:
         raise bad("model.strides", "needs one entry fewer than model.channels")
     if cfg.data.num_classes < 2:
         raise bad("data.num_classes", "must be >= 2 (background plus at least one class)")
+    check_label_keys(cfg.data, bad)
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
@@ -404,6 +430,62 @@ def _check_values(cfg: Config) -> None:
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
             raise bad("model.channels", "group norm (2 groups) needs even channel counts")
+
+
+#: Longest class or channel name (it becomes part of metric keys such as ``dice/<class>``).
+MAX_NAME_LENGTH = 64
+
+
+def name_problem(name: object) -> str | None:
+    """Why ``name`` cannot name a class or channel (None when it can): printable text, at
+    most :data:`MAX_NAME_LENGTH` characters, no ``/`` (metric keys split on it)."""
+    if not isinstance(name, str) or not name.strip():
+        return "names must be non-empty text"
+    if len(name) > MAX_NAME_LENGTH or not name.isprintable() or "/" in name:
+        return (f"{name[:MAX_NAME_LENGTH]!r}: names must be printable, at most "
+                f"{MAX_NAME_LENGTH} characters, without '/'")
+    return None
+
+
+def mirror_pairs_problem(pairs: list[list[int]], num_classes: int) -> str | None:
+    """Why ``pairs`` cannot be mirror pairs (None when they can): pairs of two different
+    foreground classes below ``num_classes``, each class in at most one pair."""
+    seen: set[int] = set()
+    for pair in pairs:
+        if len(pair) != 2 or pair[0] == pair[1]:
+            return f"{pair} is not a pair of two different classes"
+        for c in pair:
+            if isinstance(c, bool) or not isinstance(c, int) or not 1 <= c < num_classes:
+                return f"{pair}: classes must be foreground indices 1..{num_classes - 1}"
+            if c in seen:
+                return f"class {c} appears in more than one pair"
+            seen.add(c)
+    return None
+
+
+def check_label_keys(data: DataConfig, bad: Any) -> None:
+    """``data.labels``, ``channel_names``, ``mirror_pairs`` and ``symmetric_labels`` agree
+    with the class and channel counts and with each other."""
+    for key, names, count, what in (("labels", data.labels, data.num_classes, "num_classes"),
+                                    ("channel_names", data.channel_names, data.in_channels,
+                                     "in_channels")):
+        if not names:
+            continue
+        if len(names) != count:
+            raise bad(f"data.{key}", f"names {len(names)} ({', '.join(names)}), data.{what} "
+                      f"is {count}")
+        why = next((w for w in map(name_problem, names) if w), None)
+        if why:
+            raise bad(f"data.{key}", why)
+        if len(set(names)) != len(names):
+            raise bad(f"data.{key}", "names must be unique")
+    if data.mirror_pairs is not None:
+        why = mirror_pairs_problem(data.mirror_pairs, data.num_classes)
+        if why:
+            raise bad("data.mirror_pairs", why)
+        if data.mirror_pairs and data.symmetric_labels:
+            raise bad("data.symmetric_labels", "a label set with mirror pairs is not "
+                      "symmetric (set one of mirror_pairs and symmetric_labels)")
 
 
 def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:

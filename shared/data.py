@@ -4,8 +4,12 @@ A site's data is a folder holding ``dataset.json`` (Medical Segmentation Decathl
 a ``training`` list of ``{"image": ..., "label": ...}`` paths relative to the folder and an
 optional ``validation`` list of the same form. Without one, validation cases are chosen by a
 deterministic per-site split. Its optional ``labels`` (class index -> name, or nnU-Net's name
--> index) and ``modality``/``channel_names`` (channel index -> name) are read into
-:class:`SiteData`, and must agree with ``data.num_classes`` / ``data.in_channels``.
+-> index), ``modality``/``channel_names`` (channel index -> name), ``mirror_pairs`` (class
+pairs a left-right flip swaps) and ``symmetric_labels`` (no class is lateralised) are read
+into :class:`SiteData`, and must agree with ``data.num_classes`` / ``data.in_channels``
+and, by name, with the consortium's ``data.labels`` / ``data.channel_names`` /
+``data.mirror_pairs`` when the run config declares them (a site whose classes are numbered
+differently would otherwise train the federation's model on wrong labels without any error).
 
 This is the only module that parses dataset.json or checks a case's files; everything else
 receives :data:`Case` dicts with absolute paths and reads files through :func:`load_nifti`
@@ -18,6 +22,7 @@ one line naming the file, instead of deep inside a worker process mid-training.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -30,7 +35,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from fedscan.shared.config import DataConfig, SiteConfig
+from fedscan.shared.config import DataConfig, SiteConfig, mirror_pairs_problem
 from fedscan.shared.errors import DataError
 
 #: A case as the data contract hands it out: ``{"image", "label", "case"}`` with absolute
@@ -58,6 +63,9 @@ class SiteData:
         channel_names: the name of each image channel (``channel_names``/``modality``), or
             empty.
         description: dataset.json's ``description``, or empty.
+        mirror_pairs: class pairs a left-right flip swaps (``mirror_pairs``), or empty.
+        symmetric_labels: dataset.json declares no class lateralised (``symmetric_labels``):
+            a left-right flip needs no relabelling.
     """
 
     name: str
@@ -67,6 +75,8 @@ class SiteData:
     class_names: tuple[str, ...] = ()
     channel_names: tuple[str, ...] = ()
     description: str = ""
+    mirror_pairs: tuple[tuple[int, int], ...] = ()
+    symmetric_labels: bool = False
 
     @property
     def cases(self) -> list[Case]:
@@ -338,15 +348,88 @@ def _indexed_names(json_path: Path, key: str, value: Any) -> tuple[str, ...]:
     return tuple(name for _, name in pairs)
 
 
+@dataclass(frozen=True)
+class LabelContract:
+    """What the run config declares about classes and channels (all optional).
+
+    Attributes:
+        class_names: ``data.labels`` (background first), or empty.
+        channel_names: ``data.channel_names``, or empty.
+        mirror_pairs: ``data.mirror_pairs`` (None: not declared).
+        symmetric: ``data.symmetric_labels``.
+    """
+
+    class_names: tuple[str, ...] = ()
+    channel_names: tuple[str, ...] = ()
+    mirror_pairs: tuple[tuple[int, int], ...] | None = None
+    symmetric: bool = False
+
+    @classmethod
+    def of(cls, data: DataConfig) -> LabelContract:
+        pairs = (None if data.mirror_pairs is None
+                 else tuple(tuple(p) for p in data.mirror_pairs))
+        return cls(tuple(data.labels), tuple(data.channel_names), pairs,  # type: ignore[arg-type]
+                   data.symmetric_labels)
+
+
+def _same_names(json_path: Path, key: str, found: tuple[str, ...], declared: tuple[str, ...],
+                config_key: str) -> None:
+    """Names a site's dataset.json gives must be the consortium's, in the same order."""
+    if declared and found and found != declared:
+        raise DataError(f"{json_path}: '{key}' ({', '.join(found)}) differ from the "
+                        f"consortium's {config_key} ({', '.join(declared)}): renumber this "
+                        "site's labels or fix dataset.json")
+
+
+def _pair_set(pairs: tuple[tuple[int, int], ...]) -> set[frozenset[int]]:
+    return {frozenset(p) for p in pairs}
+
+
+def _mirror_pairs(json_path: Path, spec: dict[str, Any], num_classes: int | None,
+                  contract: LabelContract) -> tuple[tuple[tuple[int, int], ...], bool]:
+    """dataset.json's ``mirror_pairs`` and ``symmetric_labels``, checked, and checked
+    against the run config's."""
+    symmetric = spec.get("symmetric_labels", False)
+    if not isinstance(symmetric, bool):
+        raise DataError(f"{json_path}: 'symmetric_labels' must be true or false")
+    value = spec.get("mirror_pairs")
+    if value is None:
+        value = []
+    if not (isinstance(value, list) and all(isinstance(p, list) for p in value)):
+        raise DataError(f"{json_path}: 'mirror_pairs' must be a list of class pairs such as "
+                        "[[1, 2]]")
+    why = mirror_pairs_problem(value, num_classes if num_classes is not None else 2**31)
+    if why:
+        raise DataError(f"{json_path}: 'mirror_pairs': {why}")
+    pairs = tuple((int(a), int(b)) for a, b in value)
+    if pairs and symmetric:
+        raise DataError(f"{json_path}: 'mirror_pairs' {value} contradict 'symmetric_labels' "
+                        "(a label set with left/right pairs is not symmetric)")
+    if pairs and contract.symmetric:
+        raise DataError(f"{json_path}: 'mirror_pairs' {value} contradict "
+                        "data.symmetric_labels (the run config says no class is lateralised)")
+    if symmetric and contract.mirror_pairs:
+        raise DataError(f"{json_path}: 'symmetric_labels' contradicts the consortium's "
+                        f"data.mirror_pairs {[list(p) for p in contract.mirror_pairs]}")
+    if (pairs and contract.mirror_pairs is not None
+            and _pair_set(pairs) != _pair_set(contract.mirror_pairs)):
+        raise DataError(f"{json_path}: 'mirror_pairs' {value} differ from the consortium's "
+                        f"data.mirror_pairs {[list(p) for p in contract.mirror_pairs]}")
+    return pairs, symmetric
+
+
 def _metadata(json_path: Path, spec: dict[str, Any], num_classes: int | None,
-              in_channels: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Class and channel names from dataset.json, checked against the run's data config."""
+              in_channels: int | None, contract: LabelContract
+              ) -> tuple[tuple[str, ...], tuple[str, ...], tuple[tuple[int, int], ...], bool]:
+    """Class names, channel names, mirror pairs and whether the label set is declared
+    symmetric, from dataset.json, checked against the run's data config."""
     classes: tuple[str, ...] = ()
     if spec.get("labels") is not None:
         classes = _indexed_names(json_path, "labels", spec["labels"])
         if num_classes is not None and len(classes) != num_classes:
             raise DataError(f"{json_path}: 'labels' names {len(classes)} classes "
                             f"({', '.join(classes)}), data.num_classes is {num_classes}")
+        _same_names(json_path, "labels", classes, contract.class_names, "data.labels")
     key = "channel_names" if spec.get("channel_names") is not None else "modality"
     channels: tuple[str, ...] = ()
     if spec.get(key) is not None:
@@ -354,7 +437,57 @@ def _metadata(json_path: Path, spec: dict[str, Any], num_classes: int | None,
         if in_channels is not None and len(channels) != in_channels:
             raise DataError(f"{json_path}: '{key}' names {len(channels)} image channel(s), "
                             f"data.in_channels is {in_channels}")
-    return classes, channels
+        _same_names(json_path, key, channels, contract.channel_names, "data.channel_names")
+    count = num_classes if num_classes is not None else (len(classes) or None)
+    return (classes, channels, *_mirror_pairs(json_path, spec, count, contract))
+
+
+def site_data_config(data: DataConfig, site: SiteData) -> DataConfig:
+    """The data config a site trains with: the run's, with what the site's dataset.json
+    declares about left and right (``mirror_pairs`` or ``symmetric_labels``) where the run
+    config declares neither (agreement was checked when the site was read)."""
+    if data.mirror_pairs or data.symmetric_labels:
+        return data
+    if site.mirror_pairs:
+        return dataclasses.replace(data, mirror_pairs=[list(p) for p in site.mirror_pairs])
+    if site.symmetric_labels:
+        return dataclasses.replace(data, symmetric_labels=True)
+    return data
+
+
+def consortium_data_config(data: DataConfig, sites: list[SiteData]) -> DataConfig:
+    """``data`` completed from what every site's dataset.json says, where ``data`` is silent.
+
+    A simulation (or a pooled baseline) sees all sites at once: class names
+    (``data.labels``) and channel names come from the sites when all that name them agree;
+    left/right (``mirror_pairs``, else ``symmetric_labels``) when every site declares the
+    same. A site that declares something else keeps its own declaration through
+    :func:`site_data_config`; a site that declares nothing gets no left-right flip.
+
+    Args:
+        data: the run's data config.
+        sites: every site's data, read with that config (names already checked against it).
+
+    Returns:
+        A copy of ``data`` with the agreed names and left/right declaration filled in.
+    """
+    def agreed(values: list[Any]) -> Any:
+        return values[0] if values and all(v == values[0] for v in values) else None
+
+    changes: dict[str, Any] = {}
+    classes = agreed([s.class_names for s in sites if s.class_names])
+    if not data.labels and classes:
+        changes["labels"] = list(classes)
+    channels = agreed([s.channel_names for s in sites if s.channel_names])
+    if not data.channel_names and channels:
+        changes["channel_names"] = list(channels)
+    if not data.mirror_pairs and not data.symmetric_labels and sites:
+        pairs = agreed([_pair_set(s.mirror_pairs) for s in sites])
+        if pairs:
+            changes["mirror_pairs"] = [list(p) for p in sites[0].mirror_pairs]
+        elif all(s.symmetric_labels for s in sites):
+            changes["symmetric_labels"] = True
+    return dataclasses.replace(data, **changes) if changes else data
 
 
 def _split(
@@ -387,6 +520,7 @@ def read_dataset(
     num_classes: int | None = None,
     in_channels: int = 1,
     check: bool = True,
+    contract: LabelContract = LabelContract(),
 ) -> SiteData:
     """Read a site's MSD-layout folder into training and validation cases.
 
@@ -402,6 +536,8 @@ def read_dataset(
         num_classes: label classes (background included) that label values must fall in.
         in_channels: image channels expected.
         check: also read every file fully and validate it (:func:`check_case`).
+        contract: the run config's class and channel names and mirror pairs, which
+            dataset.json must agree with where it declares its own.
 
     Returns:
         The site's cases, each list sorted by case id.
@@ -422,7 +558,8 @@ def read_dataset(
 
     if "training" not in spec:
         raise DataError(f"{json_path}: 'training' must be a non-empty list")
-    class_names, channel_names = _metadata(json_path, spec, num_classes, in_channels)
+    class_names, channel_names, mirror_pairs, symmetric = _metadata(
+        json_path, spec, num_classes, in_channels, contract)
     train = _parse_entries(json_path, root, "training", spec["training"])
     explicit = spec.get("validation")
     validation = (_parse_entries(json_path, root, "validation", explicit)
@@ -446,7 +583,8 @@ def read_dataset(
 
     return SiteData(name=name or root.name, root=root, train=by_id(train),
                     validation=by_id(validation), class_names=class_names,
-                    channel_names=channel_names, description=str(spec.get("description") or ""))
+                    channel_names=channel_names, description=str(spec.get("description") or ""),
+                    mirror_pairs=mirror_pairs, symmetric_labels=symmetric)
 
 
 def read_test_set(
@@ -456,6 +594,7 @@ def read_test_set(
     num_classes: int | None = None,
     in_channels: int = 1,
     check: bool = True,
+    contract: LabelContract = LabelContract(),
 ) -> list[Case]:
     """All cases (training and validation lists) of a held-out test folder.
 
@@ -473,7 +612,7 @@ def read_test_set(
         DataError: the folder, dataset.json or a case violates the contract.
     """
     site = read_dataset(root, name=name, num_classes=num_classes, in_channels=in_channels,
-                        check=check)
+                        check=check, contract=contract)
     return sorted(site.cases, key=lambda c: c["case"])
 
 
@@ -481,13 +620,15 @@ def read_site(site: SiteConfig, data: DataConfig, *, check: bool) -> SiteData:
     """A configured site's data, split and checked with the run's ``data`` settings."""
     return read_dataset(site.data, name=site.name, val_fraction=data.val_fraction,
                         split_seed=data.split_seed, num_classes=data.num_classes,
-                        in_channels=data.in_channels, check=check)
+                        in_channels=data.in_channels, check=check,
+                        contract=LabelContract.of(data))
 
 
 def read_site_test_set(test_set: SiteConfig, data: DataConfig, *, check: bool) -> list[Case]:
     """A configured held-out folder's cases, checked with the run's ``data`` settings."""
     return read_test_set(test_set.data, name=test_set.name, num_classes=data.num_classes,
-                         in_channels=data.in_channels, check=check)
+                         in_channels=data.in_channels, check=check,
+                         contract=LabelContract.of(data))
 
 
 def data_fingerprint(site: SiteData) -> str:

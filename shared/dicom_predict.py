@@ -23,7 +23,7 @@ from fedscan.shared.inference import predict_file
 def class_names_of(model_path: str | Path) -> list[str]:
     """Foreground class names for SEG segments: the model config's, else ``class N``."""
     cfg, _, _ = load_model(model_path)
-    names = list(getattr(cfg.data, "class_names", None) or [])[1:]
+    names = list(cfg.data.labels)[1:]  # data.labels: background first
     return [names[i - 1] if i <= len(names) else f"class {i}"
             for i in range(1, cfg.data.num_classes)]
 

@@ -209,6 +209,27 @@ def _write(image: nib.Nifti1Image, out_path: str | Path) -> Path:
     return out_path
 
 
+def load_segmentation_model(model_path: str | Path, device: str = "auto"
+                            ) -> tuple[Config, nn.Module, torch.device]:
+    """A saved segmentation model in eval mode on ``device`` (``auto``: CUDA when present).
+
+    Raises:
+        FedscanError: not a segmentation model, or weights that do not fit its config.
+    """
+    cfg, state_dict, _ = load_model(model_path)
+    if cfg.task != "segmentation":
+        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
+                           "models")
+    model = build_task(cfg).build_model()
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError:
+        raise FedscanError(f"{model_path}: weights do not match the model its config "
+                           "describes") from None
+    dev = resolve_device(device)
+    return cfg, model.to(dev).eval(), dev
+
+
 def predict_file(
     model_path: str | Path,
     image_path: str | Path,
@@ -233,22 +254,45 @@ def predict_file(
     Raises:
         FedscanError: one line naming the model or image file at fault.
     """
-    cfg, state_dict, _ = load_model(model_path)
-    if cfg.task != "segmentation":
-        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
-                           "models")
-    task = build_task(cfg)
-    model = task.build_model()
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError:
-        raise FedscanError(f"{model_path}: weights do not match the model its config "
-                           "describes") from None
-    dev = resolve_device(device)
-    model.to(dev).eval()
+    cfg, model, dev = load_segmentation_model(model_path, device)
     keep = cfg.evaluate.largest_component if largest_component is None else largest_component
     labels, img = predict_volume(model, image_path, cfg, dev, largest_component=keep)
     return _write(image_like(labels, img, np.uint8), out_path)
+
+
+def score_prediction(model_path: str | Path, prediction: str | Path, reference: str | Path,
+                     *, hd95: bool = True) -> tuple[dict[str, float], list[str]]:
+    """Dice (and HD95) per class of a predicted label map against a reference label map.
+
+    Args:
+        model_path: the model file that made ``prediction`` (its class count and names).
+        prediction: the label NIfTI predict wrote.
+        reference: the reference label NIfTI of the same scan (same grid).
+        hd95: also compute HD95 (mm, from the reference's affine).
+
+    Returns:
+        ``(metrics, class_names)``: :func:`~fedscan.shared.metrics.case_metrics`' keys, and
+        every class's name, background first.
+
+    Raises:
+        DataError: a file is unreadable, its values are not the model's classes, or the grids
+            differ; the message names the file.
+    """
+    from fedscan.shared.config import class_names
+    from fedscan.shared.data import AFFINE_ATOL, read_label
+    from fedscan.shared.metrics import case_metrics, native_spacing
+
+    cfg, _, _ = load_model(model_path)
+    n = cfg.data.num_classes
+    pred = read_label(prediction, n)
+    label = read_label(reference, n, pred.shape)
+    ref_img, pred_img = load_nifti(reference, "label"), load_nifti(prediction, "label")
+    if not np.allclose(ref_img.affine, pred_img.affine, rtol=0.0, atol=AFFINE_ATOL):
+        raise DataError(f"{reference}: its affine differs from the prediction's ({prediction}):"
+                        " the reference must be on the scan's own grid")
+    names = class_names(cfg.data)
+    return case_metrics(pred, label, n, native_spacing(ref_img), hd95=hd95,
+                        class_names=names), names
 
 
 def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:

@@ -15,6 +15,10 @@ must fix.
 
 from __future__ import annotations
 
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+
 import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_hausdorff_distance
@@ -32,8 +36,9 @@ def native_spacing(img) -> tuple[float, ...]:
 
 
 def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                 spacing: tuple[float, ...], *, hd95: bool = True) -> dict[str, float]:
-    """Dice (and HD95 in mm) of one case, averaged over foreground classes.
+                 spacing: tuple[float, ...], *, hd95: bool = True,
+                 class_names: Sequence[str] | None = None) -> dict[str, float]:
+    """Dice (and HD95 in mm) of one case, per foreground class and averaged over them.
 
     Args:
         pred: predicted classes in the native grid.
@@ -41,23 +46,46 @@ def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
         num_classes: classes including background.
         spacing: voxel sizes in mm, for HD95.
         hd95: whether to compute HD95.
+        class_names: every class's name, background first (per-class keys); None:
+            ``class_1``, ``class_2``, ...
 
     Returns:
-        ``{"dice": ..., "hd95": ...}``; ``hd95`` is ``nan`` if no class has it defined.
+        ``{"dice": ..., "dice/<class>": ..., "hd95": ..., "hd95/<class>": ...}``. A class
+        absent from both label and prediction has Dice 1, from one of them Dice 0; its HD95
+        is ``nan`` unless it is in both, and ``hd95`` (the mean over the classes that have
+        one) is ``nan`` if none has.
     """
+    names = list(class_names or ["background", *(f"class_{i}" for i in range(1, num_classes))])
     p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes)
     y = one_hot(torch.as_tensor(label, dtype=torch.long)[None, None], num_classes)
     # ignore_empty=False: a class absent from both counts as 1, absent from one as 0.
-    dice = compute_dice(p, y, include_background=False, ignore_empty=False)
+    dice = compute_dice(p, y, include_background=False, ignore_empty=False)[0]
     out = {"dice": float(dice.mean())}
+    out.update({f"dice/{name}": float(d) for name, d in zip(names[1:], dice, strict=True)})
     if hd95:
-        if p[:, 1:].any() and y[:, 1:].any():
-            hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
-                                            spacing=list(spacing))
-            finite = hd[torch.isfinite(hd)]
-            out["hd95"] = float(finite.mean()) if finite.numel() else float("nan")
-        else:
-            out["hd95"] = float("nan")
+        both = [bool(p[0, c].any() and y[0, c].any()) for c in range(1, num_classes)]
+        per_class = [float("nan")] * (num_classes - 1)
+        if any(both):
+            with warnings.catch_warnings():  # MONAI 1.6 warns of its own deprecated argument
+                warnings.simplefilter("ignore", FutureWarning)
+                hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
+                                                spacing=list(spacing))[0]
+            per_class = [float(h) if ok and math.isfinite(float(h)) else float("nan")
+                         for h, ok in zip(hd, both, strict=True)]
+        finite = [h for h in per_class if math.isfinite(h)]
+        out["hd95"] = float(np.mean(finite)) if finite else float("nan")
+        out.update({f"hd95/{name}": h for name, h in zip(names[1:], per_class, strict=True)})
+    return out
+
+
+def mean_over_cases(per_case: Iterable[Mapping[str, float]]) -> dict[str, float]:
+    """Each key's mean over the cases where it is finite (``nan`` where it is in none)."""
+    per_case = list(per_case)
+    keys = list(dict.fromkeys(k for m in per_case for k in m))
+    out = {}
+    for key in keys:
+        values = [m[key] for m in per_case if key in m and math.isfinite(m[key])]
+        out[key] = float(np.mean(values)) if values else float("nan")
     return out
 
 

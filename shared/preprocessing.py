@@ -30,6 +30,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
+    MapTransform,
     Orientationd,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
@@ -49,7 +50,8 @@ MIN_FOREGROUND_FRACTION = 0.01
 #: Axis-code pairs of nibabel's RAS+ world (``Orientationd`` labels).
 RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
 
-#: dtype of preprocessed label maps (class indices; ``num_classes`` is far below 256).
+#: dtype of preprocessed label maps (class indices; values are checked below ``num_classes``,
+#: at most 256, before the cast).
 LABEL_DTYPE = torch.uint8
 
 
@@ -99,6 +101,28 @@ class ForegroundPercentileScaled(ScaleIntensityRangePercentilesd):
                                                 channel_wise=channel_wise, dtype=dtype)
 
 
+class CheckLabelValuesd(MapTransform):
+    """Label values as read must be integer classes in ``[0, num_classes)``.
+
+    Runs right after loading, before resampling (which could drop a stray bad voxel) and
+    before the ``uint8`` cast (which would wrap 256 to 0 and -1 to 255). Raises the data
+    contract's one-line :class:`DataError` naming the file.
+    """
+
+    def __init__(self, keys: KeysCollection, num_classes: int) -> None:
+        super().__init__(keys)
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            value = d[key]
+            path = getattr(value, "meta", {}).get("filename_or_obj", key)
+            check_label_values(path, convert_to_tensor(value, track_meta=False).numpy(),
+                               self.num_classes)
+        return d
+
+
 def preprocess_transforms(data: DataConfig, keys: Sequence[str] = ("image", "label")) -> Compose:
     """The deterministic, invertible preprocessing every pipeline starts with.
 
@@ -122,6 +146,7 @@ def preprocess_transforms(data: DataConfig, keys: Sequence[str] = ("image", "lab
     lower, upper = data.intensity_percentiles
     steps = [
         LoadImaged(keys, reader="NibabelReader", image_only=True, dtype=np.float32),
+        *([CheckLabelValuesd(labels, data.num_classes)] if labels else []),
         EnsureChannelFirstd(keys),
         # nibabel affines are RAS+ world coordinates: say so rather than rely on a default.
         Orientationd(keys, axcodes=data.orientation, labels=RAS_LABELS),
@@ -148,9 +173,10 @@ def preprocess_case(case: Mapping[str, str], data: DataConfig,
                     keys: Sequence[str] = ("image", "label")) -> tuple[dict[str, Any], Compose]:
     """Preprocess the files of one case, with one-line errors naming the file at fault.
 
-    Each file's header is read first; after preprocessing every image must have
-    ``data.in_channels`` channels, and every label one channel on its image's grid with
-    classes below ``data.num_classes`` (:func:`~fedscan.shared.data.check_label_values`).
+    Each file's header is read first; label values must be classes below
+    ``data.num_classes`` as read (:func:`~fedscan.shared.data.check_label_values`, before
+    resampling and the ``uint8`` cast); after preprocessing every image must have
+    ``data.in_channels`` channels, and every label one channel on its image's grid.
 
     Args:
         case: file paths by key (``image``, ``label``, ...).
@@ -170,6 +196,8 @@ def preprocess_case(case: Mapping[str, str], data: DataConfig,
     try:
         out = pre({k: str(case[k]) for k in keys})
     except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        if isinstance(root_cause(exc), DataError):  # a label check: already one line
+            raise DataError(str(root_cause(exc))) from None
         raise DataError(_failure(case, keys, exc)) from None
     images = [k for k in keys if not is_label_key(k)]
     for k in images:
@@ -183,7 +211,6 @@ def preprocess_case(case: Mapping[str, str], data: DataConfig,
         if out[k].shape[0] != 1 or (grid is not None and tuple(out[k].shape[1:]) != grid):
             raise DataError(f"{case[k]}: grid {tuple(out[k].shape[1:])} does not match its "
                             f"image's {grid} after resampling")
-        check_label_values(case[k], out[k].as_tensor().numpy(), data.num_classes)
     return out, pre
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -935,6 +935,35 @@ def _coverage_notes(metric: str, modes: list[str], sites: list[str],
 def _ratio_note(metric: str) -> str:
     return (f"ratio of mean final {metric} (each site counting once) to the pooled baseline; "
             "1.0 means as good as training on all data in one place.")
+
+
+def format_class_table(metrics: Mapping[str, Any], classes: Sequence[str] | None = None
+                       ) -> str:
+    """A console table of per-class metrics: one row per foreground class, one column per
+    metric that has per-class keys (``dice/<class>``, ``hd95/<class>``), and the mean over
+    foreground classes (the headline) last.
+
+    Args:
+        metrics: flat metrics holding ``name`` and ``name/<class>`` keys.
+        classes: the foreground classes in order; None: as they appear in ``metrics``.
+
+    Returns:
+        Aligned plain-text lines (empty when there are no per-class keys).
+    """
+    pairs = [k.split("/", 1) for k in metrics if "/" in k]
+    names = list(dict.fromkeys(name for name, _ in pairs))
+    if classes is None:
+        classes = list(dict.fromkeys(c for _, c in pairs))
+    if not names or not classes:
+        return ""
+    units = {"hd95": "hd95 (mm)"}
+    rows = [["class", *(units.get(n, n) for n in names)]]
+    rows += [[c, *(_fmt(_num(metrics.get(f"{n}/{c}"))) for n in names)] for c in classes]
+    rows.append(["mean (foreground)", *(_fmt(_num(metrics.get(n))) for n in names)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                     for row in rows)
 
 
 def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:

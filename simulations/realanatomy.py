@@ -18,6 +18,12 @@ Label sets (``dataset.json`` ``labels``):
   cerebellar, split at the template's midsagittal plane x = 0, so the side follows the anatomy
   through any deformation and reorientation), 3 ``white_matter``, 4 ``ventricles`` (the lateral
   and third ventricles). Sulcal and cisternal CSF are background.
+- ``hemispheres``: 0 background, 1 ``left_hemisphere``, 2 ``right_hemisphere`` (the brain mask
+  less the ventricles on each side of the midsagittal plane: cerebral and cerebellar
+  hemisphere, half the brainstem, sulcal CSF), 3 ``left_ventricle``, 4 ``right_ventricle`` (the
+  ventricles split at the same plane: each lateral ventricle with half the third). Two
+  left/right pairs of large structures with visible boundaries: a set a small 3D UNet on a
+  2 mm grid learns on a CPU (the thin cortical ribbon of ``parcellation`` needs finer grids).
 
 The template's licence (MNI notice, kept in every copy): Copyright (C) 1993-2004 Louis Collins,
 McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill University. Permission
@@ -88,9 +94,12 @@ LABEL_SETS: dict[str, dict[str, str]] = {
     "brain": {"0": "background", "1": "brain"},
     "parcellation": {"0": "background", "1": "left_gm", "2": "right_gm",
                      "3": "white_matter", "4": "ventricles"},
+    "hemispheres": {"0": "background", "1": "left_hemisphere", "2": "right_hemisphere",
+                    "3": "left_ventricle", "4": "right_ventricle"},
 }
 #: Label pairs that are the left and right of one structure (for flips that swap them).
-MIRROR_PAIRS: dict[str, list[list[int]]] = {"brain": [], "parcellation": [[1, 2]]}
+MIRROR_PAIRS: dict[str, list[list[int]]] = {"brain": [], "parcellation": [[1, 2]],
+                                            "hemispheres": [[1, 2], [3, 4]]}
 CHANNEL_NAMES = ("T1", "T2")
 #: Sub-grid spacing. The template is 1 mm but an average of 152 brains, smooth on that
 #: scale; 1.5 mm sub-samples read trilinearly from it cost 3-4x less than 1 mm (measured:
@@ -351,8 +360,9 @@ def render_fractions(
 
     Returns:
         ({name: fraction}: tissues ``csf``, ``gm``, ``wm``, ``scalp``, ``skull``, ``soft``
-        (neck, below the template's floor); ``brain`` (mask), ``left_gm``, ``right_gm``,
-        ``ventricles``; ``t1_residual`` (template T1 texture, template units)), 4x4 affine.
+        (neck, below the template's floor); ``brain`` (mask), ``left_brain``, ``left_gm``,
+        ``right_gm``, ``ventricles``, ``left_ventricles``; ``t1_residual`` (template T1
+        texture, template units)), 4x4 affine.
     """
     template = load_template()
     # Once per voxel: the hull's signed distance and the template height (for the neck).
@@ -376,6 +386,7 @@ def render_fractions(
     left = ramp(u[0], float(np.mean(grid.step)))
     fine = {"brain": maps["brain"], "gm": maps["gm"], "wm": maps["wm"],
             "left_gm": maps["gm"] * left, "ventricles": maps["ventricles"],
+            "left_brain": maps["brain"] * left, "left_ventricles": maps["ventricles"] * left,
             "t1_residual": maps["t1_residual"]}
     out = {name: grid.integrate(value) for name, value in fine.items()}
     out["right_gm"] = np.maximum(out["gm"] - out["left_gm"], 0.0)
@@ -405,9 +416,9 @@ def render_fractions(
 
 
 def labels_from(fractions: dict[str, np.ndarray], label_set: str) -> np.ndarray:
-    """A label map from native fractions: the brain mask (fraction >= 0.5), or the
-    parcellation class with the largest fraction inside it (background if the voxel is mostly
-    sulcal/cisternal CSF or outside).
+    """A label map from native fractions: the brain mask (fraction >= 0.5); or inside it the
+    parcellation class with the largest fraction (background if the voxel is mostly
+    sulcal/cisternal CSF), or the hemispheres class with the largest fraction.
 
     Raises:
         ValueError: unknown ``label_set``.
@@ -417,6 +428,12 @@ def labels_from(fractions: dict[str, np.ndarray], label_set: str) -> np.ndarray:
     brain = fractions["brain"] >= 0.5
     if label_set == "brain":
         return brain.astype(np.uint8)
+    if label_set == "hemispheres":
+        vent, left_vent = fractions["ventricles"], fractions["left_ventricles"]
+        left = np.maximum(fractions["left_brain"] - left_vent, 0.0)
+        right = np.maximum(fractions["brain"] - fractions["left_brain"] - vent + left_vent, 0.0)
+        parts = np.stack([left, right, left_vent, np.maximum(vent - left_vent, 0.0)])
+        return np.where(brain, np.argmax(parts, axis=0) + 1, 0).astype(np.uint8)
     classes = [fractions[k] for k in ("left_gm", "right_gm", "wm", "ventricles")]
     other = np.maximum(1.0 - sum(classes), 0.0)
     best = np.argmax(np.stack([other, *classes]), axis=0).astype(np.uint8)
@@ -593,7 +610,9 @@ def write_dataset_json(
         "modality": names,
         "channel_names": names,
         "labels": LABEL_SETS[label_set],
-        "mirror_pairs": MIRROR_PAIRS[label_set],
+        # Pairs swap with a left-right flip; a set without pairs (the brain mask) is symmetric.
+        **({"mirror_pairs": MIRROR_PAIRS[label_set]} if MIRROR_PAIRS[label_set]
+           else {"symmetric_labels": True}),
         "numTraining": len(training),
         "numTest": 0,
         "training": training,
@@ -620,13 +639,15 @@ def write_federation(
     channels: int = 2,
     label_set: str = "parcellation",
     fine_mm: float = FINE_MM,
+    paired_truth: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> RealFederation:
     """Generate a real-anatomy federation under ``root`` unless that exact one is there.
 
     Writes ``<site>/`` per layout row, ``<heldout>/``, ``reference/`` (the labelled public
-    reference set: reference scanner, patients of no site) and ``truth/<site>/`` (paired
-    truth per site case, held-out site included), atomically (a temporary sibling is filled,
+    reference set: reference scanner, patients of no site; unless ``reference_cases`` is 0)
+    and ``truth/<site>/`` (paired truth per site case, held-out site included; unless
+    ``paired_truth`` is False), atomically (a temporary sibling is filled,
     marked complete and renamed into place). Case i of a site depends only on (seed, site, i).
 
     Args:
@@ -639,10 +660,12 @@ def write_federation(
         channels: image channels (1: T1; 2: T1 and T2).
         label_set: key of :data:`LABEL_SETS`.
         fine_mm: partial-volume sub-grid spacing.
+        paired_truth: also write the paired truth (harmonisation studies; segmentation
+            studies do not need it, and it doubles the rendering).
         progress: called with one line per folder written.
 
     Returns:
-        The folders.
+        The folders (``truth`` empty without paired truth).
 
     Raises:
         DataError: ``root`` holds something else, or the template is missing.
@@ -655,7 +678,8 @@ def write_federation(
     root = Path(root).expanduser()
     spec = json.dumps([REAL_VERSION, seed, [(n, repr(p), c, v) for n, p, c, v in layout],
                        [heldout[0], repr(heldout[1]), heldout[2]], repr(reference),
-                       reference_cases, channels, label_set, fine_mm])
+                       reference_cases, channels, label_set, fine_mm]
+                      + ([] if paired_truth else ["no-truth"]))
     marker = f"{REAL_VERSION} seed={seed} {hashlib.sha256(spec.encode()).hexdigest()[:16]}\n"
     say = progress or (lambda line: None)
 
@@ -683,12 +707,13 @@ def write_federation(
 
     def write(folder: Path) -> None:
         for name, profile, n, n_val in layout:
-            site(folder, name, profile, n, n_val, truth=True)
-        site(folder, heldout[0], heldout[1], heldout[2], None, truth=True)
-        site(folder, "reference", reference, reference_cases, None, truth=False)
+            site(folder, name, profile, n, n_val, truth=paired_truth)
+        site(folder, heldout[0], heldout[1], heldout[2], None, truth=paired_truth)
+        if reference_cases:
+            site(folder, "reference", reference, reference_cases, None, truth=False)
 
     _publish(root, marker, "real-anatomy federation", write)
-    names = [n for n, *_ in layout] + [heldout[0]]
+    names = [n for n, *_ in layout] + [heldout[0]] if paired_truth else []
     return RealFederation(root=root, sites={n: root / n for n, *_ in layout},
                           heldout=root / heldout[0], reference=root / "reference",
                           truth={n: root / "truth" / n for n in names})

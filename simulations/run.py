@@ -12,7 +12,7 @@ import yaml
 
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
 from fedscan.shared.console import configure_console
-from fedscan.shared.data import read_site, read_site_test_set
+from fedscan.shared.data import consortium_data_config, read_site, read_site_test_set
 
 if TYPE_CHECKING:
     from fedscan.shared.status.serve import StatusOptions
@@ -43,6 +43,10 @@ def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
             # The phantoms' public reference set: clean scans of other heads, with labels.
             data = {**data, "harmonisation": {**block, "reference": str(ensure_reference_set())}}
     folders = ensure_default_federation()
+    block = data.get("data") if isinstance(data.get("data"), dict) else {}
+    if "mirror_pairs" not in block and "symmetric_labels" not in block:
+        # The phantoms' one class is the brain mask, the same on both sides: flips are safe.
+        data = {**data, "data": {**block, "symmetric_labels": True}}
     data = {**data, "sites": [{"name": n, "data": str(p)} for n, p in folders.items()
                               if n != "heldout"]}
     if "heldout" in folders and "test_sets" not in data:
@@ -64,11 +68,13 @@ def read_simulation_config(path: str | Path) -> Config:
 
 
 def check_data(cfg: Config) -> None:
-    """Validate every site's and test set's data contract in full before any training."""
-    for site in cfg.sites:
-        read_site(site, cfg.data, check=True)
+    """Validate every site's and test set's data contract in full before any training, then
+    complete ``cfg.data`` from the sites' dataset.json (class and channel names, left/right
+    declaration: :func:`~fedscan.shared.data.consortium_data_config`)."""
+    sites = [read_site(site, cfg.data, check=True) for site in cfg.sites]
     for test_set in cfg.test_sets:
         read_site_test_set(test_set, cfg.data, check=True)
+    cfg.data = consortium_data_config(cfg.data, sites)
 
 
 def headline(summary: dict[str, Any]) -> str:
@@ -194,6 +200,19 @@ def format_outputs(out: Path, folders: list[Path], cfg: Config | None = None) ->
     return "\n".join(lines)
 
 
+def _print_test_sets(summary: dict[str, Any]) -> None:
+    """Each held-out test set's per-class table (classes named from ``data.labels``)."""
+    from fedscan.shared.report import format_class_table
+
+    labels = ((summary.get("config") or {}).get("data") or {}).get("labels") or []
+    for name, result in (summary.get("final", {}).get("test_sets") or {}).items():
+        table = format_class_table({k: v for k, v in result.items() if k != "cases"},
+                                   labels[1:] or None)
+        if table:
+            print(f"== test set {name} ({result.get('num_examples')} cases):\n{table}",
+                  flush=True)
+
+
 def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
                current: list[Path]) -> dict[str, dict[str, Any]]:
     """Run each mode into its folder (``current[0]`` follows the mode running)."""
@@ -206,6 +225,7 @@ def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
         summaries[mode] = run_mode(cfg, mode, target)
         print(f"== {mode} done in {time.time() - started:.0f}s: "
               f"{headline(summaries[mode])}", flush=True)
+        _print_test_sets(summaries[mode])
         if cfg.task == "harmonisation" and mode == "federated":
             from fedscan.simulations.harmonisation import run_study
 

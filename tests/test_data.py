@@ -471,3 +471,35 @@ def test_case_id_of_cases_and_paths() -> None:
     assert case_id({"image": "/a/imagesTr/x_001.nii.gz", "label": "/a/l.nii.gz"}) == "x_001"
     assert case_id({"image": "/a/y.nii", "case": "own-id"}) == "own-id"
     assert case_id(Path("/b/z.nii.gz")) == "z"
+
+
+@pytest.mark.parametrize(("value", "dtype"), [(256, np.uint16), (48271, np.int32),
+                                              (300, np.float32)])
+def test_large_label_values_never_wrap(tmp_path: Path, value: int, dtype: Any) -> None:
+    """A value the uint8 label cast would wrap (256 -> 0, 48271 -> 143) is an error naming
+    the file and the value as stored, in the data check and in preprocessing itself (which
+    runs on data never checked, e.g. predict --label), even as one stray voxel that
+    resampling to a coarser grid would drop."""
+    from fedscan.shared.config import DataConfig
+    from fedscan.shared.preprocessing import cached_case, preprocess_case
+
+    label = np.zeros(SHAPE, dtype)
+    label[3, 4, 2] = value
+    entry = write_case(tmp_path, "big", label=label)
+    write_json(tmp_path, {"training": [entry]})
+    expect_error(f"big.nii.gz: label values must be integers in [0, 2), found {value}",
+                 read_dataset, tmp_path, num_classes=2)
+    case = {k: str(tmp_path / v) for k, v in entry.items()}
+    expect_error(f"big.nii.gz: label values must be integers in [0, 2), found {value}",
+                 read_label, case["label"], 2)
+    coarse = DataConfig(spacing=[8.0, 8.0, 8.0], num_classes=2)
+    for preprocess in (preprocess_case, cached_case):
+        msg = expect_error(f"label values must be integers in [0, 2), found {value}",
+                           preprocess, case, coarse)
+        assert case["label"] in msg
+    # Classes up to 255 are exact in the uint8 maps training uses.
+    label[3, 4, 2] = 255
+    entry = write_case(tmp_path, "top", label=label)
+    out, _ = preprocess_case({k: str(tmp_path / v) for k, v in entry.items()},
+                             DataConfig(spacing=[2.0, 2.0, 3.0], num_classes=256))
+    assert int(out["label"].max()) == 255 and int(out["label"].sum()) == 255

@@ -184,8 +184,32 @@ def test_one_channel_brain_masks(tmp_path: Path) -> None:
         meta = json.loads((folder / "dataset.json").read_text())
         assert meta["labels"] == {"0": "background", "1": "brain"}
         assert meta["channel_names"] == {"0": "T1"} and meta["tensorImageSize"] == "3D"
+        assert meta["symmetric_labels"] is True and "mirror_pairs" not in meta
     with pytest.raises(ValueError, match="label_set"):
         _write(tmp_path / "bad", label_set="lobes")
+
+
+def test_hemispheres_without_truth_or_reference(tmp_path: Path) -> None:
+    """Two left/right pairs (hemispheres, ventricles) on their anatomical sides; a
+    segmentation study writes neither paired truth nor the reference set."""
+    site = dataclasses.replace(SMALL[0][1], spacing=(4.0, 4.0, 4.0))
+    fed = _write(tmp_path / "hemi", layout=(("site-a", site, 1, None),),
+                 heldout=("heldout", dataclasses.replace(HELDOUT[1], spacing=(4.0, 4.0, 5.0)), 1),
+                 reference_cases=0, paired_truth=False, label_set="hemispheres")
+    assert fed.truth == {} and not (tmp_path / "hemi" / "truth").exists()
+    assert not fed.reference.exists()
+    for folder in (fed.sites["site-a"], fed.heldout):
+        data = read_dataset(folder, num_classes=5, in_channels=2)
+        assert data.mirror_pairs == ((1, 2), (3, 4))
+        assert data.class_names == ("background", "left_hemisphere", "right_hemisphere",
+                                    "left_ventricle", "right_ventricle")
+        for path in sorted((folder / "labelsTr").glob("*.nii.gz")):
+            canonical = nib.as_closest_canonical(nib.load(path))
+            label = np.asanyarray(canonical.dataobj)
+            assert set(np.unique(label)) == {0, 1, 2, 3, 4}
+            for left, right in ((1, 2), (3, 4)):
+                assert (np.argwhere(label == left)[:, 0].mean()
+                        < np.argwhere(label == right)[:, 0].mean())
 
 
 def test_default_root_honours_the_cache_env(monkeypatch: pytest.MonkeyPatch,

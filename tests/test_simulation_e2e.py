@@ -1,5 +1,10 @@
 """End to end: a real Flower simulation (Ray) with 2 tiny phantom sites and 2 rounds, then
-predict on a held-out case, checked against the Dice the run reported for that case."""
+predict on a held-out case, checked against the Dice the run reported for that case.
+
+The sites are clinical-shaped: 2-channel 4D images and 4 classes, two of them the left and
+the right of one structure (declared ``mirror_pairs`` in dataset.json), so per-class results
+are checked end to end (site replies, summary.json, report, test set, ``predict --label``).
+"""
 
 import importlib.util
 import json
@@ -12,8 +17,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy.ndimage import binary_erosion
 
-from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy
+
+#: Background, the brain's outer shell split at the world midline (x = 0), the brain's core.
+CLASSES = ["background", "left_shell", "right_shell", "core"]
 
 # Coarse 8 mm grids keep volumes ~24^3 so the whole run takes well under a minute of compute.
 PROFILES = {
@@ -24,15 +33,37 @@ PROFILES = {
 }
 
 
+def clinical_case(image: np.ndarray, brain: np.ndarray, affine: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """A 2-channel image (channels last) and 4-class label from a phantom's image and mask."""
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in brain.shape], indexing="ij"), -1)
+    x = ijk @ affine[0, :3] + affine[0, 3]
+    core = binary_erosion(brain > 0, iterations=1)
+    label = np.where(core, 3, np.where(brain > 0, np.where(x < 0, 1, 2), 0)).astype(np.uint8)
+    image = image.astype(np.float32)
+    second = (image.max() - image) * (image > np.percentile(image, 30))  # a T2-like contrast
+    return np.stack([image, second.astype(np.float32)], -1), label
+
+
 def make_site(root: Path, profile: ScannerProfile, n: int, n_val: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
-    cases = []
+    folder = root / profile.name
+    (folder / "imagesTr").mkdir(parents=True)
+    (folder / "labelsTr").mkdir(parents=True)
+    entries = []
     for i in range(n):
-        image, label, affine = render(sample_anatomy(rng), profile, rng)
-        cases.append((f"{profile.name}_{i:03d}", image, label, affine))
-    val = [c[0] for c in cases[n - n_val:]] if n_val else None
-    write_dataset(root / profile.name, cases, val, description="tiny e2e phantom site")
-    return root / profile.name
+        image, brain, affine = render(sample_anatomy(rng), profile, rng)
+        image, label = clinical_case(image, brain, affine)
+        cid = f"{profile.name}_{i:03d}"
+        entries.append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
+        nib.save(nib.Nifti1Image(image, affine), folder / entries[-1]["image"])
+        nib.save(nib.Nifti1Image(label, affine), folder / entries[-1]["label"])
+    spec = {"labels": dict(enumerate(CLASSES)), "channel_names": {"0": "T1", "1": "T2"},
+            "mirror_pairs": [[1, 2]], "training": entries[:n - n_val]}
+    if n_val:
+        spec["validation"] = entries[n - n_val:]
+    (folder / "dataset.json").write_text(json.dumps(spec))
+    return folder
 
 
 HAS_MLFLOW = importlib.util.find_spec("mlflow") is not None
@@ -51,7 +82,7 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
         "sites:\n  - {name: site-a, data: data/site-a}\n  - {name: site-b, data: data/site-b}\n"
         "test_sets:\n  - {name: heldout, data: data/heldout}\n"
         "rounds: 2\n"
-        "data: {spacing: [8, 8, 8]}\n"
+        "data: {spacing: [8, 8, 8], in_channels: 2, num_classes: 4}\n"
         "model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}\n"
         "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 4}\n"
         + (MLFLOW if HAS_MLFLOW else "")
@@ -79,6 +110,15 @@ def test_federated_run_writes_complete_outputs(tiny_run):
         assert entry["train"]["site-a"]["steps"] == 4
         assert np.isfinite(entry["train"]["site-a"]["loss"])
         assert 0.0 <= entry["aggregate"]["dice"] <= 1.0
+        # Per-class Dice and HD95 named from dataset.json, aggregated like the headline; the
+        # headline is their mean over foreground classes at every site.
+        for site in ("site-a", "site-b"):
+            ev = entry["evaluate"][site]
+            assert {f"{m}/{c}" for m in ("dice", "hd95") for c in CLASSES[1:]} <= set(ev)
+            assert ev["dice"] == pytest.approx(np.mean([ev[f"dice/{c}"] for c in CLASSES[1:]]))
+            assert not any("case" in k or k.startswith("site") for k in ev)  # nothing per case
+        for c in CLASSES[1:]:
+            assert 0.0 <= entry["aggregate"][f"dice/{c}"] <= 1.0
         assert entry["seconds"] > 0
         # The aggregate is the case-weighted mean of the sites' values.
         ev = entry["evaluate"]
@@ -91,6 +131,15 @@ def test_federated_run_writes_complete_outputs(tiny_run):
     last = summary["rounds"][-1]["evaluate"]
     assert final["per_site"]["site-a"]["dice"] == last["site-a"]["dice"]
     assert set(final["test_sets"]["heldout"]["cases"]) == {"heldout_000", "heldout_001"}
+    for c in CLASSES[1:]:
+        assert 0.0 <= final[f"dice/{c}"] <= 1.0
+        assert 0.0 <= final["test_sets"]["heldout"][f"dice/{c}"] <= 1.0
+        assert f"dice/{c}" in final["test_sets"]["heldout"]["cases"]["heldout_000"]
+    assert summary["config"]["data"]["labels"] == CLASSES
+    assert summary["config"]["data"]["mirror_pairs"] == [[1, 2]]
+    report = (out / "report.md").read_text()
+    for c in CLASSES[1:]:
+        assert f"dice/{c}" in report and f"hd95/{c} (mm)" in report
     assert (out / summary["model"]).is_file()
     for name in ("report.md", "dice.png", "loss.png", "config.yaml",
                  "checkpoints/round_001.pt", "checkpoints/round_002.pt"):
@@ -104,6 +153,7 @@ def test_federated_run_writes_complete_outputs(tiny_run):
 
 @pytest.mark.slow
 def test_predict_matches_reported_case_dice(tiny_run):
+    """predict --label prints the per-class Dice the run reported for that held-out case."""
     root, out = tiny_run
     summary = json.loads((out / "summary.json").read_text())
     image = root / "data/heldout/imagesTr/heldout_000.nii.gz"
@@ -111,16 +161,21 @@ def test_predict_matches_reported_case_dice(tiny_run):
     pred_path = out / "pred.nii.gz"
     proc = subprocess.run([sys.executable, "-m", "fedscan", "predict", "--model",
                            str(out / summary["model"]), "--image", str(image), "--out",
-                           str(pred_path)], capture_output=True, text=True, timeout=120)
+                           str(pred_path), "--label", str(label)],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     pred, ref, src = nib.load(pred_path), nib.load(label), nib.load(image)
-    assert pred.shape == src.shape
+    assert pred.shape == src.shape[:3]
     assert np.allclose(pred.affine, src.affine, atol=1e-5)
-    p = np.asarray(pred.dataobj) == 1
-    t = np.asarray(ref.dataobj) == 1
-    dice = 2 * (p & t).sum() / max(p.sum() + t.sum(), 1)
-    reported = summary["final"]["test_sets"]["heldout"]["cases"]["heldout_000"]["dice"]
-    assert dice == pytest.approx(reported, abs=0.01)
+    reported = summary["final"]["test_sets"]["heldout"]["cases"]["heldout_000"]
+    rows = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()[3:]}
+    for k, c in enumerate(CLASSES[1:], start=1):
+        p = np.asarray(pred.dataobj) == k
+        t = np.asarray(ref.dataobj) == k
+        dice = 2 * (p & t).sum() / max(p.sum() + t.sum(), 1) if p.any() or t.any() else 1.0
+        assert dice == pytest.approx(reported[f"dice/{c}"], abs=0.01)
+        assert float(rows[c][0]) == pytest.approx(reported[f"dice/{c}"], abs=1e-4)
+    assert proc.stdout.splitlines()[2].split() == ["class", "dice", "hd95", "(mm)"]
 
 
 def visible_lines(text: str) -> list[str]:

@@ -21,7 +21,6 @@ from monai.transforms import (
     RandAdjustContrastd,
     RandBiasFieldd,
     RandCropByPosNegLabeld,
-    RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
     RandScaleIntensityd,
@@ -32,12 +31,13 @@ from monai.transforms import (
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedscan.shared.config import Config
+from fedscan.shared.config import Config, class_names
 from fedscan.shared.data import case_id, load_nifti, read_label
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
-from fedscan.shared.metrics import case_metrics, native_spacing
+from fedscan.shared.metrics import case_metrics, mean_over_cases, native_spacing
 from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
+from fedscan.shared.tasks.augmentation import lateral_axis, lateral_flip, lateral_swap
 from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.loop import case_loader
 
@@ -121,21 +121,24 @@ class SegmentationTask:
         """Random patch sampling and augmentation applied to a cached preprocessed case.
 
         Intensity augmentation imitates another scanner (contrast curve, bias field, gain,
-        offset, blur, noise; ``train.scanner_augmentation``); spatial augmentation stays
-        cheap (a left-right flip).
+        offset, blur, noise; ``train.scanner_augmentation``). The only spatial augmentation
+        is a left-right flip, and only where the labels allow it
+        (:func:`~fedscan.shared.tasks.augmentation.lateral_swap`: declared mirror pairs are
+        swapped with it, or the label set is declared symmetric).
         """
         cfg = self.cfg
         patch = cfg.train.patch_size
         pos = cfg.train.pos_fraction
-        lr_axis = next(i for i, c in enumerate(cfg.data.orientation.upper()) if c in "LR")
         steps = [
             SpatialPadd(KEYS, spatial_size=patch),
             # Negatives come from inside the body (image > 0), not the empty background.
             RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=patch, pos=pos,
                                    neg=1.0 - pos, num_samples=1, image_key="image",
                                    image_threshold=0.0),
-            RandFlipd(KEYS, prob=0.5, spatial_axis=lr_axis),
         ]
+        swap = lateral_swap(cfg.data)
+        if swap is not None:
+            steps.append(lateral_flip(KEYS, "label", lateral_axis(cfg.data.orientation), swap))
         if cfg.train.scanner_augmentation:
             steps += [
                 RandBiasFieldd("image", prob=0.3, coeff_range=(0.0, 0.2)),
@@ -196,15 +199,19 @@ class SegmentationTask:
         predict. Dice is the mean over foreground classes (1 when a class is absent from both
         label and prediction). HD95 is undefined when a class is absent from either; such
         classes are left out of a case's mean, a case with none defined gets ``nan`` and is
-        left out of the mean over cases (``nan`` when no case has one).
+        left out of the mean over cases (``nan`` when no case has one). Each foreground
+        class also gets ``dice/<class>`` (and ``hd95/<class>``), named from ``data.labels``
+        (:func:`~fedscan.shared.config.class_names`), so every site sends the same keys.
 
         Returns:
-            Mean ``dice`` (and ``hd95``) over cases, ``len(cases)``, per-case metrics.
+            Mean ``dice`` (and ``hd95``) and per-class means over cases, ``len(cases)``,
+            per-case metrics.
         """
         if not cases:
             return EvalResult(metrics={}, num_examples=0, per_case={})
         cfg = self.cfg
         device = next(model.parameters()).device
+        names = class_names(cfg.data)
         per_case: dict[str, dict[str, float]] = {}
         with evaluating(model):
             for case in cases:
@@ -212,12 +219,10 @@ class SegmentationTask:
                                            largest_component=cfg.evaluate.largest_component)
                 label = read_label(case["label"], cfg.data.num_classes, pred.shape)
                 per_case[case_id(case)] = case_metrics(
-                    pred, label, cfg.data.num_classes, native_spacing(img), hd95=cfg.evaluate.hd95)
-        metrics = {"dice": float(np.mean([m["dice"] for m in per_case.values()]))}
-        if cfg.evaluate.hd95:
-            hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]
-            metrics["hd95"] = float(np.mean(hd)) if hd else float("nan")
-        return EvalResult(metrics=metrics, num_examples=len(cases), per_case=per_case)
+                    pred, label, cfg.data.num_classes, native_spacing(img),
+                    hd95=cfg.evaluate.hd95, class_names=names)
+        return EvalResult(metrics=mean_over_cases(per_case.values()), num_examples=len(cases),
+                          per_case=per_case)
 
     def preview(self, model: nn.Module, case: Case) -> np.ndarray:
         """One slice of a case as three panels: image, truth (green), prediction (red).
