@@ -219,7 +219,8 @@ def register_keys(settings: ServerSettings, flwr_home: Path, keys: dict[str, str
             raise FedscanError(f"could not register the key of site {name}: {message}")
 
 
-def write_app(run_dir: Path, settings: ServerSettings, resume: bool) -> Path:
+def write_app(run_dir: Path, settings: ServerSettings, resume: bool,
+              insecure: bool = False) -> Path:
     """The Flower app submitted to the SuperLink: only a pyproject.toml, no code."""
     try:
         app_version = version("fedscan")
@@ -247,6 +248,7 @@ clientapp = "fedscan.client.client_app:app"
 server-config = "{settings.path}"
 run-dir = "{run_dir}"
 resume = {"true" if resume else "false"}
+insecure = {"true" if insecure else "false"}
 ''')
     return app_dir
 
@@ -328,7 +330,7 @@ def start_server(config: str | Path, insecure: bool = False,
                 print(f"fedscan: stopped stale run {run['run-id']}", flush=True)
         if not insecure:
             register_keys(settings, flwr_home, settings.site_keys)
-        app_dir = write_app(run_dir, settings, resume=bool(resume))
+        app_dir = write_app(run_dir, settings, resume=bool(resume), insecure=insecure)
         answer = flwr(["run", str(app_dir)], flwr_home)
         if not answer.get("success"):
             raise FedscanError(f"flwr run failed: {answer.get('error-message')}")

@@ -18,7 +18,8 @@ import yaml
 
 from fedscan.shared.errors import ConfigError
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "multikrum",
+              "bulyan")
 MODES = ("federated", "local", "pooled")
 
 
@@ -50,6 +51,10 @@ class SiteConfig:
     data: str
     privacy: PrivacyConfig | None = None
     state_dir: str | None = None
+    #: Server side: the most cases (training or validation) this site may report, as the
+    #: operator admitted it; a reply claiming more is rejected. None: not declared (the
+    #: site's aggregation weight is then capped by ``strategy.max_weight_ratio``).
+    max_examples: int | None = None
 
 
 @dataclass
@@ -108,7 +113,8 @@ class TrainConfig:
 class StrategyConfig:
     """Flower server strategy and its hyper-parameters."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "multikrum",
+                  "bulyan"] = "fedavg"
     #: Aggregation weight of a site's update: its training cases (``examples``, FedAvg's
     #: choice) or the cases it drew this round, local steps x batch size (``samples``), which
     #: is the same at every site that trains the same steps: each site then counts equally.
@@ -122,6 +128,22 @@ class StrategyConfig:
     #: Minimum sites that must reply for a round to count.
     min_sites: int | None = None
     round_timeout: float = 3600.0
+    #: fedtrimmedavg: fraction of values cut at each end, per coordinate.
+    trim_beta: float = 0.2
+    #: multikrum / bulyan: sites assumed dishonest (Bulyan needs 4 x this + 3 sites).
+    num_malicious: int = 1
+    #: multikrum: updates averaged (1 is Krum); None: the sites minus ``num_malicious``.
+    num_selected: int | None = None
+    #: A site's aggregation weight (``weighted_by``) is capped at this multiple of the median
+    #: weight of the other sites that round, unless the operator declared its ``max_examples``
+    #: (``.inf``: no cap). 3: one site never holds more than half of four sites' weight.
+    max_weight_ratio: float = 3.0
+    #: An update whose distance to the global model exceeds this multiple of the median
+    #: distance of the other sites' updates is rejected (``.inf``: never).
+    max_norm_ratio: float = 3.0
+    #: Every update is clipped to this distance from the global model before aggregation:
+    #: ``median`` (the round's median update norm), a number (a fixed norm), or null (off).
+    clip_norm: float | Literal["median"] | None = "median"
 
 
 @dataclass
@@ -330,6 +352,7 @@ def _check_values(cfg: Config) -> None:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
+    check_strategy(cfg, bad)
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
@@ -341,6 +364,30 @@ def _check_values(cfg: Config) -> None:
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
             raise bad("model.channels", "group norm (2 groups) needs even channel counts")
+
+
+def check_strategy(cfg: Config, bad: Any) -> None:
+    """Robust-aggregation keys: ranges, and enough sites for Bulyan and MultiKrum."""
+    s = cfg.strategy
+    if not (s.max_weight_ratio >= 1.0):  # also rejects NaN; .inf means no cap
+        raise bad("strategy.max_weight_ratio", "must be >= 1 (.inf for no cap)")
+    if not (s.max_norm_ratio > 1.0):
+        raise bad("strategy.max_norm_ratio", "must be > 1 (.inf to never reject by norm)")
+    if isinstance(s.clip_norm, float) and not (0.0 < s.clip_norm < math.inf):
+        raise bad("strategy.clip_norm", "must be a positive number, 'median' or null")
+    if not 0.0 <= s.trim_beta < 0.5:
+        raise bad("strategy.trim_beta", "must be in [0, 0.5)")
+    if s.num_malicious < 0:
+        raise bad("strategy.num_malicious", "must be >= 0")
+    sites = s.min_sites or len(cfg.sites)
+    if s.name == "bulyan" and sites < 4 * s.num_malicious + 3:
+        raise bad("strategy.num_malicious", f"bulyan needs at least 4 x num_malicious + 3 = "
+                  f"{4 * s.num_malicious + 3} sites per round, this federation has {sites}")
+    if s.num_selected is not None and not 1 <= s.num_selected <= len(cfg.sites):
+        raise bad("strategy.num_selected", f"must be between 1 and the {len(cfg.sites)} sites")
+    for i, site in enumerate(cfg.sites):
+        if site.max_examples is not None and site.max_examples < 1:
+            raise bad(f"sites[{i}].max_examples", "must be >= 1")
 
 
 def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:

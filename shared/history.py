@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,14 @@ def weighted_mean(per_site: dict[str, dict[str, Any]], key: str) -> float | None
     return sum(v * w for v, w in pairs) / total
 
 
+def site_median(per_site: dict[str, dict[str, Any]], key: str) -> float | None:
+    """Median of ``key`` over sites (each site once, whatever its case count), skipping
+    missing/None values: the figure one site's claimed case count cannot move."""
+    values = [m[key] for m in per_site.values()
+              if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+    return float(statistics.median(values)) if values else None
+
+
 class RunHistory:
     """Collects what a run did and writes it into ``out_dir``.
 
@@ -66,6 +75,8 @@ class RunHistory:
         self.model_fp32_bytes: int | None = None
         #: Rounds after which the run was resumed (a restart after a crash).
         self.resumed_after: list[int] = []
+        #: Nodes that were online but whose keys the operator never admitted (not sampled).
+        self.unadmitted_nodes: list[int] = []
 
     def _round(self, rnd: int) -> dict[str, Any]:
         for entry in self.rounds:
@@ -90,17 +101,31 @@ class RunHistory:
 
     @staticmethod
     def _aggregate(entry: dict[str, Any]) -> None:
-        """Example-weighted means over sites of every metric (dice, hd95, psnr, ...)."""
+        """Example-weighted means over sites of every metric (dice, hd95, psnr, ...), and
+        beside them in ``median`` the median over sites."""
         keys = {k for m in entry["evaluate"].values() for k in m if k != "num_examples"}
         for key in sorted(keys):
             value = weighted_mean(entry["evaluate"], key)
             if value is not None:
                 entry["aggregate"][key] = value
+            median = site_median(entry["evaluate"], key)
+            if median is not None:
+                entry.setdefault("median", {})[key] = median
 
     def record_rejection(self, rnd: int, site: str, phase: str, reason: str) -> None:
         """A reply the server did not aggregate (see ``server/validation.py``)."""
         self._round(rnd).setdefault("rejected", []).append(
             {"site": site, "phase": phase, "reason": reason})
+
+    def record_adjustment(self, rnd: int, site: str, phase: str, reason: str) -> None:
+        """A reply aggregated with less weight than it claimed (see ``server/validation.py``)."""
+        self._round(rnd).setdefault("adjusted", []).append(
+            {"site": site, "phase": phase, "reason": reason})
+
+    def record_unadmitted(self, node_id: int) -> None:
+        """A node that was online without an admitted key (never sampled)."""
+        if node_id not in self.unadmitted_nodes:
+            self.unadmitted_nodes.append(int(node_id))
 
     def record_error(self, rnd: int, site: str, phase: str, reason: str) -> None:
         """A site that answered with an error, or not at all (Flower's error reply)."""
@@ -116,6 +141,7 @@ class RunHistory:
         """Continue a run: keep the recorded rounds up to ``last_round`` from its summary."""
         self.rounds = [r for r in summary.get("rounds", []) if r["round"] <= last_round]
         self.resumed_after = [*summary.get("resumed_after", []), last_round]
+        self.unadmitted_nodes = list(summary.get("unadmitted_nodes", []))
         self.started -= float(summary.get("seconds") or 0.0)
 
     def finish_round(self, rnd: int, state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -156,6 +182,8 @@ class RunHistory:
             "final": {
                 "dice": weighted_mean(per_site, "dice"),
                 "hd95": weighted_mean(per_site, "hd95"),
+                "median": {k: v for k in ("dice", "hd95")
+                           if (v := site_median(per_site, k)) is not None},
                 "per_site": per_site,
                 "test_sets": final.get("test_sets", {}),
             },
@@ -163,6 +191,7 @@ class RunHistory:
             "seconds": round(time.time() - self.started, 3),
             "model_fp32_bytes": self.model_fp32_bytes,
             "resumed_after": self.resumed_after,
+            "unadmitted_nodes": self.unadmitted_nodes,
             "config": self.cfg.to_dict(),
         }
         return _clean(out)
