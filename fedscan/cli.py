@@ -56,8 +56,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     if args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
+    elif args.what == "attacks":
+        from fedscan.simulations import attacks
+
+        rounds = args.rounds or attacks.ROUNDS
+        out = Path(args.out or "runs/bench-attacks")
+        print(attacks.format_attacks(attacks.attack_bench(out, rounds=rounds)))
     else:
-        rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
+        rows = bench.dp_utility(Path(args.out or "runs/bench-dp-utility"), rounds=args.rounds)
         print(bench.format_utility(rows))
     return 0
 
@@ -104,13 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None)
     p.set_defaults(func=_check_data)
 
-    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility"],
+    p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
+                                     "one dishonest site among four")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "attacks"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
-                        "default federation at epsilon 1, 3, 8 and inf")
-    p.add_argument("--out", default="runs/bench-dp-utility",
-                   help="dp-utility: output folder (default: runs/bench-dp-utility)")
-    p.add_argument("--rounds", type=int, help="dp-utility: override the rounds")
+                        "default federation at epsilon 1, 3, 8 and inf; attacks: four "
+                        "hospitals, one of which lies (10^9 cases, NaN samples, a 5x "
+                        "sign-flipped update, Dice 1e9), against the honest run")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/bench-dp-utility, runs/bench-attacks)")
+    p.add_argument("--rounds", type=int,
+                   help="dp-utility, attacks: override the rounds (attacks: 4)")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
 

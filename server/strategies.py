@@ -21,7 +21,12 @@ from flwr.serverapp.strategy import (
 )
 
 from fedscan.server.rounds import restore_strategy_state, strategy_state
-from fedscan.server.validation import Adjustment, Rejection, UpdateValidator
+from fedscan.server.validation import (
+    Adjustment,
+    Rejection,
+    UpdateValidator,
+    declined_reply,
+)
 from fedscan.shared.config import StrategyConfig
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import (
@@ -29,7 +34,6 @@ from fedscan.shared.messages import (
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
-    PRIVACY,
     SAMPLES,
     reply_evaluation,
     reply_privacy,
@@ -84,14 +88,6 @@ def _metrics(msg: Message) -> dict[str, float]:
     out = {k: v for k, v in record.items() if not isinstance(v, list)}
     out["num_examples"] = out.pop(NUM_EXAMPLES, 0)
     return out
-
-
-def _declined(msg: Message) -> bool:
-    """A reply that trained on no examples (a DP site whose budget is spent)."""
-    try:
-        return _metrics(msg)["num_examples"] == 0 and PRIVACY in msg.content.config_records
-    except Exception:  # a malformed reply is not a declined one (validation rejects it)
-        return False
 
 
 def _train_entry(msg: Message) -> dict[str, Any]:
@@ -199,10 +195,10 @@ class RecordingStrategy(Strategy):
         self._record_received_evaluation(server_round, wellformed)
         # A site that declined (its privacy budget is spent) trained nothing: record its
         # status, but neither bound nor aggregate its unchanged copy of the global model.
-        declined = [m for m in wellformed if _declined(m)]
+        declined = [m for m in wellformed if declined_reply(m)]
         for msg in declined:
             self.history.record_train(server_round, reply_site(msg), _train_entry(msg))
-        active = [m for m in wellformed if not _declined(m)]
+        active = [m for m in wellformed if not declined_reply(m)]
         notes: dict[int, dict[str, float]] = {}
         if self.validator is not None:
             active, rejected = self.validator.select_train(active, self._sent,

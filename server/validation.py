@@ -41,6 +41,7 @@ from flwr.app import ArrayRecord, Message
 from fedscan.shared.config import Config
 from fedscan.shared.messages import (
     ARRAYS,
+    DECLINED,
     EVALUATE_REPLY_RECORDS,
     EVALUATION,
     MAX_SITE_NAME,
@@ -93,6 +94,17 @@ class Adjustment:
 def _spec(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], str]]:
     return {k: (tuple(v.shape), str(v.numpy().dtype)) for k, v in
             ((k, v.detach().cpu()) for k, v in state.items())}
+
+
+def declined_reply(msg: Message) -> bool:
+    """A train reply of a site that declined to train (its privacy budget is spent): no
+    examples, privacy status ``declined``."""
+    try:
+        records = msg.content.config_records
+        return (PRIVACY in records and records[PRIVACY].get("status") == DECLINED
+                and msg.content.metric_records[METRICS].get(NUM_EXAMPLES) == 0)
+    except Exception:  # a malformed reply is not a declined one (it is rejected)
+        return False
 
 
 def valid_name(name: object) -> bool:
@@ -286,7 +298,7 @@ class UpdateValidator:
         if unknown:
             shown = [k if valid_name(k) else "?" for k in unknown[:3]]
             return f"unknown train metrics {shown} (a train reply carries {list(TRAIN_METRICS)})"
-        declined = PRIVACY in msg.content and metrics.get(NUM_EXAMPLES) == 0
+        declined = declined_reply(msg)
         if NUM_EXAMPLES not in metrics:
             return f"no {NUM_EXAMPLES!r}"
         if self.weight_key not in metrics:

@@ -36,6 +36,8 @@ SAMPLES = "samples"
 #: ConfigRecord of a train reply with the site's privacy ledger (not a MetricRecord: its keys
 #: differ between DP and non-DP sites, and Flower requires identical MetricRecord keys).
 PRIVACY = "privacy"
+#: Privacy ``status`` of a site that trained nothing this round (its budget is spent).
+DECLINED = "declined"
 #: Train config flag: evaluate the received model before training it.
 EVALUATE_RECEIVED = "evaluate-received"
 #: ConfigRecord of a train reply with the received model's validation metrics (a second
