@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from flwr.app import Message, RecordDict
 from flwr.proto.node_pb2 import NodeInfo  # pylint: disable=no-name-in-module
@@ -53,7 +54,7 @@ class Admission:
         for name, path in (site_keys or {}).items():
             try:
                 self.keys[public_key_bytes(path)] = name
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, UnsupportedAlgorithm) as exc:
                 log.warning("public key of site %s unreadable (%s): admitted only through "
                             "nodes.json", name, exc)
         self._names: dict[int, str] = {}

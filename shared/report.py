@@ -35,7 +35,7 @@ MODE_ORDER = ("federated", "local", "pooled")
 #: Train fields with a fixed place in the per-round tables; any other scalar is appended.
 _KNOWN_TRAIN_FIELDS = ("loss", "num_examples", "samples", "steps")
 _FIELD_LABELS = {"loss": "Train loss", "num_examples": "Examples", "samples": "Samples",
-                 "steps": "Steps"}
+                 "steps": "Steps", "update_norm": "Update norm", "clip_scale": "Clip factor"}
 
 _MODE_COLORS = {"federated": "tab:blue", "local": "tab:orange", "pooled": "tab:green"}
 
@@ -528,6 +528,11 @@ def _final_section(summary: Mapping[str, Any]) -> list[str]:
     if weighted is not None:
         lines.append(f"Overall Dice as reported by the run (weighted by validation cases): "
                      f"{_fmt(weighted)}; HD95: {_fmt(_num(final.get('hd95')), 3)}.")
+        median = _dict(final.get("median"))
+        if _num(median.get("dice")) is not None:
+            lines[-1] += (f" Median over sites (one vote per site, whatever its case count): "
+                          f"Dice {_fmt(_num(median.get('dice')))}, HD95 "
+                          f"{_fmt(_num(median.get('hd95')), 3)}.")
         lines.append("")
     lines.append("Dice: overlap between predicted and reference segmentation (0–1, higher is "
                  "better). HD95: 95th-percentile boundary distance in millimetres (lower is "
@@ -627,7 +632,7 @@ def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
     header = ["Round", "Seconds"]
     header += [f"{k} loss" for k in train_keys]
     header += [f"{s} Dice" for s in sites]
-    header += ["Aggregate Dice"]
+    header += ["Aggregate Dice", "Median Dice"]
     rows = []
     for r in rounds:
         train, evaluate = _dict(r.get("train")), _dict(r.get("evaluate"))
@@ -635,6 +640,7 @@ def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
         row += [_fmt(_num(_dict(train.get(k)).get("loss"))) for k in train_keys]
         row += [_fmt(_num(_dict(evaluate.get(s)).get("dice"))) for s in sites]
         row.append(_fmt(_num(_dict(r.get("aggregate")).get("dice"))))
+        row.append(_fmt(_num(_dict(r.get("median")).get("dice"))))
         rows.append(row)
     lines += [_table(header, rows), "",
               f"{MISSING} means the site sent no result that round (it failed, timed out or "

@@ -53,8 +53,8 @@ ROUNDS = 4
 #: How far the attacked runs' final Dice may fall from the honest run's.
 TOLERANCE = 0.02
 
-#: (attack, server round) -> whether the adversary acts; one attack per run by default.
-Schedule = Callable[[int], str | None]
+#: (server round, train message?) -> the attack on that reply, or None (honest).
+Schedule = Callable[[int, bool], str | None]
 
 
 def _flip(sent: ArrayRecord, trained: ArrayRecord, factor: float) -> ArrayRecord:
@@ -89,7 +89,8 @@ def adversary(schedule: Schedule, partition: int):
     """A ClientApp mod: the virtual hospital ``partition`` tampers with its replies.
 
     Args:
-        schedule: server round -> the attack of that round (None: honest that round).
+        schedule: (server round, train message?) -> the attack on that reply (None: an
+            honest reply); the final evaluation's round is the last round.
         partition: Flower's ``partition-id`` of the dishonest hospital.
     """
 
@@ -97,7 +98,8 @@ def adversary(schedule: Schedule, partition: int):
         reply = call_next(msg, context)
         if int(context.node_config["partition-id"]) != partition or reply.has_error():
             return reply
-        attack = schedule(int(msg.content["config"].get("server-round", 0)))
+        train = msg.metadata.message_type == MessageType.TRAIN
+        attack = schedule(int(msg.content["config"].get("server-round", 0)), train)
         if attack is not None:
             tamper(attack, msg, reply)
         return reply
@@ -168,7 +170,7 @@ def attack_bench(out: Path, rounds: int = ROUNDS, attacks: Sequence[str] = ATTAC
         target = out / attack
         target.mkdir(parents=True, exist_ok=True)
         (target / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        mods = [] if attack == "honest" else [adversary(lambda _r, a=attack: a, partition)]
+        mods = [] if attack == "honest" else [adversary(lambda _r, _t, a=attack: a, partition)]
         print(f"== {attack}: {len(cfg.sites)} sites ({ADVERSARY} "
               f"{'honest' if attack == 'honest' else 'dishonest'}), {rounds} rounds -> "
               f"{target}", flush=True)

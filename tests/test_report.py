@@ -230,3 +230,13 @@ def test_report_lists_bytes_rejections_and_errors(tmp_path):
     row = next(line for line in section.splitlines() if line.startswith("| 1 "))
     assert "1.040" in row and "1.046" in row
     assert "non-finite values in conv.weight" in row and "no reply within 60s" in row
+
+
+def test_report_shows_the_median_beside_the_weighted_mean(tmp_path):
+    summary = _federated()
+    summary["final"]["median"] = {"dice": 0.8177, "hd95": 7.25}
+    for r in summary["rounds"]:
+        r["median"] = {"dice": 0.5 + 0.1 * r["round"] + 0.0077}
+    text = write_report(tmp_path, summary).read_text(encoding="utf-8")
+    assert "Median over sites (one vote per site, whatever its case count): Dice 0.8177" in text
+    assert "Median Dice" in text and "0.6077" in text and "0.8077" in text
