@@ -125,7 +125,8 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
-    #: Minimum sites that must reply for a round to count.
+    #: Sites a round waits for (Flower samples at least this many) and valid updates it needs
+    #: to count. None: waits for all sites and counts with valid updates from a majority.
     min_sites: int | None = None
     round_timeout: float = 3600.0
     #: fedtrimmedavg: fraction of values cut at each end, per coordinate.
