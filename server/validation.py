@@ -18,7 +18,8 @@ run, own the average or fake its scores, so:
    median of the other sites' distances is rejected; every update is clipped to ``clip_norm``
    (the round's median distance by default), so a site within the ratio still moves the model
    no further than a typical one; a site's aggregation weight is capped at
-   ``max_weight_ratio`` times the other sites' median unless the operator declared its cases.
+   ``max_weight_ratio`` times the round's median weight unless the operator declared its
+   cases.
 
 Rejected replies are dropped and recorded with a reason, capped weights are recorded as
 adjustments; the round goes on with the rest.
@@ -183,7 +184,7 @@ class UpdateValidator:
         metrics: the task's evaluation metrics (None: unknown keys are not rejected).
         max_examples: site name -> the most cases it may report (operator-declared).
         weight_key: the metric that weighs updates (``num-examples`` or ``samples``).
-        weight_ratio: cap a weight at this multiple of the other sites' median (``inf``: no
+        weight_ratio: cap a weight at this multiple of the round's median weight (``inf``: no
             cap); a site with a declared ``max_examples`` is bounded by that instead when
             weights are case counts.
         clip_norm: clip every update to this distance from the global model: ``"median"``
@@ -453,21 +454,25 @@ class UpdateValidator:
         msg.content[ARRAYS] = ArrayRecord(out)
 
     def _cap_weights(self, entries: list[tuple[Message, Any]], key: str) -> None:
-        """Cap each entry's ``record[key]`` at ``weight_ratio`` x the others' median."""
+        """Cap each entry's ``record[key]`` at ``weight_ratio`` x the round's median weight.
+
+        The median over all of the round's sites (one claim cannot move it with three or
+        more) is the typical site; a site the operator declared is bounded by that instead.
+        """
         if not math.isfinite(self.weight_ratio):
             return
         claimed = [float(record[key]) for _, record in entries]
-        for i, (msg, record) in enumerate(entries):
+        median = statistics.median(claimed)
+        cap = max(1, int(self.weight_ratio * median))
+        for (msg, record), value in zip(entries, claimed, strict=True):
             if key == NUM_EXAMPLES and reply_site(msg) in self.max_examples:
                 continue  # the operator's declaration bounds it (checked per reply)
-            median = statistics.median(claimed[:i] + claimed[i + 1:])
-            cap = max(1, int(self.weight_ratio * median))
-            if claimed[i] > cap:
+            if value > cap:
                 record[key] = cap
                 adjustment = Adjustment(
                     reply_site(msg), int(msg.metadata.src_node_id),
-                    f"{key} {claimed[i]:g} capped at {cap} ({self.weight_ratio:g}x the median "
-                    f"of the other sites, {median:g})")
+                    f"{key} {value:g} capped at {cap} ({self.weight_ratio:g}x the round's "
+                    f"median, {median:g})")
                 log.warning("capped %s's weight: %s", adjustment.site, adjustment.reason)
                 self.adjustments.append(adjustment)
 

@@ -135,9 +135,8 @@ class StrategyConfig:
     num_malicious: int = 1
     #: multikrum: updates averaged (1 is Krum); None: the sites minus ``num_malicious``.
     num_selected: int | None = None
-    #: A site's aggregation weight (``weighted_by``) is capped at this multiple of the median
-    #: weight of the other sites that round, unless the operator declared its ``max_examples``
-    #: (``.inf``: no cap). 3: one site never holds more than half of four sites' weight.
+    #: A site's aggregation weight (``weighted_by``) is capped at this multiple of the round's
+    #: median weight, unless the operator declared its ``max_examples`` (``.inf``: no cap).
     max_weight_ratio: float = 3.0
     #: An update whose distance to the global model exceeds this multiple of the median
     #: distance of the other sites' updates is rejected (``.inf``: never).

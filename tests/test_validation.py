@@ -248,16 +248,21 @@ def test_a_site_cannot_claim_more_cases_than_the_operator_admitted_it_with():
                                        train=False), train=False)
 
 
-def test_weight_capped_at_ratio_times_the_others_median_unless_declared():
+def test_weight_capped_at_ratio_times_the_round_median_unless_declared():
     replies = [train_reply("a", 1, good(1.0), n=400), train_reply("b", 2, good(1.0), n=372),
                train_reply("c", 3, good(1.0), n=40), train_reply("big", 4, good(1.0), n=100_000)]
     validator = UpdateValidator(SPEC, weight_ratio=3.0)
     ok, rejected = validator.check_train(replies, ArrayRecord(good(0.0)))
     assert not rejected and len(ok) == 4
     weights = {reply_name(m): m.content["metrics"]["num-examples"] for m in ok}
-    assert weights == {"a": 400, "b": 372, "c": 40, "big": 3 * 372}
+    assert weights == {"a": 400, "b": 372, "c": 40, "big": 3 * 386}  # median (372 + 400) / 2
     assert [a.site for a in validator.adjustments] == ["big"]
-    assert "100000 capped at 1116" in validator.adjustments[0].reason
+    assert "100000 capped at 1158" in validator.adjustments[0].reason
+    # Honest sites 10x apart in size keep their weights (400 <= 3 x 232).
+    honest = [train_reply("a", 1, good(1.0), n=400), train_reply("b", 2, good(1.0), n=372),
+              train_reply("c", 3, good(1.0), n=40), train_reply("d", 4, good(1.0), n=92)]
+    validator.check_train(honest, ArrayRecord(good(0.0)))
+    assert not validator.adjustments
     # A site the operator declared keeps its claim (bounded by the declaration instead).
     replies[3] = train_reply("big", 4, good(1.0), n=100_000)
     validator = UpdateValidator(SPEC, weight_ratio=3.0, max_examples={"big": 200_000})
