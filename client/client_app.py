@@ -1,13 +1,14 @@
 """ClientApp: a hospital trains and evaluates the global model on its own data only.
 
 Only weights and aggregate metrics leave the site: never images, labels, file names or
-per-case values. With a ``privacy`` block in the site's own config, training is DP-SGD
-(:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
+per-case values, on failure neither (:mod:`fedscan.client.error_replies`). The server's task
+config is accepted only within the site's policy and names no site path
+(:mod:`fedscan.client.task_policy`). With a ``privacy`` block in the site's own config,
+training is DP-SGD (:mod:`fedscan.client.privacy`) and the site enforces its ε budget itself.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,35 +16,32 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscan.client.error_replies import make_error_mod
 from fedscan.client.privacy import (
     load_ledger,
     privacy_off_record,
     save_ledger,
     train_private,
 )
+from fedscan.client.task_policy import accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.data import SiteData, read_site
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
-    CONFIG,
-    EVALUATE_RECEIVED,
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
     PRIVACY,
     SAMPLES,
     SITE,
-    TASK_CONFIG,
-    config_for_site,
     site_record,
     to_arrays,
 )
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import EvalResult, Task, resolve_device
-
-log = logging.getLogger("fedscan.client")
+from fedscan.shared.tasks.loop import train_steps
 
 #: How a ClientApp finds out which hospital it is (simulation: partition id; deployment: its
 #: own site config file).
@@ -60,13 +58,15 @@ def _site_data(cfg: Config, site: SiteConfig) -> SiteData:
 LOCAL_WEIGHTS = "local-weights"
 
 
-def _load_global(cfg: Config, msg: Message, context: Context) -> tuple[torch.nn.Module, Task]:
+def _load_global(cfg: Config, msg: Message, context: Context,
+                 allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
     """The task and its model: the received global weights plus this site's local ones.
 
     Raises:
-        FedscanError: the received arrays are not exactly the weights the task shares.
+        FedscanError: the received arrays are not exactly the weights the task shares, or
+            the task is not a built-in one (unless ``allow_task_import``: simulation only).
     """
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=allow_task_import)
     model = task.build_model()
     received = msg.content[ARRAYS].to_torch_state_dict()
     shared = set(task.shared_keys(model))
@@ -89,21 +89,22 @@ def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[
         context.state[LOCAL_WEIGHTS] = to_arrays(local)
 
 
-def train(msg: Message, context: Context, site: SiteConfig) -> Message:
+def train(msg: Message, context: Context, site: SiteConfig,
+          allow_task_import: bool = False) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
     has a privacy setting)."""
-    config = msg.content[CONFIG]
-    cfg = config_for_site(str(config[TASK_CONFIG]), site)
-    server_round = int(config.get("server-round", 0))
+    # No server paths, within the site's policy, audited; the message config decoded once.
+    cfg, instruction = accept_task(msg, site)
+    server_round = instruction.server_round
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context)
+    model, task = _load_global(cfg, msg, context, allow_task_import)
     evaluation = None
-    if bool(config.get(EVALUATE_RECEIVED, False)):
+    if instruction.evaluate_received:
         # The previous round's model, evaluated here instead of in an evaluate message that
         # would download the same weights a second time.
         evaluation = _evaluation_record(task.evaluate(model, data.validation))
     torch.manual_seed(cfg.seed + server_round)
-    mu = float(config.get("proximal-mu", 0.0))
+    mu = instruction.proximal_mu
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
@@ -116,8 +117,8 @@ def train(msg: Message, context: Context, site: SiteConfig) -> Message:
     if privacy is None:
         loader = task.make_train_loader(data.train, seed=cfg.seed * 7919 + server_round)
         optimizer = task.make_optimizer(model.parameters())
-        result = task.train_steps(model, optimizer, loader, steps, proximal_mu=mu,
-                                  on_step=on_step)
+        result = train_steps(task, model, optimizer, loader, steps, proximal_mu=mu,
+                             on_step=on_step)
         weights = model.state_dict()
         loss, taken, examples = result.loss, result.steps, result.num_examples
         privacy_record = privacy_off_record()
@@ -166,12 +167,13 @@ def _evaluation_record(result: EvalResult) -> ConfigRecord:
     return ConfigRecord(_metric_values(result))
 
 
-def evaluate(msg: Message, context: Context, site: SiteConfig) -> Message:
+def evaluate(msg: Message, context: Context, site: SiteConfig,
+             allow_task_import: bool = False) -> Message:
     """Evaluate the received global model on the site's validation cases."""
-    cfg = config_for_site(str(msg.content[CONFIG][TASK_CONFIG]), site)
+    cfg, instruction = accept_task(msg, site)
     data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context)
-    _save_site_model(cfg, site, model, task, int(msg.content[CONFIG].get("server-round", 0)))
+    model, task = _load_global(cfg, msg, context, allow_task_import)
+    _save_site_model(cfg, site, model, task, instruction.server_round)
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
                           SITE: site_record(site.name)})
@@ -194,17 +196,23 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
     print(f"[{site.name}] saved this site's model to {path}", flush=True)
 
 
-def make_client_app(resolve_site: SiteResolver) -> ClientApp:
-    """A ClientApp whose handlers act for the site ``resolve_site`` names."""
-    app = ClientApp()
+def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False) -> ClientApp:
+    """A ClientApp whose handlers act for the site ``resolve_site`` names.
+
+    Every handler runs inside the error mod: a failure reaches the server as a generic code
+    only, the full error stays in the site's log. ``allow_task_import`` lets it build a task
+    the config names by import path: simulation only, where the researcher's code is on both
+    sides; a deployed hospital runs built-in tasks only.
+    """
+    app = ClientApp(mods=[make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
-        return train(msg, context, resolve_site(context))
+        return train(msg, context, resolve_site(context), allow_task_import)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
-        return evaluate(msg, context, resolve_site(context))
+        return evaluate(msg, context, resolve_site(context), allow_task_import)
 
     return app
 

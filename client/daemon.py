@@ -24,7 +24,9 @@ from pathlib import Path
 
 from fedscan.client.guard import SITE_CONFIG_ENV
 from fedscan.client.site_config import NODE_CONFIG_KEY, SiteSettings, load_site_settings
-from fedscan.shared.errors import ConfigError
+from fedscan.shared.data import read_dataset
+from fedscan.shared.errors import ConfigError, DataError
+from fedscan.shared.fab_policy import task_commands, write_shim
 
 #: flower-supernode exit code when its key is not registered on the SuperLink (Flower's 305,
 #: which reaches the parent as 305 & 0xFF or 1), and the message it prints then.
@@ -49,18 +51,16 @@ def flower_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def install_guard(state_dir: Path) -> Path:
-    """Write the ``flwr-clientapp`` shim (see ``client/guard.py``); returns its folder.
-
-    A Python script (not ``python -m``), so its ``sys.path[0]`` is this folder and nothing in
-    the daemon's working directory can shadow the installed fedscan.
-    """
+    """Write the ``flwr-clientapp`` shim (see ``client/guard.py``) and refusing shims for the
+    other task programs a SuperExec could start; returns their folder."""
     bin_dir = state_dir / "bin"
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    shim = bin_dir / "flwr-clientapp"
-    shim.write_text(f"#!{sys.executable}\n"
-                    "# Written by `fedscan client start`: Flower's flwr-clientapp, guarded.\n"
-                    "from fedscan.client.guard import main\n\nmain()\n")
-    shim.chmod(0o755)
+    for command in task_commands():
+        guarded = command == "flwr-clientapp"
+        write_shim(bin_dir / command, sys.executable, "fedscan.client.guard",
+                   "main" if guarded else "refuse_task",
+                   "Written by `fedscan client start`: " + (
+                       "Flower's flwr-clientapp, guarded." if guarded else
+                       "this site runs only the fedscan ClientApp."))
     return bin_dir
 
 
@@ -112,8 +112,10 @@ def start_client(config: str | Path, insecure: bool = False, once: bool = False)
     config_path = Path(config).expanduser().resolve()
     settings = load_site_settings(config_path)
     check_security(settings, insecure, str(config_path))
-    if not Path(settings.data, "dataset.json").is_file():
-        raise ConfigError(f"{config_path}: config key 'data': no dataset.json in {settings.data}")
+    try:  # the folder must hold a valid dataset.json (files are checked by `client check`)
+        read_dataset(settings.data, name=settings.name, check=False)
+    except DataError as exc:
+        raise ConfigError(f"{config_path}: config key 'data': {exc}") from None
     state_dir = Path(str(settings.state_dir))
     state_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = install_guard(state_dir)

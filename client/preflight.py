@@ -37,14 +37,32 @@ class Check:
 
 
 def check_data(settings: SiteSettings) -> Check:
-    from fedscan.shared.data import read_dataset
+    from fedscan.shared.data import describe, read_dataset
 
     try:
         site = read_dataset(settings.data, name=settings.name, check=True)
     except FedscanError as exc:
         return Check("FAIL", "data", str(exc))
     return Check("OK", "data", f"{site.root}: {len(site.train)} training and "
-                               f"{len(site.validation)} validation cases, contract valid")
+                               f"{len(site.validation)} validation cases{describe(site)}; "
+                               "contract valid")
+
+
+def check_reference(settings: SiteSettings) -> Check:
+    """The harmonisation reference folder, when the site names one, and the site's policy."""
+    from fedscan.shared.data import read_dataset
+
+    limits = {k: v for k, v in vars(settings.policy).items() if v is not None}
+    policy = ", ".join(f"{k} {v}" for k, v in limits.items()) or "no limits"
+    if settings.harmonisation_reference is None:
+        return Check("OK", "tasks", f"policy: {policy}; no harmonisation_reference "
+                                    "(needed only to train the harmonisation task)")
+    try:
+        ref = read_dataset(settings.harmonisation_reference, name="reference", check=False)
+    except FedscanError as exc:
+        return Check("FAIL", "tasks", f"harmonisation_reference: {exc}")
+    return Check("OK", "tasks", f"policy: {policy}; harmonisation_reference {ref.root} "
+                                f"({len(ref.cases)} cases)")
 
 
 def check_reachable(settings: SiteSettings, timeout: float = 5.0) -> Check:
@@ -144,7 +162,7 @@ def run_checks(config: str | Path, insecure: bool = False) -> list[Check]:
     """Run every preflight check for a site config."""
     settings = load_site_settings(config)
     checks = [Check("OK", "config", f"{Path(config).resolve()}: site {settings.name}"),
-              check_data(settings), check_reachable(settings)]
+              check_data(settings), check_reference(settings), check_reachable(settings)]
     missing = [k for k in ("ca_cert", "private_key")
                if not getattr(settings, k) or not Path(str(getattr(settings, k))).is_file()]
     if missing and not insecure:

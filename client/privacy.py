@@ -39,7 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from flwr.app import ConfigRecord, RecordDict
 from opacus.accountants import create_accountant
@@ -60,7 +59,7 @@ from fedscan.shared.tasks.base import (
     proximal_hook,
     shared_params,
 )
-from fedscan.shared.tasks.common import cycle
+from fedscan.shared.tasks.loop import batch_size, cycle, mean_or_nan
 
 #: ``context.state`` key of the ledger (a ConfigRecord holding its JSON).
 LEDGER_KEY = "privacy-ledger"
@@ -74,6 +73,11 @@ LEDGER_FORMAT = 1
 
 Status = Literal["trained", "budget-limited", "declined", "off"]
 History = list[tuple[float, float, int]]
+
+
+class PrivacyError(FedscanError):
+    """The site's privacy ledger or budget does not allow training (unreadable or corrupt
+    ledger, a budget too small to calibrate σ for)."""
 
 
 class PrivacyLedger:
@@ -135,7 +139,7 @@ class PrivacyLedger:
                     sample_rate=self.sample_rate, steps=max(1, planned_steps),
                     accountant=self.privacy.accountant))
             except ValueError as exc:  # Opacus gives up beyond σ = 1e6
-                raise FedscanError(f"privacy.epsilon {self.privacy.epsilon} is too small for "
+                raise PrivacyError(f"privacy.epsilon {self.privacy.epsilon} is too small for "
                                    f"{planned_steps} steps at sample rate {sample_rate:.4g} "
                                    f"({exc})") from None
         return self.noise_multiplier
@@ -242,7 +246,7 @@ def load_ledger(privacy: PrivacyConfig, state: RecordDict,
     Keeping the larger one means a lost or stale copy can never make ε go down.
 
     Raises:
-        FedscanError: a stored ledger is unreadable (refusing beats silently resetting ε).
+        PrivacyError: a stored ledger is unreadable (refusing beats silently resetting ε).
     """
     found: list[PrivacyLedger] = []
     if LEDGER_KEY in state.config_records:
@@ -253,7 +257,7 @@ def load_ledger(privacy: PrivacyConfig, state: RecordDict,
         try:
             text = path.read_text()
         except OSError as exc:
-            raise FedscanError(f"{path}: privacy ledger unreadable ({exc.strerror})") from None
+            raise PrivacyError(f"{path}: privacy ledger unreadable ({exc.strerror})") from None
         found.append(_parse(text, privacy, str(path)))
     if not found:
         return PrivacyLedger(privacy)
@@ -288,7 +292,7 @@ def _parse(text: str, privacy: PrivacyConfig, where: str) -> PrivacyLedger:
     try:
         return PrivacyLedger.from_json(text, privacy)
     except (ValueError, KeyError, TypeError) as exc:
-        raise FedscanError(f"{where}: privacy ledger is corrupt ({exc}); refusing to train "
+        raise PrivacyError(f"{where}: privacy ledger is corrupt ({exc}); refusing to train "
                            "rather than reset the privacy budget") from None
 
 
@@ -411,17 +415,16 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
     noise = _secret_generator()
     optimizers = []
     for phase in phases:
-        optimizer = DPOptimizer(
-            task.make_optimizer(phase.params), noise_multiplier=ledger.noise_multiplier,
-            max_grad_norm=ledger.privacy.max_grad_norm, expected_batch_size=expected_batch,
-            loss_reduction="mean", generator=noise)
+        optimizer = dp_optimizer(task.make_optimizer(phase.params), ledger.noise_multiplier,
+                                 ledger.privacy.max_grad_norm, expected_batch, noise)
         optimizer.attach_step_hook(ledger.accountant.get_optimizer_hook_fn(sample_rate=q))
         optimizers.append(optimizer)
-    # Anchors at the round's start, before any phase moves.
+    # Anchors at the round's start, before any phase moves; on the wrapped optimisers, so the
+    # term is added after clipping and noise.
     hooks = []
     if proximal_mu > 0:
         shared = shared_params(task, model)
-        hooks = [proximal_hook(o, proximal_mu, shared) for o in optimizers]
+        hooks = [proximal_hook(o.original_optimizer, proximal_mu, shared) for o in optimizers]
     device = next(iter(phases[0].params)).device
     model.train()
     losses: list[float] = []
@@ -441,14 +444,60 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
                     if len(case_losses):
                         losses.append(float(case_losses.mean()))
                 if on_step is not None:
-                    on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
+                    on_step(step, steps, mean_or_nan(losses))
     finally:
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         for hook in hooks:
             hook.remove()
-    mean = float(np.mean(losses)) if losses else float("nan")
-    return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
+    return TrainResult(loss=mean_or_nan(losses), num_examples=len(loader.dataset), steps=steps)
+
+
+def dp_optimizer(optimizer: torch.optim.Optimizer, noise_multiplier: float,
+                 max_grad_norm: float, expected_batch: float,
+                 generator: torch.Generator) -> DPOptimizer:
+    """Opacus' ``DPOptimizer`` over ``optimizer``: clips each case's ``p.grad_sample`` to
+    ``max_grad_norm``, adds N(0, σ²C²) noise from ``generator`` and divides by the expected
+    batch size before the wrapped optimiser steps."""
+    return DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                       expected_batch_size=expected_batch, loss_reduction="mean",
+                       generator=generator)
+
+
+def opacus_private(model: nn.Module,
+                   make_optimizer: Callable[[Any], torch.optim.Optimizer],
+                   loader: torch.utils.data.DataLoader, *, noise_multiplier: float,
+                   max_grad_norm: float, grad_sample_mode: str,
+                   criterion: nn.Module) -> tuple[nn.Module, DPOptimizer, nn.Module]:
+    """Opacus' own per-sample gradients (``hooks``, ``functorch``, ``ew``, ``ghost``), for the
+    benchmark that compares them with :data:`GRAD_SAMPLE_MODE` (sites never train this way).
+
+    Args:
+        model: the model (a :func:`dp_ready` copy is wrapped).
+        make_optimizer: builds the optimiser over the copy's parameters.
+        loader: the data (Opacus derives the sample rate from it).
+        noise_multiplier: σ.
+        max_grad_norm: the clipping bound.
+        grad_sample_mode: Opacus' mode.
+        criterion: the loss (ghost clipping wraps it).
+
+    Returns:
+        ``(model, optimizer, criterion)`` as ``PrivacyEngine.make_private`` wraps them
+        (the criterion changes only in ghost mode); ``model.parameters()`` are the wrapped
+        module's.
+    """
+    from opacus import PrivacyEngine
+
+    model = dp_ready(model)
+    out = PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=make_optimizer(model.parameters()), data_loader=loader,
+        noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        poisson_sampling=False, grad_sample_mode=grad_sample_mode, criterion=criterion)
+    if "ghost" in grad_sample_mode:
+        dp_model, dp_opt, criterion, _ = out
+    else:
+        dp_model, dp_opt, _ = out
+    return dp_model, dp_opt, criterion
 
 
 # -- per-sample gradients by micro-batch ---------------------------------------------------------
@@ -562,24 +611,6 @@ def per_sample_grads(phase: Phase, model: nn.Module, batch: Any, *,
     losses = torch.cat([loss for loss, _ in results]).cpu()
     grads = [torch.stack(per_param) for per_param in zip(*(g for _, g in results), strict=True)]
     return grads, losses
-
-
-def batch_size(batch: Any) -> int:
-    """Cases in a (possibly nested) batch: the leading size of its first tensor; 0 if none."""
-    leaf = _first_tensor(batch)
-    return int(leaf.shape[0]) if leaf is not None and leaf.dim() else 0
-
-
-def _first_tensor(batch: Any) -> torch.Tensor | None:
-    if torch.is_tensor(batch):
-        return batch
-    values = batch.values() if isinstance(batch, Mapping) else (
-        batch if isinstance(batch, (list, tuple)) else ())
-    for value in values:
-        leaf = _first_tensor(value)
-        if leaf is not None:
-            return leaf
-    return None
 
 
 def _case(batch: Any, i: int, n: int, device: torch.device) -> Any:

@@ -10,8 +10,15 @@ ca_cert: /etc/fedscan/ca.crt      # the consortium CA, to verify the server
 private_key: /etc/fedscan/site-a  # OpenSSH ECDSA key; the operator registered site-a.pub
 device: auto                      # auto | cpu | cuda
 privacy: {epsilon: 8.0}           # the site's own DP guarantee (optional)
-state_dir: /var/lib/fedscan       # ε ledger, audit log, Flower's working files
+state_dir: /var/lib/fedscan       # ε ledger, audit log, site log, Flower's working files
 trusted_fab_hashes: []            # FABs allowed to run their own code (sha256)
+harmonisation_reference: /data/public/reference   # read by the harmonisation task (optional)
+policy:                           # limits the server cannot loosen (optional; none by default)
+  min_batch_size: 2
+  min_local_steps: 10
+  max_local_steps: 200            # more are clamped to this
+  max_rounds: 100
+  max_patch_voxels: 262144        # 64^3
 ```
 
 Relative paths are resolved against the file's folder.
@@ -27,6 +34,8 @@ from flwr.app import Context
 from fedscan.shared.config import (
     PrivacyConfig,
     SiteConfig,
+    SitePolicy,
+    check_policy,
     check_privacy,
     from_dict,
     read_yaml,
@@ -57,12 +66,19 @@ class SiteSettings:
     trusted_fab_hashes: list[str] = field(default_factory=list)
     #: Give up reconnecting after this many seconds without the server (None: never).
     max_wait_time: float | None = None
+    #: Limits on the task configs this site accepts (floors and caps the server cannot
+    #: loosen); see :class:`~fedscan.shared.config.SitePolicy`.
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    #: The public reference-domain folder the harmonisation task reads (the server's task
+    #: config cannot name one).
+    harmonisation_reference: str | None = None
 
     @property
     def site(self) -> SiteConfig:
         """The :class:`SiteConfig` the ClientApp trains as."""
         return SiteConfig(name=self.name, data=self.data, privacy=self.privacy,
-                          state_dir=self.state_dir)
+                          state_dir=self.state_dir, policy=self.policy,
+                          harmonisation_reference=self.harmonisation_reference)
 
     @property
     def host(self) -> str:
@@ -73,7 +89,7 @@ class SiteSettings:
         return int(self.server.rsplit(":", 1)[1])
 
 
-_PATH_FIELDS = ("data", "ca_cert", "private_key", "state_dir")
+_PATH_FIELDS = ("data", "ca_cert", "private_key", "state_dir", "harmonisation_reference")
 
 
 def load_site_settings(path: str | Path) -> SiteSettings:
@@ -98,6 +114,7 @@ def load_site_settings(path: str | Path) -> SiteSettings:
         return ConfigError(f"{path}: config key '{key}': {why}")
 
     check_privacy(settings.privacy, "privacy", bad)
+    check_policy(settings.policy, "policy", bad)
     if settings.device not in ("auto", "cpu") and not settings.device.startswith("cuda"):
         raise bad("device", f"expected auto, cpu or cuda[:N], got {settings.device!r}")
     return settings

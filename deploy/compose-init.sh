@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Prepare deploy/ for docker compose on ONE demo host: consortium CA, a server certificate for
-# the compose service name `server`, one key pair per hospital, and phantom data for three
-# hospitals. In a real consortium each hospital runs `fedscan certs site` itself and sends
-# only the .pub file; ca.key never leaves the operator.
+# the compose service name `server`, one key pair per hospital, phantom data for three
+# hospitals, and the folders the containers write. In a real consortium each hospital runs
+# `fedscan certs site` itself and sends only the .pub file, and ca/ (with ca.key) lives
+# offline with the operator: no container ever mounts it.
 set -euo pipefail
 cd "$(dirname "$0")"
-fedscan certs ca --out certs
-fedscan certs server --ca certs --host server
+umask 077                              # keys 600 and folders 700 from the first byte
+fedscan certs ca --out ca              # ca/ca.crt, ca/ca.key: never mounted into a container
+fedscan certs server --ca ca --host server --out server-tls   # server.pem, server.key, ca.crt
 for site in site-a site-b site-c; do fedscan certs site --name "$site" --out keys; done
-fedscan phantoms --out data           # data/site-a, data/site-b, data/site-c (+ heldout)
-# The containers run as uid 49999 (see Dockerfile). Demo only: make the mounted files
-# readable to it. On real hosts: chown 49999 the key file and keep it mode 600.
-chmod 644 certs/ca.crt certs/server.pem certs/server.key keys/*
+fedscan phantoms --out data            # data/site-a, data/site-b, data/site-c (+ heldout)
+mkdir -p runs state/site-a state/site-b state/site-c
+# The containers run as you (compose reads .env), so the keys stay mode 600 and yours:
+# nothing is made readable to other users.
+printf 'FEDSCAN_UID=%s\nFEDSCAN_GID=%s\n' "$(id -u)" "$(id -g)" > .env
 echo "ready: docker compose -f deploy/docker-compose.yml up --build"

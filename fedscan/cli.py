@@ -12,12 +12,52 @@ from fedscan.shared.errors import FedscanError
 def _simulate(args: argparse.Namespace) -> int:
     from fedscan.simulations.run import simulate
 
-    modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
-    simulate(args.config, modes, Path(args.out), rounds=args.rounds)
+    if args.mode is None:
+        modes = None  # the config's ``mode``
+    else:
+        modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
+    simulate(args.config, modes, Path(args.out), rounds=args.rounds,
+             status=_status_options(args))
+
+
+def _status_options(args: argparse.Namespace):
+    """The status page's options from ``--status``/``--status-host``/``--status-port``, or
+    None when none of them was given."""
+    if not (args.status or args.status_host or args.status_port is not None):
+        return None
+    from fedscan.shared.status.serve import DEFAULT_PORT, StatusOptions
+
+    return StatusOptions(host=args.status_host or "127.0.0.1",
+                         port=DEFAULT_PORT if args.status_port is None else args.status_port)
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from fedscan.shared.status.serve import StatusOptions, StatusServer, warn_plain_http
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "summary.json").is_file() and not (run_dir / "live.json").is_file():
+        raise FedscanError(f"{run_dir}: not a run folder (no summary.json or live.json)")
+    options = StatusOptions(host=args.host, port=args.port)
+    server = StatusServer(run_dir.resolve(), options)
+    print(f"fedscan: status page of {run_dir} at {server.url} (Ctrl-C stops it)", flush=True)
+    warn_plain_http(options)
+    server.serve_forever()
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from fedscan.shared.dicom_io import is_dicom_input
+
+    if is_dicom_input(args.image):
+        from fedscan.shared.dicom_predict import predict_dicom
+
+        written = predict_dicom(args.model, args.image, args.out, seg_out=args.seg_out,
+                                largest_component=args.largest_component, device=args.device)
+        for path in written:
+            print(f"wrote {path}")
+        return 0
+    if args.seg_out:
+        raise FedscanError("--seg-out needs a DICOM series as --image (a SEG references one)")
     from fedscan.shared.inference import predict_file
 
     out = predict_file(args.model, args.image, args.out,
@@ -26,8 +66,20 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_dicom(args: argparse.Namespace) -> int:
+    from fedscan.shared.dicom_import import format_report, import_dicom
+
+    labels = [n.strip() for n in args.labels.split(",")] if args.labels else None
+    report = import_dicom(args.dicom, args.out, labels=labels, skip_bad=args.skip_bad,
+                          mapping=args.mapping,
+                          warn=lambda line: print(line, file=sys.stderr))
+    for line in format_report(report):
+        print(line)
+    return 0
+
+
 def _harmonize(args: argparse.Namespace) -> int:
-    from fedscan.shared.harmonisation_io import harmonise_file
+    from fedscan.shared.inference import harmonise_file
 
     out = harmonise_file(args.model, args.image, args.out, device=args.device)
     print(f"wrote {out}")
@@ -35,7 +87,7 @@ def _harmonize(args: argparse.Namespace) -> int:
 
 
 def _phantoms(args: argparse.Namespace) -> int:
-    from fedscan.shared.phantoms import generate_federation
+    from fedscan.simulations.phantoms import generate_federation
 
     for name, folder in generate_federation(Path(args.out), seed=args.seed).items():
         print(f"{name}: {folder}")
@@ -43,27 +95,32 @@ def _phantoms(args: argparse.Namespace) -> int:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    from fedscan.shared.data import read_dataset
+    from fedscan.shared.data import describe, read_dataset
 
     site = read_dataset(args.data, num_classes=args.num_classes, check=True)
     print(f"{site.root}: OK, {len(site.train)} training and {len(site.validation)} "
-          f"validation cases")
+          f"validation cases{describe(site)}")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from fedscan.simulations import bench
 
-    if args.what == "dp-overhead":
+    args.out = args.out or f"runs/bench-{args.what}"
+    if args.what == "status-overhead":
+        from fedscan.simulations import bench_status
+
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
+        print(bench_status.format_status_overhead(result))
+    elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
     elif args.what == "attacks":
         from fedscan.simulations import attacks
 
         rounds = args.rounds or attacks.ROUNDS
-        out = Path(args.out or "runs/bench-attacks")
-        print(attacks.format_attacks(attacks.attack_bench(out, rounds=rounds)))
+        print(attacks.format_attacks(attacks.attack_bench(Path(args.out), rounds=rounds)))
     else:
-        rows = bench.dp_utility(Path(args.out or "runs/bench-dp-utility"), rounds=args.rounds)
+        rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
         print(bench.format_utility(rows))
     return 0
 
@@ -74,16 +131,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="simulate a federation of hospitals on this machine")
     p.add_argument("--config", help="YAML config (default: the embedded phantom federation)")
-    p.add_argument("--mode", default="federated",
-                   help="federated | local | pooled | all, or a comma list (default: federated)")
+    p.add_argument("--mode",
+                   help="federated | local | pooled | all, or a comma list (default: the "
+                        "config's mode, federated unless it says otherwise)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
+    p.add_argument("--status", action="store_true",
+                   help="serve the live status page while the run goes (default "
+                        "http://127.0.0.1:8050/)")
+    p.add_argument("--status-port", type=int, default=None,
+                   help="status page port (implies --status; 0 picks a free one)")
+    p.add_argument("--status-host", default=None,
+                   help="status page address (implies --status; default 127.0.0.1; any other "
+                        "address requires a token: FEDSCAN_STATUS_TOKEN or a printed random "
+                        "one)")
     p.set_defaults(func=_simulate)
 
-    p = sub.add_parser("predict", help="segment a NIfTI scan with a trained model")
+    p = sub.add_parser("dashboard", help="serve the status page of a run folder (live or "
+                                         "finished)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (summary.json, live.json)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; any other requires a token)")
+    p.add_argument("--port", type=int, default=8050, help="port (default 8050; 0: a free one)")
+    p.set_defaults(func=_dashboard)
+
+    p = sub.add_parser("predict", help="segment a NIfTI scan or DICOM series with a trained "
+                                       "model")
     p.add_argument("--model", required=True, help="final_model.pt from a run")
-    p.add_argument("--image", required=True, help="input NIfTI (any orientation and spacing)")
+    p.add_argument("--image", required=True,
+                   help="input NIfTI (any orientation and spacing), or a folder holding one "
+                        "DICOM series")
     p.add_argument("--out", required=True, help="output label NIfTI (input's grid)")
+    p.add_argument("--seg-out", help="DICOM input only: also write a DICOM SEG (.dcm) "
+                                     "referencing the series, for a PACS")
     p.add_argument("--largest-component", action="store_true",
                    help="keep only the largest connected component (brain masks)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -100,6 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.set_defaults(func=_harmonize)
 
+    p = sub.add_parser("import-dicom", help="turn DICOM series (and SEG or NIfTI labels) into a "
+                                            "site folder in the data contract (local only)")
+    p.add_argument("--dicom", required=True,
+                   help="folder searched recursively for DICOM series (any structure)")
+    p.add_argument("--out", required=True, help="new site folder (MSD layout, dataset.json)")
+    p.add_argument("--labels", help="foreground class names in class order, comma-separated "
+                                    "(SEG segments are matched by label; default: from the SEGs)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out series that are not one regular volume (with a warning) "
+                        "instead of stopping")
+    p.add_argument("--mapping", help="where the case id -> series CSV goes "
+                                     "(default: OUT/dicom_import.csv)")
+    p.set_defaults(func=_import_dicom)
+
     p = sub.add_parser("phantoms", help="write the synthetic phantom hospitals to a folder")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -111,16 +205,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_data)
 
     p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
-                                     "one dishonest site among four")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility", "attacks"],
+                                     "status page overhead, one dishonest site among four")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead", "attacks"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
-                        "default federation at epsilon 1, 3, 8 and inf; attacks: four "
+                        "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
+                        "same small federation without and with the status page; attacks: four "
                         "hospitals, one of which lies (10^9 cases, NaN samples, a 5x "
                         "sign-flipped update, Dice 1e9), against the honest run")
     p.add_argument("--out", default=None,
-                   help="output folder (default: runs/bench-dp-utility, runs/bench-attacks)")
+                   help="dp-utility, status-overhead, attacks: output folder (default: "
+                        "runs/bench-<what>)")
     p.add_argument("--rounds", type=int,
-                   help="dp-utility, attacks: override the rounds (attacks: 4)")
+                   help="dp-utility, status-overhead, attacks: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
 
@@ -132,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "simulate" and args.mode != "all":
+    if args.command == "simulate" and args.mode not in (None, "all"):
         bad = [m for m in args.mode.split(",") if m not in ("federated", "local", "pooled")]
         if bad:
             print(f"fedscan: error: --mode: unknown mode {bad[0]!r}", file=sys.stderr)

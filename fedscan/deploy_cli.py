@@ -19,7 +19,7 @@ def _certs_ca(args: argparse.Namespace) -> int:
     from fedscan.shared.certs import create_ca
 
     crt, key = create_ca(args.out, name=args.name)
-    print(f"wrote {crt} (give to every hospital) and {key} (keep offline)")
+    print(f"wrote {crt} (give to every hospital) and {key} (keep offline; never on the server)")
     return 0
 
 
@@ -29,7 +29,7 @@ def _certs_server(args: argparse.Namespace) -> int:
     # The operator's own CLI talks to the SuperLink on loopback, so loopback is always a SAN.
     hosts = list(dict.fromkeys([*args.host, *LOOPBACK]))
     pem, key = create_server_cert(args.ca, hosts, out_dir=args.out)
-    print(f"wrote {pem} and {key} for {', '.join(hosts)}")
+    print(f"wrote {pem}, {key} and {Path(args.out) / 'ca.crt'} for {', '.join(hosts)}")
     return 0
 
 
@@ -103,7 +103,9 @@ def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", action="append", required=True,
                    help="DNS name or IP hospitals use to reach the server (repeatable); "
                         "localhost and 127.0.0.1 are always added")
-    p.add_argument("--out", help="output folder (default: the CA folder)")
+    p.add_argument("--out", required=True,
+                   help="the server's own folder (server.pem, server.key, a copy of ca.crt); "
+                        "not the CA's folder")
     p.set_defaults(func=_certs_server)
     p = csub.add_parser("site", help="a hospital's node key pair (OpenSSH ECDSA P-384)")
     p.add_argument("--name", required=True, help="site name (file name of the key)")

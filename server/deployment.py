@@ -10,9 +10,14 @@ Flower's CLI (``flwr run``, ``flwr supernode register``) reads its connections f
 ``$FLWR_HOME/config.toml``; each run folder gets its own ``.flwr`` home so a run never touches
 the operator's ``~/.flwr``.
 
+Only the Fleet API faces the network: the SuperLink listens on 127.0.0.1 (an internal port,
+where the operator's ``flwr`` CLI reaches it) behind nginx, which terminates TLS on
+``server.host:server.port`` and forwards nothing but ``/v1/fleet/*`` (``server/front.py``).
+
 The app submitted is a generated folder holding only ``pyproject.toml`` (components and run
 config, no code): the SuperLink and every hospital import the fedscan **installed** on their
-own machine, and the hospitals' guard (``client/guard.py``) accepts such a FAB.
+own machine. The server's guard (``server/guard.py``, first on the SuperLink's ``PATH``) runs
+only that app; the hospitals' guard (``client/guard.py``) accepts such a FAB.
 """
 
 from __future__ import annotations
@@ -25,105 +30,30 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from fedscan.shared.config import Config, from_dict, parse_config, read_yaml
+from fedscan.server import front, guard
+from fedscan.server.settings import NODES_FILE, ServerSettings, load_server_settings
+from fedscan.shared.certs import certificate_summary, private_keys_of
 from fedscan.shared.errors import ConfigError, FedscanError
 
 CONNECTION = "fedscan"
-#: Node id -> site name of the keys this server admitted (in the run folder).
-NODES_FILE = "nodes.json"
+#: Environment switches that would make the SuperLink open extra (gRPC) ports.
+FLOWER_EXTRA_PORT_SWITCHES = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 INSECURE_WARNING = (
     "fedscan: WARNING: --insecure: the server accepts plain-text HTTP and any node without "
     "authentication. Model weights travel unencrypted and anyone who reaches the port can "
     "join. Use only on a test network.")
 
 
-@dataclass
-class ServerBlock:
-    """The ``server:`` block of server.yaml: where the SuperLink listens and its TLS files."""
-
-    host: str = "0.0.0.0"
-    port: int = 8000
-    ca_cert: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    #: The run folder (outputs, state database, logs); relative to server.yaml.
-    run_dir: str = "runs/consortium"
-    #: SuperLink state database (registered nodes, runs); default ``<run_dir>/state.db``.
-    database: str | None = None
-    #: How the operator's own CLI reaches the SuperLink (the certificate must name its host).
-    control_address: str | None = None
-    #: Seconds to wait for the SuperLink to accept connections.
-    startup_timeout: float = 60.0
-    #: Seconds each round waits for every listed site to be online before it starts with the
-    #: sites present (at least ``strategy.min_sites``).
-    site_grace: float = 120.0
-
-
-@dataclass
-class ServerSettings:
-    """A parsed server.yaml: the deployment block, the federation, the hospitals' keys."""
-
-    path: Path
-    server: ServerBlock
-    federation: Config
-    site_keys: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def control_address(self) -> str:
-        if self.server.control_address:
-            return self.server.control_address
-        host = "127.0.0.1" if self.server.host in ("0.0.0.0", "::", "") else self.server.host
-        return f"{host}:{self.server.port}"
-
-
-def load_server_settings(path: str | Path) -> ServerSettings:
-    """Read server.yaml: a fedscan run config plus a ``server:`` block.
-
-    Sites are listed by name (their data stays at the hospitals), each optionally with the
-    ``public_key`` to admit; relative paths are resolved against the file's folder.
-    """
-    path = Path(path).expanduser().resolve()
-    data = read_yaml(path, "server config")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    base = path.parent
-    try:
-        server = from_dict(ServerBlock, data.pop("server", {}) or {}, "server", None)
-        keys = {}
-        sites = data.get("sites")
-        if isinstance(sites, list):
-            for i, site in enumerate(sites):
-                if isinstance(site, dict):
-                    site = dict(site)
-                    if site.get("public_key"):
-                        keys[str(site.get("name"))] = str(base / site.pop("public_key"))
-                    site.pop("public_key", None)
-                    site.setdefault("data", "(at the site)")
-                    sites[i] = site
-        federation = parse_config(data, base=None)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    for name in ("ca_cert", "cert", "key", "run_dir", "database"):
-        value = getattr(server, name)
-        if value is not None:
-            setattr(server, name, str((base / Path(value).expanduser()).resolve()))
-    # Test sets are the operator's own folders, evaluated on this machine.
-    for test_set in federation.test_sets:
-        test_set.data = str((base / test_set.data).resolve())
-    return ServerSettings(path=path, server=server, federation=federation, site_keys=keys)
-
-
 # -- Flower CLI plumbing ------------------------------------------------------------------------
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in FLOWER_EXTRA_PORT_SWITCHES}
     env.update({"FLWR_HOME": str(flwr_home), "FLWR_TELEMETRY_ENABLED": "0",
                 "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
@@ -152,11 +82,12 @@ def flwr(args: list[str], flwr_home: Path, timeout: float = 120) -> dict[str, An
                 f"flwr {' '.join(args)} exited with {proc.returncode}"}
 
 
-def superlink_command(settings: ServerSettings, database: Path, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line (Flower 1.41 flags)."""
+def superlink_command(settings: ServerSettings, database: Path, insecure: bool,
+                      internal_port: int) -> list[str]:
+    """The ``flower-superlink`` command line (Flower 1.41 flags), bound to loopback."""
     s = settings.server
     cmd = [shutil.which("flower-superlink") or "flower-superlink",
-           "--host", s.host, "--port", str(s.port), "--database", str(database),
+           "--host", "127.0.0.1", "--port", str(internal_port), "--database", str(database),
            "--disable-runtime-dependency-installation"]
     if insecure:
         cmd.append("--insecure")
@@ -183,6 +114,7 @@ def _wait_for_port(address: str, proc: subprocess.Popen, timeout: float, log: Pa
 
 
 def check_security(settings: ServerSettings, insecure: bool) -> None:
+    """TLS files present, the CA key out of the server's reach, loopback names in the cert."""
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
         return
@@ -194,6 +126,26 @@ def check_security(settings: ServerSettings, insecure: bool) -> None:
         if not Path(value).is_file():
             raise ConfigError(f"{settings.path}: config key 'server.{key}': file not found: "
                               f"{value}")
+    s = settings.server
+    folders = {Path(str(p)).parent for p in (s.ca_cert, s.cert, s.key)}
+    leaked = private_keys_of(str(s.ca_cert), sorted(folders))
+    if leaked:
+        raise ConfigError(f"{settings.path}: the CA private key {leaked[0]} sits among the "
+                          "server's TLS files; move it offline (the server must never be able "
+                          "to read it: `fedscan certs server --out` writes the server's files "
+                          "to their own folder)")
+    names = set(certificate_summary(str(s.cert))["sans"])
+    missing = [n for n in ("localhost", "127.0.0.1") if n not in names]
+    if missing:
+        raise ConfigError(f"{settings.path}: config key 'server.cert': the certificate does not "
+                          f"name {', '.join(missing)} (the front and the operator's CLI reach "
+                          "the SuperLink on loopback); reissue it with `fedscan certs server`")
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def register_keys(settings: ServerSettings, flwr_home: Path, keys: dict[str, str]) -> None:
@@ -265,12 +217,13 @@ def _progress(run_dir: Path, shown: int) -> int:
     except (OSError, ValueError):
         return shown
     done = [r for r in summary.get("rounds", []) if r.get("seconds") is not None]
+    metric = (summary.get("final") or {}).get("headline")  # the task's main metric
     for entry in done[shown:]:
-        dice = entry.get("aggregate", {}).get("dice")
+        value = entry.get("aggregate", {}).get(metric)
         sites = ", ".join(sorted(entry.get("train", {})))
         rejected = len(entry.get("rejected", []))
         print(f"fedscan: round {entry['round']} done in {entry['seconds']:.0f}s: sites [{sites}]"
-              f", Dice {dice if dice is None else round(dice, 4)}"
+              f", {metric} {value if value is None else round(value, 4)}"
               + (f", {rejected} repl{'y' if rejected == 1 else 'ies'} rejected"
                  if rejected else ""), flush=True)
     return max(shown, len(done))
@@ -278,13 +231,14 @@ def _progress(run_dir: Path, shown: int) -> int:
 
 def start_server(config: str | Path, insecure: bool = False,
                  resume: str | Path | None = None, keep_running: bool = False) -> dict[str, Any]:
-    """Start the SuperLink, run the federation to the end, stop the SuperLink.
+    """Start the SuperLink and its TLS front, run the federation to the end, stop both.
 
     Args:
         config: server.yaml.
         insecure: plain-text HTTP without node authentication (prints a warning).
         resume: a run folder to continue after its last completed round.
-        keep_running: leave the SuperLink up after the run (e.g. to inspect it with ``flwr``).
+        keep_running: leave the SuperLink and the front up after the run (e.g. to inspect it
+            with ``flwr``).
 
     Returns:
         The run's summary.json content.
@@ -304,33 +258,55 @@ def start_server(config: str | Path, insecure: bool = False,
         raise FedscanError(f"{run_dir} already holds completed rounds: continue it with "
                            f"--resume {run_dir}, or set server.run_dir to a new folder")
     check_security(settings, insecure)
-    # SIGTERM (systemd, Kubernetes, timeout) unwinds like Ctrl-C, so the SuperLink is stopped.
+    front.find_nginx()  # before anything starts: a missing front is a one-line error
+    # SIGTERM (systemd, Kubernetes, timeout) unwinds like Ctrl-C, so both are stopped.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     run_dir.mkdir(parents=True, exist_ok=True)
+    front_dir = run_dir / "front"
+    # A crashed `fedscan server start` may have left its SuperLink or front running.
+    for pid_file, program in ((run_dir / "superlink.pid", "flower-superlink"),
+                              (front_dir / "nginx.pid", "nginx")):
+        if front.stop_stale(pid_file, program):
+            print(f"fedscan: stopped the {program} a previous server left running", flush=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    app_dir = write_app(run_dir, settings, resume=bool(resume), insecure=insecure)
+    s = settings.server
+    internal_port = s.internal_port or free_loopback_port()
+    control_address = f"127.0.0.1:{internal_port}"
     flwr_home = run_dir / ".flwr"
-    write_connection(flwr_home, settings.control_address, settings.server.ca_cert, insecure)
-    database = Path(settings.server.database or run_dir / "state.db")
+    write_connection(flwr_home, control_address, s.ca_cert, insecure)
+    database = Path(s.database or run_dir / "state.db")
     log_path = run_dir / "superlink.log"
+    env = flower_env(flwr_home)
+    env.update({"PATH": f"{guard.install_guard(run_dir)}{os.pathsep}{env.get('PATH', '')}",
+                guard.RUN_DIR_ENV: str(run_dir),
+                guard.APPROVED_APP_ENV: guard.approved_app_hash(app_dir)})
     with log_path.open("a") as log_file:
-        superlink = subprocess.Popen(superlink_command(settings, database, insecure),
-                                     stdout=log_file, stderr=subprocess.STDOUT,
-                                     env=flower_env(flwr_home), cwd=run_dir,
-                                     start_new_session=True)
+        superlink = subprocess.Popen(superlink_command(settings, database, insecure,
+                                                       internal_port),
+                                     stdout=log_file, stderr=subprocess.STDOUT, env=env,
+                                     cwd=run_dir, start_new_session=True,
+                                     preexec_fn=front.child_setup(not keep_running))
     (run_dir / "superlink.pid").write_text(str(superlink.pid))
+    nginx: subprocess.Popen | None = None
+    page = None
     try:
-        _wait_for_port(settings.control_address, superlink, settings.server.startup_timeout,
-                       log_path)
-        print(f"fedscan: SuperLink listening on {settings.server.host}:{settings.server.port} "
-              f"({'INSECURE' if insecure else 'TLS, node authentication'}); log {log_path}",
-              flush=True)
+        _wait_for_port(control_address, superlink, s.startup_timeout, log_path)
+        front_dir.mkdir(exist_ok=True)
+        tls = None if insecure else (str(s.ca_cert), str(s.cert), str(s.key))
+        nginx = front.start_front(front_dir, s.host, s.port, internal_port, tls,
+                                  bound_to_parent=not keep_running)
+        print(f"fedscan: listening on {front.listen_address(s.host, s.port)} for the sites "
+              f"({'INSECURE' if insecure else 'TLS, node authentication'}; Fleet API only); "
+              f"SuperLink on {control_address} (operator only); logs {log_path}, "
+              f"{front_dir}/access.log", flush=True)
+        page = _start_status_page(settings, run_dir, insecure)
         for run in _runs(flwr_home):  # runs of a crashed server would compete for the sites
             if str(run.get("status", "")).split(":")[0] in ("pending", "starting", "running"):
                 flwr(["stop", str(run["run-id"])], flwr_home)
                 print(f"fedscan: stopped stale run {run['run-id']}", flush=True)
         if not insecure:
             register_keys(settings, flwr_home, settings.site_keys)
-        app_dir = write_app(run_dir, settings, resume=bool(resume), insecure=insecure)
         answer = flwr(["run", str(app_dir)], flwr_home)
         if not answer.get("success"):
             raise FedscanError(f"flwr run failed: {answer.get('error-message')}")
@@ -344,9 +320,10 @@ def start_server(config: str | Path, insecure: bool = False,
         while True:
             time.sleep(2)
             shown = _progress(run_dir, shown)
-            if superlink.poll() is not None:
-                raise FedscanError(f"flower-superlink exited with code {superlink.returncode}; "
-                                   f"see {log_path}")
+            for name, proc in (("flower-superlink", superlink), ("nginx", nginx)):
+                if proc.poll() is not None:
+                    raise FedscanError(f"{name} exited with code {proc.returncode}; see "
+                                       f"{log_path if proc is superlink else front_dir}")
             runs = [r for r in _runs(flwr_home) if str(r.get("run-id")) == str(run_id)]
             status = str(runs[0].get("status", "")) if runs else ""
             if status.startswith("finished"):
@@ -359,8 +336,25 @@ def start_server(config: str | Path, insecure: bool = False,
               flush=True)
         return summary
     finally:
+        if page is not None:
+            page.stop()
         if not keep_running:
+            if nginx is not None:
+                front.stop_process(nginx)
             stop_superlink(superlink)
+
+
+def _start_status_page(settings: ServerSettings, run_dir: Path, insecure: bool) -> Any:
+    """The status page over ``run_dir`` when ``server.status_port`` is set, else None."""
+    block = settings.server
+    if block.status_port is None:
+        return None
+    from fedscan.shared.status.serve import StatusOptions, is_loopback, start_status
+
+    tls = not insecure and not is_loopback(block.status_host)
+    return start_status(run_dir, StatusOptions(
+        host=block.status_host, port=block.status_port,
+        certfile=block.cert if tls else None, keyfile=block.key if tls else None))
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

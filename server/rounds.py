@@ -13,6 +13,7 @@ objects of each message, i.e. what crosses the network, apart from HTTP framing)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.app import ArrayRecord, Message
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -31,8 +32,9 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from fedscan.server.admission import AdmittedGrid
 from fedscan.shared.checkpoint import load_model
+from fedscan.shared.error_codes import describe_error
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import EVALUATE_RECEIVED, SITE, reply_site, site_record
+from fedscan.shared.messages import SITE, RoundConfig, reply_site, site_record
 
 log = logging.getLogger("fedscan.server")
 
@@ -133,8 +135,8 @@ def run_rounds(
     arrays: ArrayRecord,
     rounds: Iterable[int],
     timeout: float,
-    train_config: ConfigRecord,
-    evaluate_config: ConfigRecord,
+    train_config: RoundConfig,
+    evaluate_config: RoundConfig,
     history: RunHistory,
     on_round_end: Callable[[int, ArrayRecord], None],
     expected_sites: int = 0,
@@ -215,8 +217,9 @@ def run_rounds(
             answered.add(node)
             kept.append(reply)
             if reply.has_error():
+                # A fixed text per code: nothing the site wrote reaches summary.json.
                 history.record_error(rnd, sites.get(node, f"node-{node}"), phase,
-                                     str(reply.error.reason)[:300])
+                                     describe_error(reply.error.code, reply.error.reason))
             else:
                 name_reply(node, reply)
                 history.record_bytes(rnd, sites[node], f"{phase}_up", message_bytes(reply))
@@ -239,7 +242,7 @@ def run_rounds(
         log.info("round %d: train (%d sites online)", rnd, len(list(grid.get_node_ids())))
         # From round 2 on, the received model is round rnd-1's aggregate: the sites evaluate
         # it before training, so the model crosses the network once per round each way.
-        config = ConfigRecord({**train_config, EVALUATE_RECEIVED: rnd > 1})
+        config = dataclasses.replace(train_config, evaluate_received=rnd > 1).to_record()
         replies = exchange(rnd, "train", strategy.configure_train(rnd, arrays, config, grid))
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         trained = next((r["train"] for r in history.rounds if r["round"] == rnd), {})
@@ -258,6 +261,7 @@ def run_rounds(
         # The final model is the only one not evaluated by a following train message.
         log.info("round %d: final evaluation", last)
         replies = exchange(last, "final_evaluate",
-                           strategy.configure_evaluate(last, arrays, evaluate_config, grid))
+                           strategy.configure_evaluate(last, arrays, evaluate_config.to_record(),
+                                                       grid))
         strategy.aggregate_evaluate(last, replies)
     return arrays

@@ -8,11 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from tqdm.auto import tqdm
 
 from fedscan.server.admission import Admission, AdmittedGrid
+from fedscan.server.live_grid import live_run
 from fedscan.server.rounds import (
     load_resume_point,
     model_fp32_bytes,
@@ -25,7 +26,7 @@ from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
 from fedscan.shared.data import read_site_test_set
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import TASK_CONFIG, task_config_json, to_arrays
+from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
@@ -40,7 +41,7 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor]) -> dict
     """
     if not cfg.test_sets:
         return {}
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the operator's own config
     model = task.build_model().to(resolve_device(cfg.device))
     missing = set(model.state_dict()) - set(state_dict)
     if missing:
@@ -83,7 +84,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         The summary written to ``out_dir/summary.json``.
     """
     history = RunHistory(out_dir, cfg, mode="federated")
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the operator's own config
     model = task.build_model()
     shared = set(task.shared_keys(model))
     # Only the weights the task shares make up the global model (a CycleGAN's
@@ -113,18 +114,19 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         save_strategy_state(out_dir, server_round, strategy)
         history.finish_round(server_round, round_arrays.to_torch_state_dict())
         # A round's model is evaluated at the start of the next one: show the latest known.
-        known = [r for r in history.rounds if r["aggregate"].get("dice") is not None]
+        name = history.headline.name if history.headline else None
+        known = [r for r in history.rounds if r["aggregate"].get(name) is not None]
         if known:
-            progress.set_postfix_str(f"dice {known[-1]['aggregate']['dice']:.3f} "
+            progress.set_postfix_str(f"{name} {known[-1]['aggregate'][name]:.3f} "
                                      f"(round {known[-1]['round']} model)")
         progress.update(1)
 
-    task_json = task_config_json(cfg)
+    round_config = RoundConfig.for_run(cfg)
     final_arrays = run_rounds(
         strategy, grid, arrays, range(first, cfg.rounds + 1),
         timeout=cfg.strategy.round_timeout,
-        train_config=ConfigRecord({TASK_CONFIG: task_json}),
-        evaluate_config=ConfigRecord({TASK_CONFIG: task_json}),
+        train_config=round_config,
+        evaluate_config=round_config,
         history=history, on_round_end=on_round_end,
         expected_sites=len(cfg.sites), site_grace=site_grace, node_names=node_names,
     )
@@ -143,7 +145,8 @@ def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, Path(out_dir))
+        with live_run(grid, cfg, out_dir) as live_grid:
+            run_federation(live_grid, cfg, Path(out_dir))
 
     return app
 
@@ -156,18 +159,19 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fedscan.server.deployment import NODES_FILE, load_server_settings
+    from fedscan.server.settings import NODES_FILE, load_server_settings
 
     run_config = context.run_config
     settings = load_server_settings(str(run_config["server-config"]))
     run_dir = Path(str(run_config["run-dir"]))
     nodes = run_dir / NODES_FILE
     names = json.loads(nodes.read_text()) if nodes.is_file() else {}
+    node_names = {int(k): v for k, v in names.items()}
     # Without node authentication (--insecure) no key was admitted: every node takes part.
     admission = (None if bool(run_config.get("insecure", False))
                  else Admission(nodes, settings.site_keys))
-    run_federation(grid, settings.federation, run_dir,
-                   resume=bool(run_config.get("resume", False)),
-                   site_grace=settings.server.site_grace,
-                   node_names={int(k): v for k, v in names.items()},
-                   admission=admission)
+    with live_run(grid, settings.federation, run_dir, node_names) as live_grid:
+        run_federation(live_grid, settings.federation, run_dir,
+                       resume=bool(run_config.get("resume", False)),
+                       site_grace=settings.server.site_grace, node_names=node_names,
+                       admission=admission)

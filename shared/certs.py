@@ -2,8 +2,14 @@
 
 TLS authenticates the server to the hospitals (Flower has no mTLS); each hospital proves who it
 is by signing requests with its own EC key, whose public half the operator registers on the
-SuperLink. The operator keeps ``ca.key`` offline; hospitals receive only ``ca.crt``. A
-hospital generates its key pair itself and sends only the ``.pub`` file.
+SuperLink. The operator keeps ``ca.key`` offline, in its own folder: the server's files
+(``server.pem``, ``server.key`` and a copy of ``ca.crt``) go to another folder, and
+``fedscan server start`` refuses to run when a private key of the CA sits among them.
+Hospitals receive only ``ca.crt``. A hospital generates its key pair itself and sends only the
+``.pub`` file.
+
+Private keys are created with mode 0600 from the first byte (``O_CREAT | O_EXCL``, never
+written to a file others could read, whatever the umask) and never overwrite a file.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import secrets
 from pathlib import Path
 
 from cryptography import x509
@@ -25,12 +32,31 @@ SERVER_DAYS = 825  # the longest lifetime browsers and most TLS stacks still acc
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    if private:
-        os.chmod(tmp, 0o600)
-    tmp.replace(path)
+    """Write ``path`` atomically, never over an existing file.
+
+    A private key is written into a fresh temporary file created with mode 0600
+    (``O_CREAT | O_EXCL | O_NOFOLLOW``), so no other user can open it at any moment, then
+    linked to its name (``link`` fails if the name exists) and the temporary name removed.
+    """
+    path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o600 if private else 0o644)
+    try:
+        if private:
+            os.fchmod(fd, 0o600)  # the umask can only have removed bits; make it exact
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FedscanError(f"refusing to overwrite {path} (move it away first)") from None
+    finally:
+        tmp.unlink()
     return path
 
 
@@ -85,7 +111,7 @@ def _san(host: str) -> x509.GeneralName:
         return x509.DNSName(host)
 
 
-def create_server_cert(ca_dir: str | Path, hosts: list[str], out_dir: str | Path | None = None,
+def create_server_cert(ca_dir: str | Path, hosts: list[str], out_dir: str | Path,
                        days: int = SERVER_DAYS) -> tuple[Path, Path]:
     """Issue the SuperLink's TLS certificate, signed by the CA in ``ca_dir``.
 
@@ -93,15 +119,20 @@ def create_server_cert(ca_dir: str | Path, hosts: list[str], out_dir: str | Path
         ca_dir: folder with ``ca.crt`` and ``ca.key``.
         hosts: every DNS name and IP address hospitals use to reach the server (SANs); the
             first is also the common name.
-        out_dir: where ``server.pem`` and ``server.key`` go (default: ``ca_dir``).
+        out_dir: the server's own folder: ``server.pem``, ``server.key`` and a copy of
+            ``ca.crt`` go there; never the CA's folder (the server must not reach ``ca.key``).
 
     Returns:
         ``(server.pem, server.key)``.
     """
     if not hosts:
         raise FedscanError("the server certificate needs at least one --host (DNS name or IP)")
-    ca_dir = Path(ca_dir)
-    out = Path(out_dir) if out_dir else ca_dir
+    ca_dir, out = Path(ca_dir), Path(out_dir)
+    if out.resolve() == ca_dir.resolve():
+        raise FedscanError(f"{out}: the server's files must not sit beside ca.key; choose "
+                           "another output folder")
+    pem, key_path, ca_copy = out / "server.pem", out / "server.key", out / "ca.crt"
+    _refuse_overwrite(pem, key_path)
     try:
         ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
         ca_key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
@@ -124,10 +155,45 @@ def create_server_cert(ca_dir: str | Path, hosts: list[str], out_dir: str | Path
                        critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    pem, key_path = out / "server.pem", out / "server.key"
     _write(key_path, _pem_key(key), private=True)
     _write(pem, cert.public_bytes(serialization.Encoding.PEM))
+    ca_bytes = (ca_dir / "ca.crt").read_bytes()
+    if not ca_copy.exists():
+        _write(ca_copy, ca_bytes)
+    elif ca_copy.read_bytes() != ca_bytes:
+        raise FedscanError(f"{ca_copy} is another CA's certificate (move it away first)")
     return pem, key_path
+
+
+def private_keys_of(cert_path: str | Path, folders: list[Path]) -> list[Path]:
+    """Private keys in ``folders`` (not recursive) that belong to the certificate.
+
+    ``fedscan server start`` uses it to refuse a server that could read the CA's key, under
+    any file name.
+    """
+    public = x509.load_pem_x509_certificate(Path(cert_path).read_bytes()).public_key()
+    wanted = public.public_bytes(serialization.Encoding.DER,
+                                 serialization.PublicFormat.SubjectPublicKeyInfo)
+    found = []
+    for folder in folders:
+        for path in sorted(Path(folder).iterdir()) if Path(folder).is_dir() else []:
+            try:
+                if not path.is_file() or path.stat().st_size > 65536:
+                    continue
+                data = path.read_bytes()
+            except OSError:
+                continue
+            if b"PRIVATE KEY" not in data:
+                continue
+            try:
+                key = serialization.load_pem_private_key(data, None)
+            except (ValueError, TypeError):
+                continue
+            if key.public_key().public_bytes(
+                    serialization.Encoding.DER,
+                    serialization.PublicFormat.SubjectPublicKeyInfo) == wanted:
+                found.append(path)
+    return found
 
 
 def create_site_key(name: str, out_dir: str | Path) -> tuple[Path, Path]:

@@ -17,9 +17,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from fedscan.shared.errors import ConfigError
+from fedscan.shared.tasks import check_task_name
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "multikrum",
-              "bulyan")
 MODES = ("federated", "local", "pooled")
 
 
@@ -42,15 +41,41 @@ class PrivacyConfig:
 
 
 @dataclass
+class SitePolicy:
+    """Limits a hospital puts on the task configs it accepts (``policy`` in site.yaml).
+
+    The server cannot loosen them: a task config below a floor, or above a cap that cannot be
+    met by doing less, is refused (``policy-refused``); local steps above the cap are clamped
+    (the site trains fewer steps and reports how many). None: no limit.
+    """
+
+    #: Floor on ``train.batch_size``: an update averages at least this many cases per step.
+    min_batch_size: int | None = None
+    #: Floor on local steps per round: an update is never one or two cases' gradient.
+    min_local_steps: int | None = None
+    #: Cap on local steps per round (compute); more are clamped to it.
+    max_local_steps: int | None = None
+    #: Cap on the run's ``rounds`` and on any round number the server sends.
+    max_rounds: int | None = None
+    #: Cap on the voxels of one training patch (memory and compute per step).
+    max_patch_voxels: int | None = None
+
+
+@dataclass
 class SiteConfig:
     """One hospital: its name, its data folder (MSD layout, dataset.json inside), and
-    optionally its own privacy setting and a state folder for what must outlive a process
-    (the ε ledger)."""
+    optionally its own privacy setting, a state folder for what must outlive a process
+    (the ε ledger, the audit log), its task policy and the site-side paths a task reads."""
 
     name: str
     data: str
     privacy: PrivacyConfig | None = None
     state_dir: str | None = None
+    #: The site's limits on task configs (see :class:`SitePolicy`).
+    policy: SitePolicy = field(default_factory=SitePolicy)
+    #: The public reference-domain folder the harmonisation task reads here. A site path comes
+    #: from the site's own config, never from the server's task config.
+    harmonisation_reference: str | None = None
     #: Server side: the most cases (training or validation) this site may report, as the
     #: operator admitted it; a reply claiming more is rejected. None: not declared (the
     #: site's aggregation weight is then capped by ``strategy.max_weight_ratio``).
@@ -207,7 +232,10 @@ class Config:
     sites: list[SiteConfig]
     test_sets: list[SiteConfig] = field(default_factory=list)
     rounds: int = 5
-    task: Literal["segmentation", "harmonisation"] = "segmentation"
+    #: A built-in task (``shared/tasks/__init__.py``'s ``TASKS``) or, in a simulation, a
+    #: researcher's own ``"package.module:Class"``.
+    task: str = "segmentation"
+    #: What ``fedscan simulate`` runs when no ``--mode`` is given.
     mode: Literal["federated", "local", "pooled"] = "federated"
     seed: int = 0
     device: str = "auto"
@@ -315,6 +343,9 @@ def from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
             obj.data = str((base / obj.data).resolve())
         if obj.state_dir is not None and not Path(obj.state_dir).is_absolute():
             obj.state_dir = str((base / obj.state_dir).resolve())
+        if (obj.harmonisation_reference is not None
+                and not Path(obj.harmonisation_reference).is_absolute()):
+            obj.harmonisation_reference = str((base / obj.harmonisation_reference).resolve())
     if (isinstance(obj, HarmonisationConfig) and base is not None and obj.reference is not None
             and not Path(obj.reference).is_absolute()):
         obj.reference = str((base / obj.reference).resolve())
@@ -327,6 +358,9 @@ def _check_values(cfg: Config) -> None:
 
     if not cfg.sites:
         raise bad("sites", "at least one site is required")
+    why = check_task_name(cfg.task)
+    if why:
+        raise bad("task", why)
     names = [s.name for s in cfg.sites] + [t.name for t in cfg.test_sets]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -356,10 +390,13 @@ def _check_values(cfg: Config) -> None:
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
+        check_policy(site.policy, f"sites[{i}].policy", bad)
     for i, test_set in enumerate(cfg.test_sets):
-        if test_set.privacy is not None or test_set.state_dir is not None:
-            raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy "
-                      "or state_dir")
+        if (test_set.privacy is not None or test_set.state_dir is not None
+                or test_set.policy != SitePolicy() or test_set.harmonisation_reference
+                or test_set.max_examples is not None):
+            raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy, "
+                      "state_dir, policy, harmonisation_reference or max_examples")
     if cfg.model.norm == "group":
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
@@ -402,6 +439,17 @@ def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:
     if p.noise_multiplier is not None and not (
             p.noise_multiplier > 0 and math.isfinite(p.noise_multiplier)):
         raise bad(f"{path}.noise_multiplier", "must be a positive number (omit it to calibrate)")
+
+
+def check_policy(policy: SitePolicy, path: str, bad: Any) -> None:
+    """Every limit set is >= 1, and the local-steps floor is not above the cap."""
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if value is not None and value < 1:
+            raise bad(f"{path}.{f.name}", "must be >= 1 (or omitted: no limit)")
+    low, high = policy.min_local_steps, policy.max_local_steps
+    if low is not None and high is not None and low > high:
+        raise bad(f"{path}.min_local_steps", f"{low} is above max_local_steps {high}")
 
 
 def parse_config(data: Any, base: Path | None = None) -> Config:

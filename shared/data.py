@@ -3,8 +3,13 @@
 A site's data is a folder holding ``dataset.json`` (Medical Segmentation Decathlon layout) with
 a ``training`` list of ``{"image": ..., "label": ...}`` paths relative to the folder and an
 optional ``validation`` list of the same form. Without one, validation cases are chosen by a
-deterministic per-site split. This is the only module that parses dataset paths; everything
-else receives :data:`Case` dicts with absolute paths.
+deterministic per-site split. Its optional ``labels`` (class index -> name, or nnU-Net's name
+-> index) and ``modality``/``channel_names`` (channel index -> name) are read into
+:class:`SiteData`, and must agree with ``data.num_classes`` / ``data.in_channels``.
+
+This is the only module that parses dataset.json or checks a case's files; everything else
+receives :data:`Case` dicts with absolute paths and reads files through :func:`load_nifti`
+and :func:`read_label`.
 
 NIfTI files may be in any orientation, spacing and dtype: downstream MONAI transforms
 resample. Here files are only read and checked, so that a bad case fails once, up front, with
@@ -17,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +32,10 @@ import numpy as np
 
 from fedscan.shared.config import DataConfig, SiteConfig
 from fedscan.shared.errors import DataError
-from fedscan.shared.tasks.base import Case
+
+#: A case as the data contract hands it out: ``{"image", "label", "case"}`` with absolute
+#: paths and the case id (MONAI dict style).
+Case = dict[str, str]
 
 DATASET_JSON = "dataset.json"
 #: Image and label files must be NIfTI; the case id is the image name without this suffix.
@@ -38,24 +47,39 @@ AFFINE_ATOL = 1e-2
 
 @dataclass(frozen=True)
 class SiteData:
-    """One site's cases, split into training and validation.
+    """One site's cases, split into training and validation, and what dataset.json says.
 
     Attributes:
         name: the site's name (the folder name unless given).
         root: absolute path of the data folder.
         train: training cases, sorted by case id.
         validation: validation cases, sorted by case id (empty for a one-case site).
+        class_names: the name of each label class by index (``labels``), or empty.
+        channel_names: the name of each image channel (``channel_names``/``modality``), or
+            empty.
+        description: dataset.json's ``description``, or empty.
     """
 
     name: str
     root: Path
     train: list[Case]
     validation: list[Case]
+    class_names: tuple[str, ...] = ()
+    channel_names: tuple[str, ...] = ()
+    description: str = ""
 
     @property
     def cases(self) -> list[Case]:
         """All cases: training then validation."""
         return [*self.train, *self.validation]
+
+
+def describe(site: SiteData) -> str:
+    """``"; classes background, brain; channels T1"`` from dataset.json (empty if it names
+    neither), for preflight and check-data lines."""
+    parts = [f"{what} {', '.join(names)}" for what, names in
+             (("classes", site.class_names), ("channels", site.channel_names)) if names]
+    return "".join(f"; {p}" for p in parts)
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -73,52 +97,64 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
-def case_id(path: str | Path) -> str:
-    """The case id of an image path: its file name without ``.nii.gz`` / ``.nii``.
+def case_id(case: Mapping[str, str] | str | Path) -> str:
+    """The id of a case (its ``case`` entry) or of an image path.
 
     Args:
-        path: image path.
+        case: a :data:`Case`, or an image path.
 
     Returns:
-        The id, e.g. ``"hippocampus_001"`` for ``./imagesTr/hippocampus_001.nii.gz``.
+        The id: the image's file name without ``.nii.gz`` / ``.nii``, e.g.
+        ``"hippocampus_001"`` for ``./imagesTr/hippocampus_001.nii.gz``.
     """
-    name = Path(path).name
+    if isinstance(case, Mapping):
+        if case.get("case"):
+            return str(case["case"])
+        case = case["image"]
+    name = Path(case).name
     for suffix in NIFTI_SUFFIXES:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
 
 
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Load a NIfTI file and read all of its data.
+def load_nifti(path: str | Path, what: str = "image", *,
+               header_only: bool = False) -> nib.Nifti1Image:
+    """Load a NIfTI file, by default reading all of its data.
 
     The full read matters: a truncated ``.nii.gz`` loads its header fine and only fails when
-    the voxels are decompressed. The returned image holds its data in memory, so
-    ``np.asanyarray(img.dataobj)`` on it does not read the file again.
+    the voxels are decompressed. The returned image then holds its data in memory, so
+    ``np.asanyarray(img.dataobj)`` on it does not read the file again. ``header_only`` skips
+    that read (a quick check before a pipeline that reads the file itself).
 
     Args:
         path: a ``.nii`` or ``.nii.gz`` file.
+        what: what the file is (``image``, ``label``), for the message.
+        header_only: read only the header.
 
     Returns:
-        The image, with its (scaled) voxel array in memory.
+        The image, with its (scaled) voxel array in memory unless ``header_only``.
 
     Raises:
         DataError: the file is missing or not a readable NIfTI; the message names it.
     """
     if not os.path.isfile(path):
-        raise DataError(f"{path}: missing")
+        raise DataError(f"{what} file not found: {path}")
     try:
         # mmap=False forces a real read of an uncompressed .nii, so truncation shows here.
         img = nib.load(path, mmap=False)
         if not isinstance(img, nib.Nifti1Image):  # Nifti2Image is a subclass
             raise ValueError(f"{type(img).__name__}, not NIfTI")
+        if header_only:
+            return img
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel, gzip and zlib raise many types for a bad file
         # nibabel often repeats the full path in its message; the file name is enough there.
         reason = _one_line(str(exc).replace(str(path), Path(path).name)) or type(exc).__name__
-        raise DataError(f"{path}: not a readable NIfTI ({reason})") from None
+        raise DataError(f"{path}: not a readable NIfTI {what} ({reason})") from None
     if data.dtype.kind not in "biuf":
-        raise DataError(f"{path}: not a readable NIfTI (unsupported voxel type {data.dtype})")
+        raise DataError(f"{path}: not a readable NIfTI {what} (unsupported voxel type "
+                        f"{data.dtype})")
     # Re-wrap so the image carries the array read above instead of a proxy onto the file.
     return type(img)(data, img.affine, img.header)
 
@@ -134,8 +170,18 @@ def _label_spatial_shape(path: str | Path, shape: tuple[int, ...]) -> tuple[int,
     return spatial
 
 
-def _check_label_values(path: str | Path, data: np.ndarray, num_classes: int | None) -> None:
-    """Labels must hold integer values (any dtype) in ``[0, num_classes)``."""
+def check_label_values(path: str | Path, data: Any, num_classes: int | None) -> None:
+    """Labels must hold integer values (any dtype) in ``[0, num_classes)``.
+
+    Args:
+        path: the label file (named in the message).
+        data: its voxels (a numpy array, or a tensor after preprocessing).
+        num_classes: classes including background; None checks only for non-negative ints.
+
+    Raises:
+        DataError: the first bad value found, naming the file.
+    """
+    data = np.asarray(data)
     if num_classes is not None:
         message = f"{path}: label values must be integers in [0, {num_classes}), found"
     else:
@@ -157,6 +203,30 @@ def _check_label_values(path: str | Path, data: np.ndarray, num_classes: int | N
         raise DataError(f"{message} {_fmt_value(hi)}")
 
 
+def read_label(path: str | Path, num_classes: int | None,
+               shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A label map as integer classes, checked like :func:`check_case` checks it.
+
+    Args:
+        path: the label NIfTI.
+        num_classes: classes including background (None: any non-negative integers).
+        shape: its image's spatial shape, which the label's must equal; None skips.
+
+    Returns:
+        ``int64`` classes of the label's spatial shape (trailing singleton axes dropped).
+
+    Raises:
+        DataError: unreadable, wrong shape, or values outside ``0 .. num_classes - 1``.
+    """
+    arr = np.asanyarray(load_nifti(path, "label").dataobj)
+    spatial = _label_spatial_shape(path, arr.shape)
+    arr = arr.reshape(spatial)
+    if shape is not None and spatial != tuple(shape):
+        raise DataError(f"{path}: shape {spatial} differs from its image's {tuple(shape)}")
+    check_label_values(path, arr, num_classes)
+    return arr.astype(np.int64)
+
+
 def check_case(case: Case, *, num_classes: int | None = None, in_channels: int = 1) -> None:
     """Fully validate one case: readable files, matching grids, sane values.
 
@@ -175,10 +245,10 @@ def check_case(case: Case, *, num_classes: int | None = None, in_channels: int =
     """
     image_path, label_path = case["image"], case["label"]
 
-    label = load_nifti(label_path)
+    label = load_nifti(label_path, "label")
     label_shape = tuple(label.shape)
     spatial = _label_spatial_shape(label_path, label_shape)
-    _check_label_values(label_path, np.asanyarray(label.dataobj), num_classes)
+    check_label_values(label_path, np.asanyarray(label.dataobj), num_classes)
     label_affine = label.affine
     del label  # one volume in memory at a time
 
@@ -248,6 +318,45 @@ def _parse_entries(json_path: Path, root: Path, key: str, entries: Any) -> list[
     return cases
 
 
+def _indexed_names(json_path: Path, key: str, value: Any) -> tuple[str, ...]:
+    """Names by index from ``{"0": "background", "1": "brain"}`` (MSD) or, for ``labels``,
+    nnU-Net's ``{"background": 0, "brain": 1}``; indices must run 0..n-1."""
+    if not isinstance(value, dict) or not value:
+        raise DataError(f"{json_path}: '{key}' must be a non-empty object of index: name")
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in value.values()):
+        pairs = [(v, str(k)) for k, v in value.items()]  # nnU-Net: name -> index
+    elif all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in value.items()):
+        pairs = [(int(k), v) for k, v in value.items()]  # MSD: "index" -> name
+    else:
+        raise DataError(f"{json_path}: '{key}' must map indices to names ({{\"0\": "
+                        f"\"background\"}}) or names to integer indices (region-based "
+                        "labels are not supported)")
+    pairs.sort()
+    if [i for i, _ in pairs] != list(range(len(pairs))):
+        raise DataError(f"{json_path}: '{key}' must number its entries 0..{len(pairs) - 1} "
+                        f"without gaps, found {[i for i, _ in pairs]}")
+    return tuple(name for _, name in pairs)
+
+
+def _metadata(json_path: Path, spec: dict[str, Any], num_classes: int | None,
+              in_channels: int | None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Class and channel names from dataset.json, checked against the run's data config."""
+    classes: tuple[str, ...] = ()
+    if spec.get("labels") is not None:
+        classes = _indexed_names(json_path, "labels", spec["labels"])
+        if num_classes is not None and len(classes) != num_classes:
+            raise DataError(f"{json_path}: 'labels' names {len(classes)} classes "
+                            f"({', '.join(classes)}), data.num_classes is {num_classes}")
+    key = "channel_names" if spec.get("channel_names") is not None else "modality"
+    channels: tuple[str, ...] = ()
+    if spec.get(key) is not None:
+        channels = _indexed_names(json_path, key, spec[key])
+        if in_channels is not None and len(channels) != in_channels:
+            raise DataError(f"{json_path}: '{key}' names {len(channels)} image channel(s), "
+                            f"data.in_channels is {in_channels}")
+    return classes, channels
+
+
 def _split(
     cases: list[Case], val_fraction: float, split_seed: int
 ) -> tuple[list[Case], list[Case]]:
@@ -313,6 +422,7 @@ def read_dataset(
 
     if "training" not in spec:
         raise DataError(f"{json_path}: 'training' must be a non-empty list")
+    class_names, channel_names = _metadata(json_path, spec, num_classes, in_channels)
     train = _parse_entries(json_path, root, "training", spec["training"])
     explicit = spec.get("validation")
     validation = (_parse_entries(json_path, root, "validation", explicit)
@@ -335,7 +445,8 @@ def read_dataset(
         return sorted(cases, key=lambda c: c["case"])
 
     return SiteData(name=name or root.name, root=root, train=by_id(train),
-                    validation=by_id(validation))
+                    validation=by_id(validation), class_names=class_names,
+                    channel_names=channel_names, description=str(spec.get("description") or ""))
 
 
 def read_test_set(

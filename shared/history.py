@@ -2,7 +2,9 @@
 
 Federated runs (the ServerApp), the local and pooled baselines and later the deployed server
 all record through :class:`RunHistory`, so ``summary.json``, checkpoints and the report look
-the same whatever produced them.
+the same whatever produced them. The task's declared metrics
+(:class:`~fedscan.shared.tasks.base.MetricSpec`) decide what is averaged over sites and are
+written into summary.json (``metrics``), where the report and any other reader find them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,8 @@ import torch
 
 from fedscan.shared.checkpoint import save_model
 from fedscan.shared.config import Config
+from fedscan.shared.tasks import build_task
+from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
 
 
 def _clean(value: Any) -> Any:
@@ -61,13 +66,19 @@ class RunHistory:
         out_dir: the run's output folder (created).
         cfg: the run's config (stored in summary.json and in every model file).
         mode: ``federated``, ``local`` or ``pooled``.
+        metrics: what the task reports; None: the metrics of the task ``cfg`` names (the
+            run's owner builds it, so a task named by import path is allowed).
     """
 
-    def __init__(self, out_dir: str | Path, cfg: Config, mode: str) -> None:
+    def __init__(self, out_dir: str | Path, cfg: Config, mode: str,
+                 metrics: Sequence[MetricSpec] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.cfg = cfg
         self.mode = mode
+        if metrics is None:
+            metrics = build_task(cfg, allow_import=True).metrics
+        self.metrics = tuple(metrics)
         self.rounds: list[dict[str, Any]] = []
         self.started = time.time()
         self._round_started = time.time()
@@ -99,12 +110,21 @@ class RunHistory:
         entry["evaluate"][site] = _clean(metrics)
         self._aggregate(entry)
 
-    @staticmethod
-    def _aggregate(entry: dict[str, Any]) -> None:
-        """Example-weighted means over sites of every metric (dice, hd95, psnr, ...), and
-        beside them in ``median`` the median over sites."""
-        keys = {k for m in entry["evaluate"].values() for k in m if k != "num_examples"}
-        for key in sorted(keys):
+    @property
+    def headline(self) -> MetricSpec | None:
+        """The task's main metric (progress bars and one-line results show it)."""
+        return headline(self.metrics)
+
+    def _aggregated_keys(self, per_site: dict[str, dict[str, Any]]) -> list[str]:
+        """Declared metric keys (per-class ones too) that sites reported and that average."""
+        keys = metric_keys(self.metrics, {k for m in per_site.values() for k in m})
+        averaged = {s.name for s in self.metrics if s.aggregate}
+        return [k for k in keys if k.split("/", 1)[0] in averaged]
+
+    def _aggregate(self, entry: dict[str, Any]) -> None:
+        """Example-weighted means over sites of every declared metric that averages, and
+        beside them in ``median`` the median over sites (one vote per site)."""
+        for key in self._aggregated_keys(entry["evaluate"]):
             value = weighted_mean(entry["evaluate"], key)
             if value is not None:
                 entry["aggregate"][key] = value
@@ -172,18 +192,25 @@ class RunHistory:
         last_eval = self.rounds[-1]["evaluate"] if self.rounds else {}
         final = final or {}
         per_site = final.get("per_site") or {s: dict(m) for s, m in last_eval.items()}
+        main = self.headline
+        # Every averaging metric has its key (None until a site reports it), per-class ones
+        # when reported; weighted by validation cases, as Flower weights by num-examples.
+        keys = [s.name for s in self.metrics if s.aggregate]
+        keys += [k for k in self._aggregated_keys(per_site) if k not in keys]
         out = {
             "mode": self.mode,
             "task": self.cfg.task,
             "strategy": self.cfg.strategy.name if self.mode == "federated" else None,
             "sites": [s.name for s in self.cfg.sites],
             "test_sets": [t.name for t in self.cfg.test_sets],
+            "metrics": [spec.to_dict() for spec in self.metrics],
             "rounds": self.rounds,
             "final": {
-                "dice": weighted_mean(per_site, "dice"),
-                "hd95": weighted_mean(per_site, "hd95"),
-                "median": {k: v for k in ("dice", "hd95")
-                           if (v := site_median(per_site, k)) is not None},
+                "headline": main.name if main is not None else None,
+                **{key: weighted_mean(per_site, key)
+                   for key in metric_keys(self.metrics, keys)},
+                "median": {key: value for key in metric_keys(self.metrics, keys)
+                           if (value := site_median(per_site, key)) is not None},
                 "per_site": per_site,
                 "test_sets": final.get("test_sets", {}),
             },

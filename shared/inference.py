@@ -1,15 +1,19 @@
-"""Whole-volume prediction in the input's native grid (used by evaluate and the CLI's predict).
+"""Applying a model to whole images in their native grid: predict (segment) and harmonise.
 
-The image goes through the shared preprocessing, a sliding-window pass on the model's grid,
-then ``Invertd`` maps the class probabilities back to the input's voxel grid, where they are
-turned into labels. Inverting probabilities (bilinear) rather than labels (nearest) gives
-smoother boundaries when the native grid is finer than the model's.
+The image goes through the shared preprocessing, the network runs as a sliding window on the
+model's grid, and :func:`to_native` maps the output back to the input's voxel grid with
+MONAI's ``Invertd``, so every output has exactly the input's shape and affine. Segmentation
+inverts class probabilities (bilinear) and takes the argmax there, which gives smoother
+boundaries than inverting labels when the native grid is finer than the model's;
+harmonisation inverts the generator's image. Evaluation uses the same functions, so reported
+and reproduced numbers agree.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
@@ -22,35 +26,20 @@ from torch import nn
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
-from fedscan.shared.errors import FedscanError, root_cause
-from fedscan.shared.preprocessing import preprocess_transforms
+from fedscan.shared.data import load_nifti
+from fedscan.shared.errors import DataError, FedscanError
+from fedscan.shared.preprocessing import preprocess_case
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
 
-
-def load_nifti(path: str | Path, what: str = "image") -> nib.spatialimages.SpatialImage:
-    """Open a NIfTI header (lazily) or raise a one-line :class:`FedscanError` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FedscanError(f"{what} file not found: {path}")
-    try:
-        img = nib.load(path)
-    except Exception as exc:  # nibabel raises many types for a bad file
-        raise FedscanError(f"{path}: not a readable NIfTI {what} ({_why(exc)})") from None
-    if len(img.shape) < 3:
-        raise FedscanError(f"{path}: expected a 3D {what}, got shape {tuple(img.shape)}")
-    return img
+if TYPE_CHECKING:
+    from fedscan.shared.tasks.harmonisation import CycleGAN
 
 
 def require_largest_component() -> None:
     """Raise a one-line error when MONAI's connected components (scikit-image) are missing."""
     if not optional_import("skimage.measure")[1]:
         raise FedscanError("largest_component needs scikit-image (pip install scikit-image)")
-
-
-def _why(exc: Exception) -> str:
-    first = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {first[0]}" if first else type(exc).__name__
 
 
 def _predictor(model: nn.Module, spatial_dims: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -63,41 +52,65 @@ def _predictor(model: nn.Module, spatial_dims: int) -> Callable[[torch.Tensor], 
     return lambda x: model(x.squeeze(-1)).unsqueeze(-1)
 
 
-def sliding_window_logits(model: nn.Module, image: torch.Tensor, cfg: Config,
-                          device: torch.device) -> torch.Tensor:
-    """Logits ``(num_classes, *spatial)`` for a preprocessed ``(C, *spatial)`` image."""
+def sliding_window(model: nn.Module, image: torch.Tensor, cfg: Config,
+                   device: torch.device | str) -> torch.Tensor:
+    """The network's output ``(C_out, *spatial)`` for a preprocessed ``(C, *spatial)`` image.
+
+    Windows are ``train.patch_size`` (what the network was trained on, so its instance norm
+    sees the statistics it learnt; padded if the image is smaller), Gaussian-blended with
+    ``evaluate.sw_overlap``. The caller sets eval mode; this runs under ``no_grad`` and
+    returns a plain tensor on the CPU.
+    """
     # The network sees plain tensors; the meta stays with ``image`` for the inversion.
     x = image.as_tensor() if isinstance(image, MetaTensor) else image
-    logits = sliding_window_inference(
-        x[None].to(device),
-        roi_size=list(cfg.train.patch_size),  # windows are training patches (padded if larger)
-        sw_batch_size=cfg.evaluate.sw_batch_size,
-        predictor=_predictor(model, cfg.model.spatial_dims),
-        overlap=cfg.evaluate.sw_overlap,
-        mode="gaussian",
-    )
-    return logits[0]
+    with torch.no_grad():
+        out = sliding_window_inference(
+            x[None].to(torch.device(device)),
+            roi_size=list(cfg.train.patch_size),
+            sw_batch_size=cfg.evaluate.sw_batch_size,
+            predictor=_predictor(model, cfg.model.spatial_dims),
+            overlap=cfg.evaluate.sw_overlap,
+            mode="gaussian",
+        )
+    return out[0].cpu()
 
 
 def preprocess_image(image_path: str | Path, cfg: Config) -> tuple[MetaTensor, Compose]:
     """The preprocessed ``(C, *spatial)`` image and the transform that made it (to invert).
 
     Raises:
-        FedscanError: one line naming the file when it is missing, unreadable, cannot be
-            preprocessed or has the wrong channel count.
+        DataError: one line naming the file when it is missing, unreadable, not 3D, cannot
+            be preprocessed or has the wrong channel count.
     """
-    image_path = Path(image_path)
-    load_nifti(image_path)  # header check: missing or corrupt files named on one line
-    pre = preprocess_transforms(cfg.data, keys=("image",))
-    try:
-        image = pre({"image": str(image_path)})["image"]
-    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        raise FedscanError(f"{image_path}: could not be read or preprocessed "
-                           f"({_why(root_cause(exc))})") from None
-    if image.shape[0] != cfg.data.in_channels:
-        raise FedscanError(f"{image_path}: has {image.shape[0]} channel(s), the model expects "
-                           f"{cfg.data.in_channels} (data.in_channels)")
-    return image, pre
+    if len(load_nifti(image_path, header_only=True).shape) < 3:
+        raise DataError(f"{image_path}: expected a 3D image (2D NIfTI files are not supported)")
+    out, pre = preprocess_case({"image": str(image_path)}, cfg.data, ("image",))
+    return out["image"], pre
+
+
+def to_native(output: torch.Tensor, image: MetaTensor, pre: Compose,
+              like: nib.spatialimages.SpatialImage) -> torch.Tensor:
+    """Map a model-grid output ``(C, *grid)`` back to the grid of the file ``image`` came from.
+
+    ``Invertd`` gives the output the image's trace and undoes resampling and reorientation
+    (bilinear; a plain tensor would be skipped with only a warning).
+
+    Args:
+        output: on the preprocessed ``image``'s grid (CPU).
+        image: the preprocessed image (carries the trace).
+        pre: the transform that preprocessed it.
+        like: the input file's nibabel image (the shape to land on).
+
+    Returns:
+        ``(C, *native)`` plain tensor with exactly ``like``'s spatial shape.
+    """
+    inverter = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)
+    native = torch.as_tensor(inverter({"image": image, "pred": MetaTensor(output)})["pred"])
+    expected = tuple(like.shape[:3])
+    if tuple(native.shape[1:4]) != expected:  # a broken trace must never write a misaligned file
+        raise RuntimeError(f"{like.get_filename()}: output shape {tuple(native.shape[1:])} != "
+                           f"image {expected}")
+    return native
 
 
 def predict_volume(
@@ -110,8 +123,7 @@ def predict_volume(
 ) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
     """Segment one image file in its own voxel grid.
 
-    The caller puts ``model`` in eval mode (evaluation does); this function only runs it
-    under ``torch.no_grad``.
+    The caller puts ``model`` in eval mode (evaluation does).
 
     Args:
         model: the task network, already on ``device``.
@@ -126,29 +138,52 @@ def predict_volume(
         the image's voxel order (``uint8``), and the input as a nibabel image.
 
     Raises:
-        FedscanError: the image is missing, unreadable or has the wrong channel count.
+        DataError: the image is missing, unreadable or has the wrong channel count.
     """
-    image_path = Path(image_path)
-    img = load_nifti(image_path)
     image, pre = preprocess_image(image_path, cfg)
-
-    with torch.no_grad():
-        probs = torch.softmax(sliding_window_logits(model, image, cfg, torch.device(device)), 0)
-    # Invertd gives the MetaTensor the image's trace and undoes Spacing and Orientation
-    # (a plain tensor would be skipped with only a warning).
-    inverter = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)
-    native = inverter({"image": image, "pred": MetaTensor(probs.cpu())})["pred"]
-    labels = native.argmax(0, keepdim=True)
+    img = load_nifti(image_path, header_only=True)
+    probs = torch.softmax(sliding_window(model, image, cfg, device), 0)
+    labels = to_native(probs, image, pre, img).argmax(0, keepdim=True)
     if largest_component:
         require_largest_component()
         foreground = list(range(1, cfg.data.num_classes))
         keep = KeepLargestConnectedComponent(applied_labels=foreground, independent=False)
         labels = keep(labels)
-    labels = np.asarray(torch.as_tensor(labels)[0].numpy(), dtype=np.uint8)
-    expected = tuple(img.shape[:3])
-    if labels.shape != expected:  # a broken trace must never write a misaligned mask
-        raise RuntimeError(f"{image_path}: prediction shape {labels.shape} != image {expected}")
-    return labels, img
+    return np.asarray(torch.as_tensor(labels)[0].numpy(), dtype=np.uint8), img
+
+
+def harmonise_on_grids(generator: nn.Module, image_path: str | Path, cfg: Config,
+                       device: torch.device | str
+                       ) -> tuple[MetaTensor, torch.Tensor, nib.Nifti1Image]:
+    """The preprocessed image, the generator's output on the model grid, and that output
+    mapped back to the input's grid as a ``float32`` NIfTI (channels last)."""
+    image, pre = preprocess_image(image_path, cfg)
+    img = load_nifti(image_path, header_only=True)
+    out = sliding_window(generator, image, cfg, device)
+    # A copy: the grid output is returned too, and must not share memory with the inversion.
+    array = to_native(out.clone(), image, pre, img).numpy().astype(np.float32)
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    return image, out, image_like(array, img)
+
+
+def harmonise_volume(generator: nn.Module, image_path: str | Path, cfg: Config,
+                     device: torch.device | str = "cpu") -> nib.Nifti1Image:
+    """Harmonise one image file to the reference domain, in the image's own voxel grid.
+
+    Args:
+        generator: the site-to-reference generator on ``device``, in eval mode.
+        image_path: a NIfTI image (any orientation, spacing, dtype).
+        cfg: the config the model was trained with.
+        device: where the generator runs.
+
+    Returns:
+        A ``float32`` NIfTI with the input's shape and affine (qform/sform copied), whose
+        intensities are on the pipeline's normalised scale (reference tissue in about [0, 1]).
+
+    Raises:
+        DataError: the image is missing, unreadable or has the wrong channel count.
+    """
+    return harmonise_on_grids(generator, image_path, cfg, device)[2]
 
 
 def image_like(array: np.ndarray, like: nib.spatialimages.SpatialImage,
@@ -165,6 +200,13 @@ def image_like(array: np.ndarray, like: nib.spatialimages.SpatialImage,
         out.set_sform(sform if sform is not None else like.affine, code=int(scode))
         out.header.set_xyzt_units(*header.get_xyzt_units())
     return out
+
+
+def _write(image: nib.Nifti1Image, out_path: str | Path) -> Path:
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    image.to_filename(out_path)
+    return out_path
 
 
 def predict_file(
@@ -192,6 +234,9 @@ def predict_file(
         FedscanError: one line naming the model or image file at fault.
     """
     cfg, state_dict, _ = load_model(model_path)
+    if cfg.task != "segmentation":
+        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
+                           "models")
     task = build_task(cfg)
     model = task.build_model()
     try:
@@ -203,7 +248,59 @@ def predict_file(
     model.to(dev).eval()
     keep = cfg.evaluate.largest_component if largest_component is None else largest_component
     labels, img = predict_volume(model, image_path, cfg, dev, largest_component=keep)
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    image_like(labels, img, np.uint8).to_filename(out_path)
-    return out_path
+    return _write(image_like(labels, img, np.uint8), out_path)
+
+
+def load_cyclegan(model_path: str | Path) -> tuple[Config, CycleGAN]:
+    """A harmonisation model file as ``(config, CycleGAN)`` with its generators loaded.
+
+    The federation's ``final_model.pt`` holds only what it shares (the generators' UNets):
+    the intensity curves then stay the identity, and the discriminators are not needed to
+    harmonise. A site's own ``site_model.pt`` adds its curves, heads and the generator's
+    moving average, which :meth:`CycleGAN.harmoniser` then returns.
+
+    Raises:
+        FedscanError: one line naming the file when it is not a harmonisation model or lacks
+            the site-to-reference generator's weights.
+    """
+    cfg, state_dict, _ = load_model(model_path)
+    if cfg.task != "harmonisation":
+        raise FedscanError(f"{model_path}: a {cfg.task} model, not a harmonisation model")
+    task = build_task(cfg)
+    model = task.build_model()
+    expected = [k for k in task.shared_keys(model) if k.startswith("g_site2ref.")]
+    missing = [k for k in expected if k not in state_dict]
+    try:
+        result = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError:  # shape mismatch
+        raise FedscanError(f"{model_path}: weights do not match the model its config "
+                           "describes") from None
+    if missing or result.unexpected_keys:
+        raise FedscanError(f"{model_path}: weights do not match the model its config "
+                           f"describes ({len(missing)} of {len(expected)} site-to-reference "
+                           f"generator weights missing, {len(result.unexpected_keys)} "
+                           "unexpected)")
+    return cfg, model
+
+
+def harmonise_file(model_path: str | Path, image_path: str | Path, out_path: str | Path,
+                   *, device: str = "auto") -> Path:
+    """Harmonise ``image_path`` with a saved model and write the NIfTI to ``out_path``.
+
+    Args:
+        model_path: a harmonisation model written by :func:`~fedscan.shared.checkpoint.save_model`
+            (the generators at least).
+        image_path: the NIfTI image to harmonise.
+        out_path: where the ``float32`` NIfTI goes (same shape and affine as the input).
+        device: ``auto``, ``cpu``, ``cuda``...
+
+    Returns:
+        ``out_path``.
+
+    Raises:
+        FedscanError: one line naming the model or image file at fault.
+    """
+    cfg, model = load_cyclegan(model_path)
+    dev = resolve_device(device)
+    generator = model.harmoniser().to(dev).eval()
+    return _write(harmonise_volume(generator, image_path, cfg, dev), out_path)

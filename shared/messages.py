@@ -1,10 +1,15 @@
 """What server and client put in Flower messages: the only place both sides agree on keys.
 
-A train/evaluate message carries ``arrays`` (the global model) and ``config``: the server's
-task config (model, preprocessing, training hyper-parameters) as JSON, never code. A reply
-carries ``arrays`` (train only), ``metrics`` (aggregates over the site's cases, never per-case
-values), ``site`` (the site's declared name, for the per-site report) and, in a train reply,
-``privacy`` (the site's DP ledger after the round: ε, δ, σ, q, cumulative steps, status).
+A train/evaluate message carries ``arrays`` (the global model) and ``config``: one versioned
+:class:`RoundConfig` (the server's task config, model, preprocessing and training
+hyper-parameters as JSON, never code; the round; FedProx's μ; whether to evaluate the received
+model), encoded and decoded only here. A site that reads another schema version refuses the
+message with a one-line error instead of guessing.
+
+A reply carries ``arrays`` (train only), ``metrics`` (aggregates over the site's cases, never
+per-case values), ``site`` (the site's declared name, for the per-site report) and, in a train
+reply, ``privacy`` (the site's DP ledger after the round: ε, δ, σ, q, cumulative steps,
+status).
 
 The model crosses the network once per round each way: a train message with
 ``evaluate-received`` set asks the site to first evaluate the model it received (the previous
@@ -12,18 +17,21 @@ round's aggregate) and to put those metrics in the reply's ``evaluation`` record
 separate evaluate message re-sending the same weights. Only the run's final model gets an
 evaluate message of its own.
 
-Privacy settings never travel from server to site: they are each hospital's own.
+Privacy settings never travel from server to site: they are each hospital's own (the server
+leaves them out, a site refuses a config that carries them).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
 
 from fedscan.shared.config import Config, SiteConfig, parse_config
+from fedscan.shared.errors import FedscanError
 
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -50,26 +58,109 @@ TRAIN_REPLY_RECORDS = (ARRAYS, METRICS, SITE, PRIVACY, EVALUATION)
 EVALUATE_REPLY_RECORDS = (METRICS, SITE)
 
 
-def task_config_json(cfg: Config) -> str:
-    """The run config without sites, test sets and privacy: what every hospital needs to train.
+#: The version of :class:`RoundConfig`; bump it when its meaning changes.
+SCHEMA_VERSION = 1
+SCHEMA = "schema-version"
+#: Flower's FedAvg (and every strategy built on it) sets this key in the config it sends.
+SERVER_ROUND = "server-round"
+#: Flower's FedProx sets this key to its μ.
+PROXIMAL_MU = "proximal-mu"
+#: Run-config keys that never travel to a site: its data, the server's test sets, and
+#: privacy, which is each hospital's own.
+SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
 
-    Privacy is stripped so the server can neither set nor loosen a hospital's guarantee.
+
+class SchemaMismatch(FedscanError):
+    """A message config of another schema version than this fedscan reads."""
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """What the server sends a site with each train or evaluate message (the ``config``).
+
+    Attributes:
+        task_config: the run config without :data:`SITE_ONLY_KEYS`, as JSON.
+        server_round: the round (Flower's strategies set it).
+        proximal_mu: FedProx's μ (Flower's FedProx sets it; 0 otherwise).
+        evaluate_received: train messages: evaluate the received model (the previous
+            round's aggregate) on the site's validation cases before training it.
+        schema_version: :data:`SCHEMA_VERSION` of the sender.
     """
-    data = cfg.to_dict()
-    data["sites"], data["test_sets"] = [], []
-    data["privacy"] = None
-    return json.dumps(data)
+
+    task_config: str
+    server_round: int = 0
+    proximal_mu: float = 0.0
+    evaluate_received: bool = False
+    schema_version: int = SCHEMA_VERSION
+
+    @classmethod
+    def for_run(cls, cfg: Config) -> RoundConfig:
+        """The config of a run's messages: what stays at the sites (their data, privacy) is
+        left out, and no path travels (``harmonisation.reference`` comes from each site's
+        own config), so the server can neither loosen a guarantee nor choose what a site
+        reads."""
+        data = {k: v for k, v in cfg.to_dict().items() if k not in SITE_ONLY_KEYS}
+        data["harmonisation"]["reference"] = None
+        return cls(task_config=json.dumps(data))
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({SCHEMA: self.schema_version, TASK_CONFIG: self.task_config,
+                             SERVER_ROUND: self.server_round, PROXIMAL_MU: self.proximal_mu,
+                             EVALUATE_RECEIVED: self.evaluate_received})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> RoundConfig:
+        """Decode a message's config (keys Flower's strategies add included).
+
+        Raises:
+            FedscanError: another schema version, or a field missing or of the wrong type.
+        """
+        version = record.get(SCHEMA)
+        if version != SCHEMA_VERSION:
+            raise SchemaMismatch(f"the server sent message schema {version!r}; this site's "
+                               f"fedscan reads schema {SCHEMA_VERSION} (install the "
+                               "consortium's fedscan version)")
+        try:
+            out = cls(task_config=_typed(record, TASK_CONFIG, str),
+                      server_round=_typed(record, SERVER_ROUND, int, 0),
+                      proximal_mu=float(_typed(record, PROXIMAL_MU, (int, float), 0.0)),
+                      evaluate_received=_typed(record, EVALUATE_RECEIVED, bool, False))
+        except (KeyError, TypeError) as exc:
+            raise FedscanError(f"message config: {exc.args[0]}") from None
+        return out
+
+    def site_config(self, site: SiteConfig) -> Config:
+        """The run config on a hospital, with that hospital as the only site.
+
+        Raises:
+            FedscanError: the task config is not a JSON object or carries a key that only
+                the site sets (its data folder, privacy).
+            ConfigError: a config key is invalid, named.
+        """
+        try:
+            data = json.loads(self.task_config)
+        except json.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            raise FedscanError("message config: the task config is not a JSON object")
+        sent = [k for k in SITE_ONLY_KEYS if k in data]
+        if sent:
+            raise FedscanError(f"message config: the server sent {sent[0]!r}, which only the "
+                               "site sets")
+        return parse_config({**data, "sites": [dataclasses.asdict(site)]})
 
 
-def config_for_site(task_json: str, site: SiteConfig) -> Config:
-    """Rebuild the run config on a hospital, with that hospital as the only site.
-
-    Privacy comes only from the hospital's own ``site``; anything the server sent is dropped.
-    """
-    data = json.loads(task_json)
-    data["sites"] = [dataclasses.asdict(site)]
-    data["privacy"] = None
-    return parse_config(data)
+def _typed(record: ConfigRecord, key: str, kind: type | tuple[type, ...],
+           default: object = KeyError) -> object:
+    """``record[key]`` if it has type ``kind``; ``default`` when absent (KeyError if none)."""
+    if key not in record:
+        if default is KeyError:
+            raise KeyError(f"{key!r} is missing")
+        return default
+    value = record[key]
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise TypeError(f"{key!r} has type {type(value).__name__}")
+    return value
 
 
 def site_record(name: str) -> ConfigRecord:

@@ -1,15 +1,25 @@
 """Deterministic preprocessing shared by training, evaluation and prediction.
 
-Every pipeline (train, evaluate, predict, later harmonisation) starts with the same
+Every pipeline (train, evaluate, predict, harmonise) starts with the same
 :func:`preprocess_transforms`, so all sites and the server feed the model one grid
 (orientation and spacing from :class:`~fedscan.shared.config.DataConfig`) and one
 intensity scale. The spatial steps are traced on MetaTensors, so ``monai.transforms.Invertd``
 maps any output on that grid back to the input's native voxel grid.
+
+:func:`preprocess_case` runs it on one case's files with the checks and one-line errors of the
+data contract; :func:`cached_case` adds a process-wide cache for training, where a site
+preprocesses the same cases every round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +40,8 @@ from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_tensor
 
 from fedscan.shared.config import DataConfig
+from fedscan.shared.data import check_label_values, load_nifti
+from fedscan.shared.errors import DataError, root_cause
 
 #: Below this fraction of voxels above the image minimum, percentiles use every voxel.
 MIN_FOREGROUND_FRACTION = 0.01
@@ -127,3 +139,138 @@ def preprocess_transforms(data: DataConfig, keys: Sequence[str] = ("image", "lab
         steps.append(AsDiscreted(labels, rounding="torchrounding"))
         steps.append(EnsureTyped(labels, dtype=LABEL_DTYPE, track_meta=True))
     return Compose(steps)
+
+
+# -- one case's files in, checked tensors out ----------------------------------------------------
+
+
+def preprocess_case(case: Mapping[str, str], data: DataConfig,
+                    keys: Sequence[str] = ("image", "label")) -> tuple[dict[str, Any], Compose]:
+    """Preprocess the files of one case, with one-line errors naming the file at fault.
+
+    Each file's header is read first; after preprocessing every image must have
+    ``data.in_channels`` channels, and every label one channel on its image's grid with
+    classes below ``data.num_classes`` (:func:`~fedscan.shared.data.check_label_values`).
+
+    Args:
+        case: file paths by key (``image``, ``label``, ...).
+        data: the run's data config.
+        keys: the keys to load; see :func:`preprocess_transforms` for label keys.
+
+    Returns:
+        ``(outputs, transform)``: MetaTensors by key, and the transform (to invert outputs).
+
+    Raises:
+        DataError: a file is missing, unreadable or cannot be preprocessed, or a check fails.
+    """
+    keys = tuple(keys)
+    for k in keys:
+        load_nifti(case[k], _what(k), header_only=True)
+    pre = preprocess_transforms(data, keys)
+    try:
+        out = pre({k: str(case[k]) for k in keys})
+    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
+        raise DataError(_failure(case, keys, exc)) from None
+    images = [k for k in keys if not is_label_key(k)]
+    for k in images:
+        if out[k].shape[0] != data.in_channels:
+            raise DataError(f"{case[k]}: has {out[k].shape[0]} channel(s), data.in_channels is "
+                            f"{data.in_channels}")
+    grid = tuple(out[images[0]].shape[1:]) if images else None
+    for k in keys:
+        if not is_label_key(k):
+            continue
+        if out[k].shape[0] != 1 or (grid is not None and tuple(out[k].shape[1:]) != grid):
+            raise DataError(f"{case[k]}: grid {tuple(out[k].shape[1:])} does not match its "
+                            f"image's {grid} after resampling")
+        check_label_values(case[k], out[k].as_tensor().numpy(), data.num_classes)
+    return out, pre
+
+
+def _what(key: str) -> str:
+    return "label" if is_label_key(key) else "image"
+
+
+def _failure(case: Mapping[str, str], keys: Sequence[str], exc: Exception) -> str:
+    """One line naming the file that broke preprocessing (a full read finds corrupt data)."""
+    for k in keys:
+        try:
+            load_nifti(case[k], _what(k))
+        except DataError as read_error:  # truncated or corrupt data only fails when read
+            return str(read_error)
+    root = root_cause(exc)
+    why = str(root).strip().splitlines()
+    return (f"{' / '.join(str(case[k]) for k in keys)}: could not be preprocessed "
+            f"({type(root).__name__}{': ' + why[0] if why else ''})")
+
+
+#: Bytes of preprocessed volumes a process keeps between rounds.
+CACHE_BYTES = 2 * 1024**3
+
+
+class VolumeCache:
+    """Process-wide LRU of preprocessed training volumes, bounded in bytes.
+
+    A site trains every round in the same process; reloading and resampling its cases each
+    round would dominate short rounds. Keys hold the file paths, their size and mtime, and
+    the data config, so a changed file or preprocessing never hits a stale entry.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> dict[str, torch.Tensor] | None:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        return None
+
+    def put(self, key: tuple, value: dict[str, torch.Tensor]) -> None:
+        size = sum(v.numel() * v.element_size() for v in value.values())
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.max_bytes and len(self._items) > 1:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= sum(v.numel() * v.element_size() for v in old.values())
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+VOLUME_CACHE = VolumeCache(CACHE_BYTES)
+
+
+def _file_key(path: str, what: str) -> tuple:
+    """Cache key part of a file: its resolved path, size and mtime (a changed file misses)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{what} file not found: {p}")
+    st = p.stat()
+    return str(p.resolve()), st.st_size, st.st_mtime_ns
+
+
+def cached_case(case: Mapping[str, str], data: DataConfig,
+                keys: Sequence[str] = ("image", "label")) -> dict[str, torch.Tensor]:
+    """:func:`preprocess_case`'s outputs as plain contiguous tensors, from the cache if there.
+
+    Callers must not modify the tensors (transforms work on copies).
+    """
+    keys = tuple(keys)
+    key = (keys, *(_file_key(case[k], _what(k)) for k in keys),
+           json.dumps(asdict(data), sort_keys=True))
+    hit = VOLUME_CACHE.get(key)
+    if hit is not None:
+        return hit
+    out, _ = preprocess_case(case, data, keys)
+    value = {k: out[k].as_tensor().contiguous() for k in keys}
+    VOLUME_CACHE.put(key, value)
+    return value

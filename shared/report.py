@@ -5,6 +5,12 @@ layout through :class:`~fedscan.shared.history.RunHistory`; this module reads on
 so it works on a finished run, on a run that crashed half-way (the summary is rewritten every
 round) and on an old output folder.
 
+The metrics come from the summary's ``metrics`` list (the task's
+:class:`~fedscan.shared.tasks.base.MetricSpec` list): one plot per metric (``<name>.png``), one
+column per metric and per-class key (``<name>/<class>``, next to its metric) in the tables, the
+headline metric in the overview and the comparison. Nothing here names a task's metric; an
+older summary without ``metrics`` gets one spec per numeric evaluation key.
+
 Summaries are treated as untrusted: any key may be missing, ``None`` (JSON has no NaN, so the
 history writes non-finite numbers as ``null``) or of an unexpected type. Missing values show
 as "—" in tables and as gaps in plots, never as a crash.
@@ -17,6 +23,7 @@ long-running server.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +32,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+
+from fedscan.shared.report_html import write_html_report
+from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
 
 #: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
 MISSING = "—"
@@ -43,8 +53,8 @@ _FILE_NOTES = {
     "summary.json": "every number in this report, machine-readable (per round, per site, "
     "final results and the full run config).",
     "report.md": "this report.",
-    "dice.png": "validation Dice per site after each round; the thick dashed grey line is the "
-    "aggregate over sites.",
+    "report.html": "this report as one self-contained web page (plots embedded; opens from a "
+    "file share or an e-mail without a server).",
     "loss.png": "training loss per site after each round.",
     "epsilon.png": "differential privacy spent (ε) per site after each round; dashed: the "
     "budget (in the site's colour when sites differ).",
@@ -92,7 +102,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
         if math.isinf(value):
             return "∞" if value > 0 else "-∞"
         # A DP delta of 1e-5 would print as 0.0000 and read as "no privacy guarantee".
-        if value != 0 and abs(value) < 10 ** -(digits - 1):
+        if value != 0 and abs(value) < 10 ** -digits:
             return f"{value:.2e}"
         return f"{value:.{digits}f}"
     return _md(str(value))
@@ -192,23 +202,83 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.1f} s ({human})"
 
 
-def site_mean_dice(summary: Mapping[str, Any]) -> float | None:
-    """Final Dice averaged over sites, each site counting once.
+def metric_specs(summary: Mapping[str, Any]) -> list[MetricSpec]:
+    """The run's metrics: its ``metrics`` list, else one spec per numeric evaluation key
+    (summaries written before tasks declared their metrics; direction then unknown)."""
+    declared = summary.get("metrics")
+    if isinstance(declared, list):
+        specs = []
+        for entry in declared:
+            try:
+                specs.append(MetricSpec.from_dict(entry))
+            except (TypeError, ValueError):  # a hand-edited or foreign entry: skip it
+                continue
+        return specs
+    keys: list[str] = []
+    final = _dict(summary.get("final"))
+    for values in [*(_dict(r.get("evaluate")).values() for r in _rounds(summary)),
+                   _dict(final.get("per_site")).values()]:
+        for metrics in values:
+            for key, value in _dict(metrics).items():
+                name = key.split("/", 1)[0]
+                if key != "num_examples" and name not in keys and (
+                        value is None or _num(value) is not None):
+                    keys.append(name)
+    return [MetricSpec(k, higher_is_better=True, per_class=True, headline=i == 0)
+            for i, k in enumerate(keys)]
+
+
+def headline_spec(summary: Mapping[str, Any]) -> MetricSpec | None:
+    """The run's main metric (``final.headline``, else the spec marked headline)."""
+    specs = metric_specs(summary)
+    name = _dict(summary.get("final")).get("headline")
+    return next((s for s in specs if s.name == name), None) or headline(specs)
+
+
+def site_mean(summary: Mapping[str, Any], metric: str | None = None) -> float | None:
+    """A final metric (default: the headline) averaged over sites, each site counting once.
 
     Unweighted on purpose: comparisons ask "how well does each hospital do", and a large
-    site should not hide a small one. Falls back to the run's own ``final.dice`` when the
-    summary has no per-site results.
+    site should not hide a small one. Falls back to the run's own ``final.<metric>`` when
+    the summary has no per-site results.
 
     Args:
         summary: a run summary.
+        metric: the metric key; None for the headline.
 
     Returns:
-        The mean, or None if the run has no final Dice.
+        The mean, or None if the run has no final value.
     """
+    if metric is None:
+        spec = headline_spec(summary)
+        if spec is None:
+            return None
+        metric = spec.name
     final = _dict(summary.get("final"))
     per_site = _dict(final.get("per_site"))
-    mean = _mean(_num(_dict(m).get("dice")) for m in per_site.values())
-    return mean if mean is not None else _num(final.get("dice"))
+    mean = _mean(_num(_dict(m).get(metric)) for m in per_site.values())
+    return mean if mean is not None else _num(final.get(metric))
+
+
+def _present_keys(specs: list[MetricSpec], *mappings: Mapping[str, Any]) -> list[str]:
+    """Metric keys (and per-class keys) holding a value in any of ``mappings``, spec order."""
+    keys = {k for m in mappings for k, v in _dict(m).items() if _num(v) is not None}
+    return metric_keys(specs, keys)
+
+
+def _spec_of(specs: list[MetricSpec], key: str) -> MetricSpec:
+    return next(s for s in specs if s.name == key.split("/", 1)[0])
+
+
+def _key_label(specs: list[MetricSpec], key: str) -> str:
+    """``hd95 (mm)``, ``dice/brain``: a column header."""
+    spec = _spec_of(specs, key)
+    return f"{key} ({spec.unit})" if spec.unit else key
+
+
+def plot_name(spec: MetricSpec) -> str:
+    """The PNG a metric is plotted to: its name, made safe for a file name."""
+    return re.sub(r"[^\w.-]", "_", spec.name) + ".png"
 
 
 # --------------------------------------------------------------------------- plots
@@ -299,12 +369,14 @@ def _site_line(ax: Any, xs: list[int], ys: list[float], key: str, sites: list[st
     _bridge_gaps(ax, xs, ys, color)
 
 
-def plot_dice(path: Path, summary: Mapping[str, Any]) -> Path:
-    """Write the Dice-per-round plot.
+def plot_metric(path: Path, summary: Mapping[str, Any], spec: MetricSpec) -> Path:
+    """Write one metric's per-round plot: a line per site, the aggregate thick and dashed,
+    and for a per-class metric each class's aggregate thin and dotted.
 
     Args:
         path: the PNG to write.
         summary: a run summary.
+        spec: the metric.
 
     Returns:
         ``path``.
@@ -312,22 +384,37 @@ def plot_dice(path: Path, summary: Mapping[str, Any]) -> Path:
     rounds = _rounds(summary)
     xs = _round_axis(rounds)
     fig, ax = _new_figure()
+    values: list[float] = []
     if xs:
         sites = _eval_sites(summary)
         for site in sites:
-            ys = _series(rounds, "evaluate", site, "dice", xs)
+            ys = _series(rounds, "evaluate", site, spec.name, xs)
             if all(math.isnan(y) for y in ys):
                 continue
+            values += ys
             _site_line(ax, xs, ys, site, sites)
-        agg_ys = _series(rounds, "aggregate", None, "dice", xs)
+        agg_ys = _series(rounds, "aggregate", None, spec.name, xs)
         if not all(math.isnan(y) for y in agg_ys):
+            values += agg_ys
             # Under the site lines and translucent: a site that tracks the aggregate closely
             # (common: the aggregate is their mean) would otherwise vanish beneath it.
             ax.plot(xs, agg_ys, linestyle="--", linewidth=3.5, color="black", alpha=0.55,
                     marker="D", markersize=5, label="aggregate", clip_on=False, zorder=1.9)
-    ax.set_ylim(0, 1)
-    ax.set_ylabel("validation Dice")
-    ax.set_title(f"Dice per round — {_mode_title(summary)}")
+        per_class = sorted({k for r in rounds for k in _dict(r.get("aggregate"))
+                            if spec.per_class and k.startswith(f"{spec.name}/")})
+        for i, key in enumerate(per_class):
+            ys = _series(rounds, "aggregate", None, key, xs)
+            values += ys
+            ax.plot(xs, ys, linestyle=":", linewidth=1.5, color=f"C{(i + 5) % 10}",
+                    label=f"aggregate {key.split('/', 1)[1]}", clip_on=False)
+    finite = [v for v in values if math.isfinite(v)]
+    if spec.low == 0:  # a metric that starts at 0 (Dice, distances, dB): show it from there
+        top = spec.high if spec.high is not None else max(finite, default=0.0) * 1.08
+        if top > 0:
+            ax.set_ylim(0, top)
+    direction = "higher" if spec.higher_is_better else "lower"
+    ax.set_ylabel(f"validation {spec.label} ({direction} is better)")
+    ax.set_title(f"{spec.name} per round — {_mode_title(summary)}")
     _finish_axes(ax, xs, "no rounds recorded yet")
     fig.savefig(path)
     return path
@@ -355,7 +442,7 @@ def plot_loss(path: Path, summary: Mapping[str, Any]) -> Path:
             if not finite:
                 continue
             top = max(top, *finite)
-            _site_line(ax, xs, ys, key, sites)  # same colour as the site's Dice line
+            _site_line(ax, xs, ys, key, sites)  # same colour as the site's metric lines
         if ax.lines and top > 0:
             # From 0 so sites compare at a glance; explicit head-room because autoscale's
             # margin is relative to the data's spread and clips markers when it is small.
@@ -424,19 +511,35 @@ def plot_epsilon(path: Path, summary: Mapping[str, Any]) -> Path:
     return path
 
 
+def _plotted_specs(summary: Mapping[str, Any]) -> list[MetricSpec]:
+    """Metrics with a value in any round, the headline always (an empty plot says "no rounds
+    yet"), so a task never gets a plot of a metric it does not report."""
+    specs = metric_specs(summary)
+    main = headline_spec(summary)
+    seen = {k.split("/", 1)[0] for r in _rounds(summary)
+            for part in (_dict(r.get("evaluate")).values(), [_dict(r.get("aggregate"))])
+            for m in part for k, v in _dict(m).items() if _num(v) is not None}
+    first = main.name if main is not None else None
+    chosen = [s for s in specs if s.name in seen or s.name == first]
+    return sorted(chosen, key=lambda s: s.name != first)  # the headline first
+
+
 def write_plots(out_dir: Path, summary: dict[str, Any]) -> list[Path]:
-    """Write ``dice.png`` and ``loss.png`` (and ``epsilon.png`` for DP runs) into ``out_dir``.
+    """Write ``<metric>.png`` for each of the run's metrics, ``loss.png`` (and ``epsilon.png``
+    for DP runs) into ``out_dir``.
 
     Args:
         out_dir: the run's output folder (created if needed).
         summary: the run summary (the content of ``summary.json``).
 
     Returns:
-        The paths written, Dice plot first.
+        The paths written, the headline metric's plot first.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [plot_dice(out_dir / "dice.png", summary), plot_loss(out_dir / "loss.png", summary)]
+    paths = [plot_metric(out_dir / plot_name(spec), summary, spec)
+             for spec in _plotted_specs(summary)]
+    paths.append(plot_loss(out_dir / "loss.png", summary))
     if _privacy_sites(summary):
         paths.append(plot_epsilon(out_dir / "epsilon.png", summary))
     return paths
@@ -498,46 +601,57 @@ def _overview(summary: Mapping[str, Any]) -> str:
         f"{n_rounds} round{'s' if n_rounds != 1 else ''} recorded, "
         f"wall time {_duration(_num(summary.get('seconds')))}."
     )
-    mean = site_mean_dice(summary)
-    if mean is not None:
-        parts.append(f"Final Dice, mean over sites: **{_fmt(mean)}** "
-                     "(1 = perfect overlap with the reference segmentation).")
+    main = headline_spec(summary)
+    mean = site_mean(summary)
+    if main is not None and mean is not None:
+        about = f" ({_md(main.description)})" if main.description else ""
+        parts.append(f"Final {_md(main.label)}, mean over sites: **{_fmt(mean)}**{about}.")
     return " ".join(parts)
+
+
+def _metric_notes(specs: list[MetricSpec]) -> list[str]:
+    """One sentence per declared metric: what it measures and its direction."""
+    notes = [f"{s.label}: {s.description} ({'higher' if s.higher_is_better else 'lower'} is "
+             "better)." for s in specs if s.description]
+    return [" ".join(notes), ""] if notes else []
 
 
 def _final_section(summary: Mapping[str, Any]) -> list[str]:
     final = _dict(summary.get("final"))
     per_site = _dict(final.get("per_site"))
+    specs = metric_specs(summary)
+    keys = _present_keys(specs, *per_site.values())
     lines = ["## Final results per site", ""]
-    if not per_site and _num(final.get("dice")) is None:
+    if not keys and all(_num(final.get(s.name)) is None for s in specs):
         return [*lines, "No final results recorded (the run may not have finished).", ""]
     rows = []
-    dices, hds = [], []
+    columns: dict[str, list[float | None]] = {k: [] for k in keys}
     for site in _eval_sites(summary):
         metrics = _dict(per_site.get(site))
-        dice, hd = _num(metrics.get("dice")), _num(metrics.get("hd95"))
-        dices.append(dice)
-        hds.append(hd)
-        rows.append([f"`{_md(site)}`", _fmt(dice), _fmt(hd, 3),
-                     _fmt(metrics.get("num_examples"))])
-    rows.append(["**mean over sites**", f"**{_fmt(_mean(dices))}**", f"**{_fmt(_mean(hds), 3)}**",
+        cells = []
+        for key in keys:
+            value = _num(metrics.get(key))
+            columns[key].append(value)
+            cells.append(_fmt(value))
+        rows.append([f"`{_md(site)}`", *cells, _fmt(metrics.get("num_examples"))])
+    rows.append(["**mean over sites**", *(f"**{_fmt(_mean(columns[k]))}**" for k in keys),
                  MISSING])
-    lines.append(_table(["Site", "Dice", "HD95 (mm)", "Validation cases"], rows))
+    lines.append(_table(["Site", *(_key_label(specs, k) for k in keys), "Validation cases"],
+                        rows))
     lines.append("")
-    weighted = _num(final.get("dice"))
-    if weighted is not None:
-        lines.append(f"Overall Dice as reported by the run (weighted by validation cases): "
-                     f"{_fmt(weighted)}; HD95: {_fmt(_num(final.get('hd95')), 3)}.")
+    weighted = [f"{k} {_fmt(_num(final.get(k)))}" for k in _present_keys(specs, final)]
+    if weighted:
+        lines.append("As reported by the run (sites weighted by validation cases): "
+                     + "; ".join(weighted) + ".")
         median = _dict(final.get("median"))
-        if _num(median.get("dice")) is not None:
-            lines[-1] += (f" Median over sites (one vote per site, whatever its case count): "
-                          f"Dice {_fmt(_num(median.get('dice')))}, HD95 "
-                          f"{_fmt(_num(median.get('hd95')), 3)}.")
+        medians = [f"{k} {_fmt(_num(median.get(k)))}" for k in _present_keys(specs, median)]
+        if medians:
+            lines[-1] += (" Median over sites (one vote per site, whatever its case count): "
+                          + "; ".join(medians) + ".")
         lines.append("")
-    lines.append("Dice: overlap between predicted and reference segmentation (0–1, higher is "
-                 "better). HD95: 95th-percentile boundary distance in millimetres (lower is "
-                 "better). Each site's results are on its own validation cases, evaluated "
-                 "inside that hospital.")
+    lines += _metric_notes(specs)
+    lines.append("Each site's results are on its own validation cases, evaluated inside that "
+                 "hospital.")
     lines.append("")
     return lines
 
@@ -548,21 +662,25 @@ def _test_set_section(summary: Mapping[str, Any]) -> list[str]:
     names = _ordered_keys(summary.get("test_sets"), results)
     if not names:
         return []
+    specs = metric_specs(summary)
+    keys = _present_keys(specs, *results.values())
+    labels = [_key_label(specs, k) for k in keys]
     lines = ["## Held-out test sets", ""]
     rows = []
     for name in names:
         m = _dict(results.get(name))
-        rows.append([f"`{_md(name)}`", _fmt(m.get("num_examples")), _fmt(_num(m.get("dice"))),
-                     _fmt(_num(m.get("hd95")), 3)])
-    lines += [_table(["Test set", "Cases", "Dice", "HD95 (mm)"], rows), ""]
+        rows.append([f"`{_md(name)}`", _fmt(m.get("num_examples")),
+                     *(_fmt(_num(m.get(k))) for k in keys)])
+    lines += [_table(["Test set", "Cases", *labels], rows), ""]
     for name in names:
         cases = _dict(_dict(results.get(name)).get("cases"))
         if not cases:
             continue
-        case_rows = [[f"`{_md(str(cid))}`", _fmt(_num(_dict(m).get("dice"))),
-                      _fmt(_num(_dict(m).get("hd95")), 3)] for cid, m in sorted(cases.items())]
+        case_keys = _present_keys(specs, *cases.values())
+        case_rows = [[f"`{_md(str(cid))}`", *(_fmt(_num(_dict(m).get(k))) for k in case_keys)]
+                     for cid, m in sorted(cases.items())]
         lines += [f"### Cases in `{_md(name)}`", "",
-                  _table(["Case", "Dice", "HD95 (mm)"], case_rows), ""]
+                  _table(["Case", *(_key_label(specs, k) for k in case_keys)], case_rows), ""]
     return lines
 
 
@@ -629,18 +747,27 @@ def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
         return [*lines, "No rounds recorded yet.", ""]
     train_keys = _train_keys(summary)
     sites = _eval_sites(summary)
+    specs = metric_specs(summary)
+    main = headline_spec(summary)
+    # Each site's headline metric, then the aggregate of every metric (per-class ones too).
+    aggregates = _present_keys(specs, *(_dict(r.get("aggregate")) for r in rounds))
+    if main is not None and main.name not in aggregates:
+        aggregates.insert(0, main.name)
     header = ["Round", "Seconds"]
     header += [f"{k} loss" for k in train_keys]
-    header += [f"{s} Dice" for s in sites]
-    header += ["Aggregate Dice", "Median Dice"]
+    header += [f"{s} {main.name}" for s in sites] if main is not None else []
+    header += [f"Aggregate {_key_label(specs, k)}" for k in aggregates]
+    header += [f"Median {_key_label(specs, main.name)}"] if main is not None else []
     rows = []
     for r in rounds:
         train, evaluate = _dict(r.get("train")), _dict(r.get("evaluate"))
         row = [str(r["round"]), _fmt(_num(r.get("seconds")), 1)]
         row += [_fmt(_num(_dict(train.get(k)).get("loss"))) for k in train_keys]
-        row += [_fmt(_num(_dict(evaluate.get(s)).get("dice"))) for s in sites]
-        row.append(_fmt(_num(_dict(r.get("aggregate")).get("dice"))))
-        row.append(_fmt(_num(_dict(r.get("median")).get("dice"))))
+        if main is not None:
+            row += [_fmt(_num(_dict(evaluate.get(s)).get(main.name))) for s in sites]
+        row += [_fmt(_num(_dict(r.get("aggregate")).get(k))) for k in aggregates]
+        if main is not None:
+            row.append(_fmt(_num(_dict(r.get("median")).get(main.name))))
         rows.append(row)
     lines += [_table(header, rows), "",
               f"{MISSING} means the site sent no result that round (it failed, timed out or "
@@ -673,8 +800,8 @@ def _model_lines(summary: Mapping[str, Any]) -> list[str]:
         lines.append("")
         lines += [f"- `{_md(str(site))}`: `{_md(str(path))}`" for site, path in model.items()]
     elif model:
-        lines.append(f"Final model: `{_md(str(model))}`. It carries its config, so "
-                     "`fedscan predict` needs nothing else to run it.")
+        lines.append(f"Final model: `{_md(str(model))}`. It carries its config (task, model, "
+                     "preprocessing), so applying it needs nothing else.")
     else:
         lines.append("No final model recorded (the run may not have finished).")
     lines.append("")
@@ -683,8 +810,12 @@ def _model_lines(summary: Mapping[str, Any]) -> list[str]:
 
 def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     lines = ["## Files in this folder", ""]
-    for name in ("summary.json", "report.md", "dice.png", "loss.png"):
+    for name in ("summary.json", "report.md", "report.html"):
         lines.append(f"- `{name}`: {_FILE_NOTES[name]}")
+    for spec in _plotted_specs(summary):
+        lines.append(f"- `{plot_name(spec)}`: validation {_md(spec.label)} per site after each "
+                     "round; the thick dashed grey line is the aggregate over sites.")
+    lines.append(f"- `loss.png`: {_FILE_NOTES['loss.png']}")
     if _privacy_sites(summary):
         lines.append(f"- `epsilon.png`: {_FILE_NOTES['epsilon.png']}")
     if (out_dir / "site-state").is_dir():
@@ -694,8 +825,8 @@ def _files_lines(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
     model = summary.get("model")
     paths = list(model.values()) if isinstance(model, Mapping) else [model] if model else []
     for path in paths:
-        lines.append(f"- `{_md(str(path))}`: trained model weights with their config, for "
-                     "`fedscan predict`.")
+        lines.append(f"- `{_md(str(path))}`: trained model weights with their config (task, "
+                     "model, preprocessing).")
     if not paths:
         lines.append("- `final_model.pt`: the trained model with its config (written when the "
                      "run finishes).")
@@ -707,8 +838,8 @@ def _network_section(summary: Mapping[str, Any]) -> list[str]:
     """Bytes per round (largest site) against the model's fp32 size, rejections, errors."""
     rounds = _rounds(summary)
     model = _num(summary.get("model_fp32_bytes"))
-    if not model or not any(r.get("bytes") or r.get("rejected") or r.get("errors")
-                            for r in rounds):
+    if not model or not any(r.get("bytes") or r.get("rejected") or r.get("adjusted")
+                            or r.get("errors") for r in rounds):
         return []
     rows = []
     for r in rounds:
@@ -719,17 +850,19 @@ def _network_section(summary: Mapping[str, Any]) -> list[str]:
             values = [v for v in values if v is not None]
             return f"{max(values) / model:.3f}" if values else MISSING
 
-        rejected = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
-                             f"{_md(str(x.get('reason')))}" for x in r.get("rejected") or [])
+        rejected, adjusted = ("; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))})"
+                                        f": {_md(str(x.get('reason')))}" for x in r.get(kind) or [])
+                              for kind in ("rejected", "adjusted"))
         errors = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
                            f"{_md(str(x.get('reason'))[:120])}" for x in r.get("errors") or [])
         rows.append([str(r.get("round")), most("train_down"), most("train_up"),
-                     rejected or "none", errors or "none"])
+                     rejected or "none", adjusted or "none", errors or "none"])
     return ["## Network and faults", "",
             f"Bytes per site and round as a multiple of the model's fp32 size "
             f"({int(model):,} bytes; largest site shown). The final model's evaluation adds "
             f"one more download per site once per run.", "",
-            _table(["Round", "Down ÷ model", "Up ÷ model", "Rejected updates", "Errors"], rows),
+            _table(["Round", "Down ÷ model", "Up ÷ model", "Rejected updates",
+                    "Adjusted updates (weight capped, clipped)", "Errors"], rows),
             ""]
 
 
@@ -750,8 +883,8 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines += _test_set_section(summary)
     lines += _privacy_section(summary)
     lines += ["## Plots", ""]
-    captions = {"dice.png": "Validation Dice per round", "loss.png": "Training loss per round",
-                "epsilon.png": "Privacy spent (ε) per round"}
+    captions = {"loss.png": "Training loss per round", "epsilon.png": "Privacy spent (ε) per round",
+                **{plot_name(s): f"Validation {s.label} per round" for s in metric_specs(summary)}}
     # Relative links, so the folder can be moved, zipped or viewed on another machine.
     lines += [f"![{captions.get(p.name, p.stem)}]({p.name})\n" for p in plots]
     lines += _rounds_section(summary)
@@ -760,6 +893,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines += _files_lines(out_dir, summary)
     path = out_dir / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
+    write_html_report(out_dir)  # report.html: the same, self-contained (plots embedded)
     return path
 
 
@@ -768,8 +902,11 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
 
 def _comparison_data(
     summaries: Mapping[str, Mapping[str, Any]],
-) -> tuple[list[str], list[str], dict[str, dict[str, float | None]], dict[str, float]]:
-    """Modes (ordered), sites, final Dice per mode and site (plus ``mean``), and ratios."""
+) -> tuple[str, list[str], list[str], dict[str, dict[str, float | None]], dict[str, float]]:
+    """The headline metric's name, modes (ordered), sites, its final value per mode and site
+    (plus ``mean``), and ratios."""
+    metric = next((spec.name for spec in map(headline_spec, summaries.values()) if spec),
+                  "metric")
     modes = [m for m in MODE_ORDER if m in summaries]
     modes += [m for m in summaries if m not in modes]
     sites: list[str] = []
@@ -780,8 +917,8 @@ def _comparison_data(
     table: dict[str, dict[str, float | None]] = {}
     for mode in modes:
         per_site = _dict(_dict(summaries[mode].get("final")).get("per_site"))
-        row = {s: _num(_dict(per_site.get(s)).get("dice")) for s in sites}
-        row["mean"] = site_mean_dice(summaries[mode])
+        row = {s: _num(_dict(per_site.get(s)).get(metric)) for s in sites}
+        row["mean"] = site_mean(summaries[mode], metric)
         table[mode] = row
     ratios: dict[str, float] = {}
     pooled = table.get("pooled", {}).get("mean")
@@ -790,23 +927,24 @@ def _comparison_data(
             value = table.get(mode, {}).get("mean")
             if value is not None:
                 ratios[f"{mode}/pooled"] = value / pooled
-    return modes, sites, table, ratios
+    return metric, modes, sites, table, ratios
 
 
-def _coverage_notes(modes: list[str], sites: list[str],
+def _coverage_notes(metric: str, modes: list[str], sites: list[str],
                     table: Mapping[str, Mapping[str, float | None]]) -> list[str]:
-    """One line per mode that lacks some site's final Dice (its mean covers fewer sites)."""
+    """One line per mode that lacks some site's final value (its mean covers fewer sites)."""
     notes = []
     for mode in modes:
         missing = [s for s in sites if table[mode][s] is None]
         if missing and table[mode]["mean"] is not None:
-            notes.append(f"note: {mode} has no final Dice for {', '.join(missing)}; "
+            notes.append(f"note: {mode} has no final {metric} for {', '.join(missing)}; "
                          "its mean covers the other sites only.")
     return notes
 
 
-_RATIO_NOTE = ("ratio of mean final Dice (each site counting once) to the pooled baseline; "
-               "1.0 means as good as training on all data in one place.")
+def _ratio_note(metric: str) -> str:
+    return (f"ratio of mean final {metric} (each site counting once) to the pooled baseline; "
+            "1.0 means as good as training on all data in one place.")
 
 
 def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
@@ -818,7 +956,7 @@ def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
     Returns:
         The table and the ratios, several lines without a trailing newline.
     """
-    modes, sites, table, ratios = _comparison_data(summaries)
+    metric, modes, sites, table, ratios = _comparison_data(summaries)
     if not modes:
         return "no runs to compare"
     header = ["mode", *sites, "mean"]
@@ -830,16 +968,16 @@ def format_comparison(summaries: dict[str, dict[str, Any]]) -> str:
         rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
         return "  ".join([first, *rest])
 
-    out = ["Final Dice per site", line(header), line(["-" * w for w in widths])]
+    out = [f"Final {metric} per site", line(header), line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
-    out += _coverage_notes(modes, sites, table)
+    out += _coverage_notes(metric, modes, sites, table)
     for name, value in ratios.items():
         out.append(f"{name}: {value:.4f}")
     return "\n".join(out)
 
 
 def plot_comparison(path: Path, summaries: Mapping[str, Mapping[str, Any]]) -> Path:
-    """Write grouped bars: final Dice per site (and the mean), one bar per mode.
+    """Write grouped bars: the final headline metric per site (and the mean), one bar per mode.
 
     Args:
         path: the PNG to write.
@@ -848,7 +986,7 @@ def plot_comparison(path: Path, summaries: Mapping[str, Mapping[str, Any]]) -> P
     Returns:
         ``path``.
     """
-    modes, sites, table, _ = _comparison_data(summaries)
+    metric, modes, sites, table, _ = _comparison_data(summaries)
     groups = [*sites, "mean"]
     # Grow with the number of bars, within what fits a report page.
     width_in = min(14.0, max(7.0, 2.5 + 0.35 * len(groups) * max(1, len(modes))))
@@ -875,10 +1013,15 @@ def plot_comparison(path: Path, summaries: Mapping[str, Mapping[str, Any]]) -> P
             label.set_rotation_mode("anchor")
     # The mean is a summary, not another hospital: set it apart.
     ax.axvline(len(groups) - 1.5, color="0.6", linewidth=1, linestyle=":")
-    ax.set_ylim(0, 1.15)  # head-room for the value labels
-    ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
-    ax.set_ylabel("final Dice")
-    ax.set_title("Final Dice per site and mode")
+    top = max([v for row in table.values() for v in row.values() if v is not None],
+              default=1.0)
+    if 0 < top <= 1:  # a score in [0, 1] (Dice, SSIM): the whole scale
+        ax.set_ylim(0, 1.15)  # head-room for the value labels
+        ax.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    elif top > 0:
+        ax.set_ylim(0, top * 1.15)
+    ax.set_ylabel(f"final {metric}")
+    ax.set_title(f"Final {metric} per site and mode")
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     if modes:
@@ -897,28 +1040,28 @@ def write_comparison(out_dir: Path, summaries: dict[str, dict[str, Any]]) -> dic
 
     Returns:
         ``{"federated/pooled": r, "local/pooled": r}``, only the ratios that can be computed
-        (both runs present with a final Dice, pooled Dice above zero).
+        (both runs present with a final headline value, pooled value above zero).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modes, sites, table, ratios = _comparison_data(summaries)
+    metric, modes, sites, table, ratios = _comparison_data(summaries)
     plot = plot_comparison(out_dir / "comparison.png", summaries)
     rows = [[f"**{_md(m)}**", *(_fmt(table[m][s]) for s in sites), f"**{_fmt(table[m]['mean'])}**"]
             for m in modes]
     lines = ["# fedscan comparison: federated vs local vs pooled", "",
-             "Final validation Dice per site for each training mode. Each site's Dice is "
-             "measured on its own validation cases.", "",
+             f"Final validation {metric} per site for each training mode. Each site's value "
+             "is measured on its own validation cases.", "",
              _table(["Mode", *(f"`{_md(s)}`" for s in sites), "Mean"], rows), ""]
-    notes = _coverage_notes(modes, sites, table)
+    notes = _coverage_notes(metric, modes, sites, table)
     if notes:
         lines += [f"- {_md(n[0].upper() + n[1:])}" for n in notes] + [""]
     if ratios:
         lines += ["| Ratio | Value |", "| :--- | ---: |"]
         lines += [f"| {name} | {_fmt(value)} |" for name, value in ratios.items()]
-        lines += ["", f"Ratio: {_RATIO_NOTE}", ""]
+        lines += ["", f"Ratio: {_ratio_note(metric)}", ""]
     else:
         lines += ["No ratio to the pooled baseline could be computed (a pooled run with a "
-                  "final Dice is needed).", ""]
-    lines += [f"![Final Dice per site and mode]({plot.name})", ""]
+                  f"final {metric} is needed).", ""]
+    lines += [f"![Final {metric} per site and mode]({plot.name})", ""]
     (out_dir / "comparison.md").write_text("\n".join(lines), encoding="utf-8")
     return ratios

@@ -37,7 +37,7 @@ from fedscan.shared.messages import (
     NUM_EXAMPLES,
     SAMPLES,
 )
-from fedscan.shared.phantoms import ScannerProfile
+from fedscan.simulations.phantoms import ScannerProfile
 
 #: The attacks, in table order (see the module docstring).
 ATTACKS = ("claims-1e9-examples", "nan-samples", "flip-5x", "dice-1e9")
@@ -114,7 +114,7 @@ def bench_config(rounds: int = ROUNDS) -> Config:
     """The default federation plus ``site-d`` (generated on first use), its held-out scanner
     as the server's test set, default strategy settings."""
     from fedscan.shared.config import parse_config
-    from fedscan.shared.phantoms import default_federation_root, generate_site
+    from fedscan.simulations.phantoms import default_federation_root, generate_site
     from fedscan.simulations.run import with_phantom_sites
 
     data = with_phantom_sites({"rounds": rounds})

@@ -21,6 +21,7 @@ from fedscan.shared.history import RunHistory
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
+from fedscan.shared.tasks.loop import train_steps
 
 
 def _read_sites(cfg: Config) -> list[SiteData]:
@@ -34,7 +35,7 @@ def _metrics(result: Any) -> dict[str, Any]:
 def run_local(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Train one model per site on its own data only; evaluate each on its own validation."""
     history = RunHistory(out_dir, cfg, mode="local")
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the researcher's own config
     device = resolve_device(cfg.device)
     sites = _read_sites(cfg)
     states, models = {}, {}
@@ -47,7 +48,7 @@ def run_local(cfg: Config, out_dir: Path) -> dict[str, Any]:
     for rnd in tqdm(range(1, cfg.rounds + 1), desc="local rounds", unit="round"):
         for site in sites:
             model = states[site.name]
-            res = task.train_steps(model, optims[site.name], loaders[site.name], steps[site.name])
+            res = train_steps(task, model, optims[site.name], loaders[site.name], steps[site.name])
             history.record_train(rnd, site.name, {"loss": res.loss, "steps": res.steps,
                                                   "num_examples": res.num_examples})
             history.record_evaluate(rnd, site.name, _metrics(task.evaluate(model, site.validation)))
@@ -64,7 +65,7 @@ def run_local(cfg: Config, out_dir: Path) -> dict[str, Any]:
 def run_pooled(cfg: Config, out_dir: Path) -> dict[str, Any]:
     """Train one model on the union of all sites' training cases (the centralised upper bound)."""
     history = RunHistory(out_dir, cfg, mode="pooled")
-    task = build_task(cfg)
+    task = build_task(cfg, allow_import=True)  # the researcher's own config
     device = resolve_device(cfg.device)
     sites = _read_sites(cfg)
     union = [case for site in sites for case in site.train]
@@ -74,7 +75,7 @@ def run_pooled(cfg: Config, out_dir: Path) -> dict[str, Any]:
     optimizer = task.make_optimizer(model.parameters())
     steps = sum(cfg.steps_per_round(len(s.train)) for s in sites)
     for rnd in tqdm(range(1, cfg.rounds + 1), desc="pooled rounds", unit="round"):
-        res = task.train_steps(model, optimizer, loader, steps)
+        res = train_steps(task, model, optimizer, loader, steps)
         history.record_train(rnd, "pooled", {"loss": res.loss, "steps": res.steps,
                                              "num_examples": res.num_examples})
         for site in sites:

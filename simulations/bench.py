@@ -9,7 +9,7 @@
 - :func:`dp_utility`: the default federation at ε ∈ {1, 3, 8, ∞}, final Dice and its ratio to
   the non-private run.
 
-Opacus is imported lazily from the client side, where it lives.
+Opacus is used only through the client side (``client/privacy.py``), where it lives.
 """
 
 from __future__ import annotations
@@ -115,23 +115,14 @@ class OverheadResult:
 def _dp_objects(model: nn.Module, mode: str, batch: dict[str, torch.Tensor], noise: float,
                 optimizer: Callable[[Any], torch.optim.Optimizer], loss: nn.Module | None = None,
                 max_grad_norm: float = 1.0):
-    from opacus import PrivacyEngine
-    from opacus.validators import ModuleValidator
+    from fedscan.client.privacy import opacus_private
 
-    model = ModuleValidator.fix(model)
-    opt = optimizer(model.parameters())
     data = torch.utils.data.TensorDataset(batch["image"], batch["label"])
     loader = torch.utils.data.DataLoader(data, batch_size=len(data))
     criterion = loss if loss is not None else DiceCELoss(to_onehot_y=True, softmax=True)
-    out = PrivacyEngine(accountant="rdp").make_private(
-        module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise,
-        max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=mode,
-        criterion=criterion)
-    if "ghost" in mode:
-        dp_model, dp_opt, criterion, _ = out
-    else:
-        dp_model, dp_opt, _ = out
-    return dp_model, dp_opt, criterion
+    return opacus_private(model, optimizer, loader, noise_multiplier=noise,
+                          max_grad_norm=max_grad_norm, grad_sample_mode=mode,
+                          criterion=criterion)
 
 
 def _micro_objects(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], noise: float,
@@ -142,16 +133,13 @@ def _micro_objects(task: Any, model: nn.Module, batch: dict[str, torch.Tensor], 
     Returns:
         (model, ``step(pool)``, ``open_pool()``): a site holds one pool for a round's steps.
     """
-    from opacus.optimizers import DPOptimizer
-
-    from fedscan.client.privacy import SamplePool, dp_ready, per_sample_grads
+    from fedscan.client.privacy import SamplePool, dp_optimizer, dp_ready, per_sample_grads
 
     model = dp_ready(model)
     (phase,) = task.phases(model)
     size = batch["image"].shape[0]
-    opt = DPOptimizer(optimizer(phase.params), noise_multiplier=noise, max_grad_norm=max_grad_norm,
-                      expected_batch_size=size, loss_reduction="mean",
-                      generator=torch.Generator().manual_seed(0))
+    opt = dp_optimizer(optimizer(phase.params), noise, max_grad_norm, size,
+                       torch.Generator().manual_seed(0))
 
     def step(pool: SamplePool) -> None:
         opt.zero_grad(set_to_none=True)
@@ -185,8 +173,8 @@ def _clipped_update(model: nn.Module, mode: str, batch: dict[str, torch.Tensor],
     dp_opt.zero_grad()
     criterion(dp_model(batch["image"]), batch["label"]).backward()
     dp_opt.step()
-    params = list(dp_model._module.parameters())
-    return torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params, strict=True)])
+    return torch.cat([(b - p.detach()).flatten()
+                      for b, p in zip(before, dp_model.parameters(), strict=True)])
 
 
 def _time_steps(step: Callable[[], None], warmup: int, repeats: int) -> list[float]:
@@ -219,6 +207,7 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
     from fedscan.shared.config import PrivacyConfig
     from fedscan.shared.data import read_site
     from fedscan.shared.tasks import build_task
+    from fedscan.shared.tasks.loop import train_steps as plain_train_steps
     from fedscan.simulations.run import default_config
 
     cfg = cfg or default_config()
@@ -292,8 +281,8 @@ def dp_overhead(cfg: Config | None = None, *, modes: Sequence[str] = MODES, repe
         for _ in range(2):
             model = copy.deepcopy(base)
             started = time.perf_counter()
-            task.train_steps(model, task.make_optimizer(model.parameters()),
-                             task.make_train_loader(cases, seed=1), train_steps)
+            plain_train_steps(task, model, task.make_optimizer(model.parameters()),
+                              task.make_train_loader(cases, seed=1), train_steps)
             plain_times.append((time.perf_counter() - started) / train_steps)
             dp_loader = task.make_train_loader(cases, seed=1)
             ledger = PrivacyLedger(privacy)
@@ -364,7 +353,7 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
     Each row: ``epsilon`` (the budget), ``dice`` (final mean site Dice), ``ratio`` (to the
     ε=∞ run), ``spent`` (largest ε any site spent), ``seconds``.
     """
-    from fedscan.shared.report import site_mean_dice
+    from fedscan.shared.report import site_mean
     from fedscan.simulations.run import default_config, simulate
 
     base = base or default_config()
@@ -382,7 +371,7 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
         summary = simulate(path, ["federated"], out / name)["federated"]
         spent = [t.get("epsilon") for r in summary["rounds"] for t in r["train"].values()
                  if isinstance(t.get("epsilon"), (int, float))]
-        rows.append({"epsilon": eps, "dice": site_mean_dice(summary),
+        rows.append({"epsilon": eps, "dice": site_mean(summary),
                      "spent": max(spent) if spent else None,
                      "seconds": round(time.time() - started, 1)})
     reference = next((r["dice"] for r in rows if math.isinf(r["epsilon"])), None)

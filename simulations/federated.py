@@ -36,10 +36,14 @@ def simulation_backend(cfg: Config) -> dict[str, Any]:
 
 def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
     """The site as its virtual hospital sees it: privacy resolved (its own block, else the
-    top-level one), and a state folder ``out_dir/site-state/<site>`` for its ε ledger unless
-    it names one, so a resumed run continues each site's ledger."""
+    top-level one), a state folder ``out_dir/site-state/<site>`` for its ε ledger, audit and
+    site log unless it names one (so a resumed run continues each site's ledger), and the
+    site-side paths of the researcher's config (``harmonisation.reference`` unless the site
+    names its own): the server's task config carries no path, as in deployment."""
     state_dir = site.state_dir or str(Path(out_dir).resolve() / "site-state" / site.name)
-    return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir)
+    reference = site.harmonisation_reference or cfg.harmonisation.reference
+    return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir,
+                               harmonisation_reference=reference)
 
 
 def with_mods(client_app: ClientApp, mods: Sequence[Mod]) -> ClientApp:
@@ -79,7 +83,9 @@ def run_federated(cfg: Config, out_dir: Path, client_mods: Sequence[Mod] = ()
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
     server_app = make_server_app(cfg, out_dir)
-    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])])
+    # The researcher's machine runs both sides: a task named by import path is allowed here.
+    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
+                                 allow_task_import=True)
     if client_mods:
         client_app = with_mods(client_app, client_mods)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),

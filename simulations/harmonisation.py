@@ -1,7 +1,7 @@
 """Does harmonisation help? The study a researcher runs on the phantom hospitals.
 
 Phantoms can render the same head under every scanner, so each site's scan has a paired
-ground truth in the reference domain (:func:`~fedscan.shared.phantoms.reference_truth`), used
+ground truth in the reference domain (:func:`~fedscan.simulations.phantoms.reference_truth`), used
 here for evaluation only. After a federated CycleGAN run (``task: harmonisation``) this:
 
 1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
@@ -25,20 +25,25 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from torch import nn
 
 from fedscan.shared.checkpoint import SITE_MODEL
 from fedscan.shared.config import Config, SiteConfig, parse_config
-from fedscan.shared.data import read_site
-from fedscan.shared.harmonisation_io import load_cyclegan, score_against_truth
-from fedscan.shared.phantoms import SITE_PROFILES, profile_grid, reference_truth
+from fedscan.shared.data import case_id, load_nifti, read_dataset, read_site
+from fedscan.shared.errors import DataError
+from fedscan.shared.inference import harmonise_on_grids, load_cyclegan, preprocess_image
+from fedscan.shared.metrics import normalise_intensity, truth_metrics
 from fedscan.shared.report import _table
 from fedscan.shared.tasks.base import Case, resolve_device
 from fedscan.simulations.federated import site_for_client
+from fedscan.simulations.phantoms import SITE_PROFILES, profile_grid, reference_truth
 
 #: Row labels of the two scoring grids.
 _GRID_NAMES = {"grid": "model", "native": "native"}
@@ -52,29 +57,24 @@ def phantom_seed(site: SiteConfig) -> int | None:
     it (so a paired truth exists), else None."""
     profile = SITE_PROFILES.get(site.name)
     try:
-        meta = json.loads((Path(site.data) / "dataset.json").read_text())
-    except (OSError, ValueError):
+        data = read_dataset(site.data, name=site.name, check=False)
+    except DataError:
         return None
-    found = re.search(r"scanner profile (\S+) .*seed (\d+)$", str(meta.get("description")))
+    found = re.search(r"scanner profile (\S+) .*seed (\d+)$", data.description)
     if profile is None or not found or found[1] != profile.name:
         return None
-    entries = meta.get("training", []) + meta.get("validation", [])
     shape, affine = profile_grid(profile)
-    for entry in entries[:1]:
-        img = nib.load(Path(site.data) / entry["image"])
+    for case in data.cases[:1]:
+        img = load_nifti(case["image"], header_only=True)
         if tuple(img.shape[:3]) != shape or not np.allclose(img.affine, affine, atol=1e-3):
             return None
-    ok = all(_CASE_ID.match(Path(e["image"]).name.split(".")[0]) for e in entries)
-    return int(found[2]) if ok and entries else None
-
-
-def _case_id(case: Case) -> str:
-    return Path(case["image"]).name.removesuffix(".nii.gz").removesuffix(".nii")
+    ok = all(_CASE_ID.match(case_id(c)) for c in data.cases)
+    return int(found[2]) if ok and data.cases else None
 
 
 def _all_cases(cfg: Config, site: SiteConfig) -> list[Case]:
     data = read_site(site, cfg.data, check=False)
-    return sorted(data.train + data.validation, key=_case_id)
+    return sorted(data.train + data.validation, key=case_id)
 
 
 #: Cases scored per site: evenly spaced over the sorted case ids. A site mean over 60 cases
@@ -89,6 +89,53 @@ def study_cases(cfg: Config, site: SiteConfig, limit: int = STUDY_CASES) -> list
         return cases
     # More cases than picks: the rounded, evenly spaced indices are distinct.
     return [cases[i] for i in np.linspace(0, len(cases) - 1, limit).round().astype(int)]
+
+
+def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.ndarray,
+                        truth_affine: np.ndarray, cfg: Config,
+                        device: torch.device | str = "cpu"
+                        ) -> tuple[dict[str, float], nib.Nifti1Image]:
+    """Raw and harmonised image against a paired ground truth, in two grids.
+
+    ``grid_*``: on the model's grid. The raw image, the truth and the generator's output all
+    come out of the same preprocessing (resampling, percentile scaling), so the score
+    isolates what the generator changes. ``native_*``: on the input's own grid, the
+    harmonised image as ``fedscan harmonize`` writes it against the stored raw image; for
+    an input grid other than the model's this also charges the harmonised image for the
+    resampling round trip (a blur the raw image never had), which caps the gain of any
+    model on anisotropic or finer sites.
+
+    Args:
+        generator: the site-to-reference generator, in eval mode, on ``device``.
+        image_path: the site's raw image.
+        truth: the same anatomy in the reference domain on the image's grid
+            (:func:`~fedscan.simulations.phantoms.reference_truth`).
+        truth_affine: its affine (the image's).
+        cfg: the model's config.
+        device: where the generator runs.
+
+    Returns:
+        ``{grid,native}_{psnr,ssim}_{raw,harmonised}``, and the harmonised image (the input's
+        grid, as ``fedscan harmonize`` writes it).
+    """
+    img = load_nifti(image_path)
+    if not np.allclose(img.affine, truth_affine, atol=1e-4) or img.shape[:3] != truth.shape:
+        raise ValueError(f"{image_path}: the truth is not on the image's grid")
+    with tempfile.TemporaryDirectory() as tmp:
+        # The truth goes through exactly the pipeline's preprocessing, from a file like the
+        # image, so both land on identical model grids.
+        truth_path = Path(tmp) / "truth.nii.gz"
+        nib.save(nib.Nifti1Image(np.asarray(truth, dtype=np.float32), truth_affine), truth_path)
+        t, _ = preprocess_image(truth_path, cfg)
+    x, on_grid, harmonised = harmonise_on_grids(generator, image_path, cfg, device)
+    pct = cfg.data.intensity_percentiles
+    grid = truth_metrics(x.as_tensor()[0].numpy(), on_grid[0].numpy(),
+                         t.as_tensor()[0].numpy(), pct)
+    native = truth_metrics(np.asanyarray(img.dataobj), np.asarray(harmonised.dataobj), truth,
+                           pct)
+    out = {f"grid_{k}": v for k, v in grid.items()}
+    out.update({f"native_{k}": v for k, v in native.items()})
+    return out, harmonised
 
 
 def site_model_path(cfg: Config, site: SiteConfig, run_dir: Path) -> Path:
@@ -110,7 +157,7 @@ def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
 
     Returns:
         Per site: means of ``{grid,native}_{psnr,ssim}_{raw,harmonised}``
-        (:func:`~fedscan.shared.harmonisation_io.score_against_truth`), ``cases``, ``model``
+        (:func:`score_against_truth`), ``cases``, ``model``
         (the file used) and ``harmonised`` (case id -> output file).
     """
     device = resolve_device(cfg.device)
@@ -123,7 +170,7 @@ def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
         folder.mkdir(parents=True, exist_ok=True)
         scores, harmonised = [], {}
         for case in study_cases(cfg, site):
-            cid = _case_id(case)
+            cid = case_id(case)
             index = int(_CASE_ID.match(cid)["index"])
             truth, affine = reference_truth(seed, site.name, index, SITE_PROFILES[site.name])
             score, out = score_against_truth(generator, case["image"], truth, affine,
@@ -182,7 +229,7 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     from fedscan.simulations.baselines import run_pooled
     from fedscan.simulations.federated import run_federated
 
-    raw = {s.name: [c for c in _all_cases(cfg, s) if _case_id(c) in harmonised[s.name]]
+    raw = {s.name: [c for c in _all_cases(cfg, s) if case_id(c) in harmonised[s.name]]
            for s in cfg.sites}
     sites: dict[str, dict[str, Any]] = {name: {"cases": len(cases)} for name, cases in raw.items()}
     for prefix, augment in (("reference", False), ("augmented", True)):
@@ -197,7 +244,7 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
         model = task.build_model().to(resolve_device(cfg.device))
         model.load_state_dict(state)
         for name, cases in raw.items():
-            moved = [{**c, "image": harmonised[name][_case_id(c)]} for c in cases]
+            moved = [{**c, "image": harmonised[name][case_id(c)]} for c in cases]
             sites[name][f"{prefix}_raw"] = task.evaluate(model, cases).metrics["dice"]
             sites[name][f"{prefix}_harmonised"] = task.evaluate(model, moved).metrics["dice"]
             print(f"[study] {name}: Dice {sites[name][f'{prefix}_raw']:.4f} raw, "
@@ -216,8 +263,6 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
 
 def _middle_slice(image: str | Path | nib.Nifti1Image) -> np.ndarray:
     """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]."""
-    from fedscan.shared.harmonisation_io import normalise_intensity
-
     img = nib.as_closest_canonical(image if isinstance(image, nib.Nifti1Image)
                                    else nib.load(image))
     # Reorienting leaves negative strides, which torch (inside the scaling) refuses.
@@ -235,7 +280,7 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
     fig, axes = plt.subplots(len(sites), 3, figsize=(9, 3 * len(sites)), squeeze=False)
     for row, site in enumerate(cfg.sites):
         cid = sorted(sites[site.name]["harmonised"])[0]
-        raw_path = next(c["image"] for c in _all_cases(cfg, site) if _case_id(c) == cid)
+        raw_path = next(c["image"] for c in _all_cases(cfg, site) if case_id(c) == cid)
         truth, affine = reference_truth(seed, site.name, int(_CASE_ID.match(cid)["index"]),
                                         SITE_PROFILES[site.name])
         m = sites[site.name]

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
 from fedscan.shared.data import read_site, read_site_test_set
+
+if TYPE_CHECKING:
+    from fedscan.shared.status.serve import StatusOptions
 
 
 def quiet_flower() -> None:
@@ -26,12 +29,12 @@ def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
     """``data`` with the embedded phantom hospitals as its sites (and the held-out scanner as
     its test set) where it names none, generating them on first use; a harmonisation run also
     gets the phantoms' public reference set unless it names one."""
-    from fedscan.shared.phantoms import ensure_default_federation
+    from fedscan.simulations.phantoms import ensure_default_federation
 
     if "sites" in data:
         return data
     if data.get("task") == "harmonisation":
-        from fedscan.shared.phantoms import ensure_reference_set
+        from fedscan.simulations.phantoms import ensure_reference_set
 
         block = data.get("harmonisation") or {}
         if isinstance(block, dict) and block.get("reference") is None:
@@ -67,10 +70,12 @@ def check_data(cfg: Config) -> None:
 
 
 def headline(summary: dict[str, Any]) -> str:
-    """The run's main number: final Dice (sites weighted by validation cases, as Flower
-    aggregates), or a harmonisation run's validation metrics."""
-    if summary["final"]["dice"] is not None:
-        return f"Dice {summary['final']['dice']:.4f} (sites weighted by validation cases)"
+    """The run's main number: the task's headline metric, final (sites weighted by
+    validation cases, as Flower aggregates), else the last round's aggregates."""
+    final = summary["final"]
+    name = final.get("headline")
+    if name is not None and final.get(name) is not None:
+        return f"{name} {final[name]:.4f} (sites weighted by validation cases)"
     last = summary["rounds"][-1]["aggregate"] if summary["rounds"] else {}
     return ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no metrics"
 
@@ -89,21 +94,54 @@ def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
     return run_local(cfg, out_dir) if mode == "local" else run_pooled(cfg, out_dir)
 
 
-def simulate(config: str | Path | None, modes: list[str], out: Path,
-             rounds: int | None = None) -> dict[str, dict[str, Any]]:
+def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
+             rounds: int | None = None, status: StatusOptions | None = None
+             ) -> dict[str, dict[str, Any]]:
     """Run ``modes`` (a subset of federated/local/pooled) and return their summaries.
 
-    With several modes each writes into ``out/<mode>/`` and a comparison is written to ``out``.
+    Args:
+        config: a YAML config, or None for the embedded phantom federation.
+        modes: the modes to run; None runs the config's ``mode``.
+        out: the output folder. With several modes each writes into ``out/<mode>/`` and a
+            comparison is written to ``out``.
+        rounds: overrides the config's ``rounds``.
+        status: serve the status page over the folder of the mode running, while it runs.
     """
     quiet_flower()
     cfg = read_simulation_config(config) if config else default_config()
     if rounds is not None:
         cfg.rounds = rounds
+    modes = modes or [cfg.mode]
     check_data(cfg)
+    targets = {m: out / m if len(modes) > 1 else out for m in modes}
+    current = [targets[modes[0]]]
+    page = None
+    if status is not None:
+        from fedscan.shared.status.serve import start_status
+
+        page = start_status(lambda: current[0], status)
+    try:
+        summaries = _run_modes(cfg, modes, targets, current)
+    finally:
+        if page is not None:
+            page.stop()
+            print(f"fedscan: status page stopped; to view the run again: fedscan dashboard "
+                  f"{current[0]}", flush=True)
+    if len(modes) > 1:
+        from fedscan.shared.report import format_comparison, write_comparison
+
+        write_comparison(out, summaries)
+        print(format_comparison(summaries), flush=True)
+    return summaries
+
+
+def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
+               current: list[Path]) -> dict[str, dict[str, Any]]:
+    """Run each mode into its folder (``current[0]`` follows the mode running)."""
     summaries = {}
     for mode in modes:
         assert mode in MODES, mode
-        target = out / mode if len(modes) > 1 else out
+        target = current[0] = targets[mode]
         started = time.time()
         print(f"== {mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}", flush=True)
         summaries[mode] = run_mode(cfg, mode, target)
@@ -113,9 +151,4 @@ def simulate(config: str | Path | None, modes: list[str], out: Path,
             from fedscan.simulations.harmonisation import run_study
 
             run_study(cfg, target)
-    if len(modes) > 1:
-        from fedscan.shared.report import format_comparison, write_comparison
-
-        write_comparison(out, summaries)
-        print(format_comparison(summaries), flush=True)
     return summaries

@@ -68,3 +68,19 @@ def test_steps_per_round_from_epochs():
     cfg = parse_config({**SITES, "train": {"local_epochs": 2, "batch_size": 4}})
     assert cfg.steps_per_round(10) == 2 * 3
     assert parse_config(SITES).steps_per_round(10) == cfg.train.local_steps
+
+
+def test_the_configs_mode_is_what_simulate_runs_without_a_mode(tmp_path: Path):
+    from fedscan.simulations.run import simulate
+    from tests.tinysites import make_sites
+
+    make_sites(tmp_path / "data", n_cases=2)
+    path = tmp_path / "local.yaml"
+    path.write_text(
+        "mode: local\nrounds: 1\nsites:\n  - {name: site-a, data: data/site-a}\n"
+        "data: {spacing: [8, 8, 8]}\n"
+        "model: {channels: [4, 8], strides: [2], num_res_units: 0}\n"
+        "train: {patch_size: [16, 16, 16], local_steps: 1}\nevaluate: {hd95: false}\n")
+    summaries = simulate(path, None, tmp_path / "out")
+    assert list(summaries) == ["local"] and summaries["local"]["mode"] == "local"
+    assert load_config(tmp_path / "out" / "config.yaml").mode == "local"

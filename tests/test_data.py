@@ -13,7 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedscan.shared.data import SiteData, check_case, load_nifti, read_dataset, read_test_set
+from fedscan.shared.data import (
+    SiteData,
+    case_id,
+    check_case,
+    load_nifti,
+    read_dataset,
+    read_label,
+    read_test_set,
+)
 from fedscan.shared.errors import DataError
 
 SHAPE = (8, 9, 7)
@@ -341,7 +349,8 @@ def test_garbage_file(tmp_path: Path, content: bytes) -> None:
 
 
 def test_load_nifti_missing(tmp_path: Path) -> None:
-    expect_error("gone.nii.gz: missing", load_nifti, tmp_path / "gone.nii.gz")
+    expect_error(f"image file not found: {tmp_path / 'gone.nii.gz'}", load_nifti,
+                 tmp_path / "gone.nii.gz")
 
 
 def test_shape_mismatch(tmp_path: Path) -> None:
@@ -414,3 +423,51 @@ def test_check_case_directly(tmp_path: Path) -> None:
     check_case(case, num_classes=2)
     expect_error("d.nii.gz: label values must be integers in [0, 1)", check_case, case,
                  num_classes=1)
+
+
+# -- dataset.json metadata and labels read for evaluation ----------------------------------------
+
+
+@pytest.mark.parametrize("labels, channels", [
+    ({"0": "background", "1": "brain", "2": "csf"}, {"modality": {"0": "T1"}}),   # MSD
+    ({"background": 0, "csf": 2, "brain": 1}, {"channel_names": {"0": "T1"}}),    # nnU-Net v2
+], ids=["msd", "nnunet"])
+def test_class_and_channel_names_are_read(tmp_path: Path, labels, channels) -> None:
+    make_site(tmp_path)
+    spec = json.loads((tmp_path / "dataset.json").read_text())
+    write_json(tmp_path, {**spec, "labels": labels, **channels, "description": "phantoms"})
+    site = read_dataset(tmp_path, num_classes=3, check=False)
+    assert site.class_names == ("background", "brain", "csf")
+    assert site.channel_names == ("T1",) and site.description == "phantoms"
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"labels": {"0": "background", "1": "brain"}},
+     "'labels' names 2 classes (background, brain), data.num_classes is 3"),
+    ({"labels": {"0": "background", "2": "brain", "3": "csf"}}, "0..2 without gaps"),
+    ({"labels": {"background": 0, "tumour": [1, 2], "x": 3}}, "region-based labels"),
+    ({"modality": {"0": "T1", "1": "T2"}}, "'modality' names 2 image channel(s), "
+                                          "data.in_channels is 1"),
+], ids=["count", "gap", "regions", "channels"])
+def test_metadata_that_disagrees_with_the_config_is_named(tmp_path: Path, extra, match) -> None:
+    make_site(tmp_path)
+    spec = json.loads((tmp_path / "dataset.json").read_text())
+    write_json(tmp_path, {**spec, **extra})
+    message = expect_error(match, read_dataset, tmp_path, num_classes=3, check=False)
+    assert str(tmp_path / "dataset.json") in message
+
+
+def test_read_label_checks_shape_and_values(tmp_path: Path) -> None:
+    label = np.zeros((*SHAPE, 1), dtype=np.float32)  # trailing channel axis, float storage
+    label[2:4, 2:4, 2:4, 0] = 1.0
+    path = write_nifti(tmp_path / "l.nii.gz", label)
+    out = read_label(path, 2, SHAPE)
+    assert out.shape == SHAPE and out.dtype == np.int64 and int(out.sum()) == 8
+    expect_error("differs from its image's", read_label, path, 2, (8, 9, 6))
+    expect_error("label values must be integers in [0, 1), found 1", read_label, path, 1)
+
+
+def test_case_id_of_cases_and_paths() -> None:
+    assert case_id({"image": "/a/imagesTr/x_001.nii.gz", "label": "/a/l.nii.gz"}) == "x_001"
+    assert case_id({"image": "/a/y.nii", "case": "own-id"}) == "own-id"
+    assert case_id(Path("/b/z.nii.gz")) == "z"

@@ -2,12 +2,14 @@
 
 One scenario, real processes on 127.0.0.1 with TLS and SuperNode authentication on:
 
-1. ``fedscan server start`` (SuperLink + ServerApp) admits three hospital keys;
+1. ``fedscan server start`` (SuperLink on an internal loopback port behind the nginx front,
+   ServerApp) admits three hospital keys; the hospitals reach only the front;
 2. preflight: a registered site passes ``fedscan client check``; an unregistered key fails it
    and its daemon is refused by the server;
 3. three ``fedscan client start`` daemons (SuperNodes) join; site-c is killed with SIGKILL
    while it trains in round 1, and round 1 completes with the other two;
-4. the server is killed with SIGKILL after round 1; site-c's daemon is started again;
+4. ``fedscan server start`` is killed with SIGKILL after round 1 (only that process: its
+   SuperLink and nginx must die with it); site-c's daemon is started again;
 5. ``fedscan server start --resume RUN_DIR`` runs round 2 with all three sites.
 
 The tests below then check what the scenario left behind.
@@ -15,120 +17,38 @@ The tests below then check what the scenario left behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
+from consortium import (
+    ENV,
+    Processes,
+    alive,
+    completed_rounds,
+    descendants,
+    free_ports,
+    kill9,
+    wait_for,
+)
 from tinysites import TINY_RUN, make_sites
 
 from fedscan.shared.certs import create_ca, create_server_cert, create_site_key
 
 pytestmark = pytest.mark.slow
 SITES = ("site-a", "site-b", "site-c")
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def descendants(pid: int) -> list[int]:
-    """All processes below ``pid`` (Linux /proc), before anyone is killed."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def kill9(pid: int) -> None:
-    """SIGKILL a process and everything below it (a machine losing power)."""
-    for p in [pid, *descendants(pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
-
-
-class Processes:
-    """Every process the scenario starts, killed with its descendants at the end."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        log = (self.root / f"{name}.log").open("a")
-        proc = subprocess.Popen([sys.executable, "-m", "fedscan", *args], cwd=self.root,
-                                stdout=log, stderr=subprocess.STDOUT, env=ENV,
-                                start_new_session=True)
-        self.procs[name] = proc
-        return proc
-
-    def log(self, name: str) -> str:
-        path = self.root / f"{name}.log"
-        return path.read_text(errors="replace") if path.is_file() else ""
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                kill9(proc.pid)
-        pid_file = self.root / "run" / "superlink.pid"
-        if pid_file.is_file():
-            kill9(int(pid_file.read_text()))
-
-
-def wait_for(what: str, condition, timeout: float, procs: Processes, logs=()) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1)
-    tails = "\n".join(f"--- {n}\n{procs.log(n)[-3000:]}" for n in logs)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}\n{tails}")
-
-
-def completed_rounds(run: Path) -> list[int]:
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        return []
-    return [r["round"] for r in summary["rounds"] if r.get("seconds") is not None]
-
-
 def setup_consortium(root: Path) -> tuple[int, list[int]]:
     port, *runtime = free_ports(5)
     make_sites(root / "data")
-    create_ca(root / "certs")
-    create_server_cert(root / "certs", ["localhost", "127.0.0.1"])
+    create_ca(root / "ca")  # the CA's key stays in its own folder, never the server's
+    create_server_cert(root / "ca", ["localhost", "127.0.0.1"], root / "certs")
     for i, name in enumerate([*SITES, "intruder"]):
         create_site_key(name, root / "keys")
         data = name if name != "intruder" else "site-a"
@@ -181,9 +101,18 @@ def scenario(tmp_path_factory):
         wait_for("round 1", lambda: completed_rounds(out["run"]) == [1], 240, procs,
                  ["server", "site-a", "site-b"])
         out["round-1-done"] = time.monotonic()
-        # The server dies right after round 1.
-        kill9(int((out["run"] / "superlink.pid").read_text()))
-        kill9(procs.procs["server"].pid)
+        # `fedscan server start` dies right after round 1 (SIGKILL: no cleanup runs). Its
+        # SuperLink, nginx and what they started must go with it.
+        server_pid = procs.procs["server"].pid
+        below = descendants(server_pid)
+        out["front-pids"] = [int((out["run"] / "front" / "nginx.pid").read_text())]
+        os.kill(server_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(alive(p) for p in below):
+            time.sleep(0.5)
+        out["left-after-crash"] = [p for p in below if alive(p)]
+        for pid in out["left-after-crash"]:
+            kill9(pid)
         ckpt = out["run"] / "checkpoints" / "round_001.pt"
         out["round1-before"] = (ckpt.stat().st_mtime_ns, hashlib.sha256(ckpt.read_bytes())
                                 .hexdigest(), json.loads((out["run"] / "summary.json")
@@ -274,11 +203,45 @@ def test_bytes_per_round_per_site_within_5_percent_of_fp32_model(scenario):
             print(entry["round"], site, {k: round(v / model, 4) for k, v in traffic.items()})
 
 
+def test_hospitals_reached_only_the_front(scenario):
+    """Every Fleet call went through nginx; the SuperLink's port is the operator's alone."""
+    run = scenario["run"]
+    connection = (run / ".flwr" / "config.toml").read_text()
+    internal = int(connection.split('address = "127.0.0.1:')[1].split('"')[0])
+    port = yaml.safe_load((scenario["root"] / "server.yaml").read_text())["server"]["port"]
+    assert internal != port
+    for site in SITES:
+        assert f"127.0.0.1:{internal}" not in scenario["procs"].log(site)
+    lines = (run / "front" / "access.log").read_text().splitlines()
+    calls = [line.split('"')[1].split()[1] for line in lines]
+    for path in ("/v1/fleet/activate-node", "/v1/fleet/pull-messages", "/v1/fleet/push-object",
+                 "/v1/fleet/pull-object", "/v1/fleet/send-node-heartbeat"):
+        assert path in calls, path
+    assert all(c.startswith("/v1/fleet/") for c in calls)
+    statuses = {int(line.split('"')[2].split()[0]) for line in lines}
+    assert statuses <= {200, 401, 412}, statuses  # 412: the intruder's and preflight's keys
+    sizes = [int(line.split("request_bytes=")[1].split()[0]) for line in lines]
+    print(f"front: {len(lines)} Fleet calls, largest request {max(sizes)} bytes")
+    assert "Fleet API only" in scenario["procs"].log("server")
+
+
+def test_crash_of_the_server_command_takes_superlink_and_front_along(scenario):
+    assert scenario["left-after-crash"] == []
+    assert not any(alive(p) for p in scenario["front-pids"])
+    # The resumed server started its own front on the same port.
+    assert "listening on" in scenario["resume"].stdout
+
+
 def test_sites_ran_only_their_installed_code(scenario):
     root = scenario["root"]
     for site in ("site-a", "site-b"):
-        events = [json.loads(line) for line in
-                  (root / f".fedscan-{site}" / "audit.log").read_text().splitlines()]
+        lines = (root / f".fedscan-{site}" / "audit.log").read_text().splitlines()
+        everything = [json.loads(line) for line in lines]
+        events = [e for e in everything if e["event"].startswith("run-")]
         assert events and all(e["event"] == "run-accepted" and e["policy"] == "installed-code"
                               for e in events)
         assert len({e["run_id"] for e in events}) == 2  # the first run and the resumed one
+        # Every task config it accepted, under one hash (the same config all run long).
+        tasks = [e for e in everything if e["event"].startswith("task-")]
+        assert {e["event"] for e in tasks} == {"task-accepted"}
+        assert len(tasks) >= 3 and len({e["sha256"] for e in tasks}) == 1

@@ -38,7 +38,7 @@ from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import parse_config
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import site_record
+from fedscan.shared.messages import RoundConfig, site_record
 from fedscan.shared.tasks.base import MetricSpec
 
 HONEST = {11: "site-a", 12: "site-b", 13: "site-c"}
@@ -368,8 +368,8 @@ def test_fuzzed_replies_are_rejected_logged_and_never_aggregated(tmp_path, caplo
 
     caplog.set_level(logging.WARNING, logger="fedscan.server")
     final = run_rounds(strategy, grid, ArrayRecord(SPEC), range(1, ROUNDS + 1), timeout=1.0,
-                       train_config=ConfigRecord({"task-config": "{}"}),
-                       evaluate_config=ConfigRecord({"task-config": "{}"}), history=history,
+                       train_config=RoundConfig(task_config="{}"),
+                       evaluate_config=RoundConfig(task_config="{}"), history=history,
                        on_round_end=on_round_end, node_names=grid.names())
     # More train and evaluate replies straight through the same strategy (no grid).
     arrays = final
@@ -417,6 +417,8 @@ def test_fuzzed_replies_are_rejected_logged_and_never_aggregated(tmp_path, caplo
     assert all("\n" not in r.getMessage() and "\x1b" not in r.getMessage()
                for r in warnings)
     assert fuzz.fuzz_replies >= 1000
+    # An error reply's free text (a site could put paths or values there) is never recorded.
+    assert "boom" not in json.dumps(history.write_summary())
     print(f"\nfuzz: {fuzz.fuzz_replies} fuzzed replies, {len(records)} rejections/drops/errors "
           f"recorded, 0 crashes ({ROUNDS} rounds of the loop and {DIRECT_TRAIN} + "
           f"{DIRECT_EVALUATE} direct aggregations completed), 0 aggregated "

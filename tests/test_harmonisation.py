@@ -13,19 +13,11 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from fedscan.shared import phantoms as P
 from fedscan.shared.checkpoint import save_model
 from fedscan.shared.config import load_config, parse_config
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
-from fedscan.shared.harmonisation_io import (
-    harmonise_file,
-    harmonise_volume,
-    normalise_intensity,
-    psnr,
-    score_against_truth,
-    ssim,
-    truth_metrics,
-)
+from fedscan.shared.inference import harmonise_file, harmonise_volume
+from fedscan.shared.metrics import normalise_intensity, psnr, ssim, truth_metrics
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
     CURVE_GAIN,
@@ -38,6 +30,9 @@ from fedscan.shared.tasks.harmonisation import (
     generator_terms,
     l1_loss,
 )
+from fedscan.shared.tasks.loop import train_steps
+from fedscan.simulations import phantoms as P
+from fedscan.simulations.harmonisation import score_against_truth
 from tests.tinysites import parse_with
 
 #: Coarse phantoms (8 mm) for training data: a couple of thousand voxels per volume.
@@ -353,7 +348,7 @@ def test_training_moves_both_phases_and_evaluates(tiny):
     model = task.build_model()
     start = {k: v.clone() for k, v in model.state_dict().items()}
     steps_seen = []
-    result = task.train_steps(model, task.make_optimizer(model.parameters()),
+    result = train_steps(task, model, task.make_optimizer(model.parameters()),
                               task.make_train_loader(cases, seed=1), 3,
                               on_step=lambda s, n, loss: steps_seen.append(s))
     assert (result.steps, result.num_examples, steps_seen) == (3, 3, [1, 2, 3])
@@ -379,7 +374,7 @@ def test_site_harmonises_with_the_moving_average_of_its_generator(tiny):
     optimizer = task.make_optimizer(model.parameters())
     snapshots = []
     for _ in range(3):
-        task.train_steps(model, optimizer, loader, 1)
+        train_steps(task, model, optimizer, loader, 1)
         snapshots.append({n: p.detach().clone() for n, p in model.g_site2ref.named_parameters()})
     average = model.g_site2ref_avg
     assert int(average.n_averaged) == 3 and model.harmoniser() is average.module
@@ -427,7 +422,7 @@ def test_training_learns_a_known_contrast_change():
 
     truth = smooth(64)
     before = float((truth**2 - truth).abs().mean())
-    task.train_steps(model, task.make_optimizer(model.parameters()), Batches(), 120)
+    train_steps(task, model, task.make_optimizer(model.parameters()), Batches(), 120)
     with torch.no_grad():
         after = float((model.g_site2ref(truth**2) - truth).abs().mean())
     assert after < 0.5 * before
@@ -455,7 +450,7 @@ def test_fedprox_pulls_the_shared_generator_weights_only(tiny):
     for m in (0.0, mu):
         model = task.build_model()
         opt = RecordingSGD(model, lr)
-        task.train_steps(model, opt, task.make_train_loader(cases, seed=2), 2, proximal_mu=m)
+        train_steps(task, model, opt, task.make_train_loader(cases, seed=2), 2, proximal_mu=m)
         runs.append(opt.grads)  # generators, discriminators, generators, discriminators
     free, held = runs
     shared = set(task.shared_keys(task.build_model()))

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fedscan.shared.checkpoint import SITE_MODEL, load_model
-from fedscan.shared.phantoms import SITE_PROFILES, generate_reference_set, write_phantom_site
+from fedscan.simulations.phantoms import SITE_PROFILES, generate_reference_set, write_phantom_site
 
 SITES = ("site-a", "site-c")
 

@@ -10,8 +10,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedscan.shared import phantoms as P
 from fedscan.shared.errors import DataError
+from fedscan.simulations import phantoms as P
 
 SITES = ("site-a", "site-b", "site-c")
 

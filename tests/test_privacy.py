@@ -1,6 +1,7 @@
 """Differential privacy at the sites: the ε ledger, the ClientApp's DP-SGD rounds, budgets,
 restarts, and what the server records."""
 
+import dataclasses
 import json
 import math
 import time
@@ -34,14 +35,10 @@ from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.shared.config import PrivacyConfig, SiteConfig, parse_config
 from fedscan.shared.errors import ConfigError, FedscanError
 from fedscan.shared.history import RunHistory
-from fedscan.shared.messages import (
-    config_for_site,
-    site_record,
-    task_config_json,
-    to_arrays,
-)
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.shared.messages import RoundConfig, site_record, to_arrays
 from fedscan.shared.tasks import build_task
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from tests.tinysites import train_message
 
 LOCAL_STEPS = 4
 
@@ -162,13 +159,18 @@ def test_privacy_config_resolution_and_errors():
 def test_server_never_carries_privacy():
     cfg = parse_config({"sites": [{"name": "a", "data": "/a", "privacy": {"epsilon": 1}}],
                         "privacy": {"epsilon": 2.0}})
-    sent = json.loads(task_config_json(cfg))
-    assert sent["privacy"] is None and sent["sites"] == []
-    # Even a server that sends a privacy block cannot set or loosen the site's own.
-    sent["privacy"] = {"epsilon": 1000.0}
+    sent = RoundConfig.for_run(cfg)
+    data = json.loads(sent.task_config)
+    assert not {"privacy", "sites", "test_sets"} & set(data)
     site = SiteConfig("a", "/a", privacy=PrivacyConfig(epsilon=1.0))
-    on_site = config_for_site(json.dumps(sent), site)
+    on_site = RoundConfig.from_record(sent.to_record()).site_config(site)
     assert on_site.privacy is None and on_site.sites[0].privacy.epsilon == 1.0
+    # A server that sends a privacy block anyway can neither set nor loosen the site's own:
+    # the site refuses the message.
+    forged = dataclasses.replace(sent, task_config=json.dumps(
+        {**data, "privacy": {"epsilon": 1000.0}}))
+    with pytest.raises(FedscanError, match="'privacy', which only the site sets"):
+        forged.site_config(site)
 
 
 # -- the ClientApp ------------------------------------------------------------------------------
@@ -193,14 +195,6 @@ def tiny(tmp_path_factory) -> tuple[Path, object]:
     return root, cfg
 
 
-def _train_message(cfg, arrays: ArrayRecord, rnd: int) -> Message:
-    md = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=1, dst_node_id=42,
-                  reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=3600,
-                  message_type=MessageType.TRAIN)
-    config = ConfigRecord({"task-config": task_config_json(cfg), "server-round": rnd})
-    return Message(content=RecordDict({"arrays": arrays, "config": config}), metadata=md)
-
-
 def _context() -> Context:
     return Context(run_id=1, node_id=42, node_config={"partition-id": 0}, state=RecordDict(),
                    run_config={})
@@ -210,7 +204,7 @@ def _rounds(app, cfg, context: Context, rounds: list[int]) -> list[tuple[dict, d
     arrays = to_arrays(build_task(cfg).build_model().state_dict())
     out = []
     for rnd in rounds:
-        reply = app(_train_message(cfg, arrays, rnd), context)
+        reply = app(train_message(cfg, arrays, rnd), context)
         assert not reply.has_error(), reply.error
         privacy = dict(reply.content["privacy"])
         metrics = dict(reply.content["metrics"])

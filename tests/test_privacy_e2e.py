@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from opacus.accountants import create_accountant
 
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
 PROFILES = {
     "site-a": ScannerProfile("site-a", "RAS", (8.0, 8.0, 8.0), noise_std=0.02),

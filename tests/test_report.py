@@ -12,7 +12,7 @@ import pytest
 from fedscan.shared.report import (
     MISSING,
     format_comparison,
-    site_mean_dice,
+    site_mean,
     write_comparison,
     write_plots,
     write_report,
@@ -20,6 +20,13 @@ from fedscan.shared.report import (
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SITES = ["site-a", "site-b", "site-c"]
+#: As the segmentation task declares them (summary.json's ``metrics``).
+SEGMENTATION_METRICS = [
+    {"name": "dice", "higher_is_better": True, "low": 0.0, "high": 1.0, "per_class": True,
+     "headline": True, "unit": "", "aggregate": True, "description": "overlap"},
+    {"name": "hd95", "higher_is_better": False, "low": 0.0, "high": None, "per_class": True,
+     "headline": False, "unit": "mm", "aggregate": True, "description": "boundary distance"},
+]
 
 
 def _is_png(path: Path) -> bool:
@@ -49,8 +56,10 @@ def _federated() -> dict[str, Any]:
         "strategy": "fedavg",
         "sites": SITES,
         "test_sets": ["heldout"],
+        "metrics": SEGMENTATION_METRICS,
         "rounds": rounds,
         "final": {
+            "headline": "dice",
             "dice": 0.8123,
             "hd95": 7.0,
             "per_site": {"site-a": {"dice": 0.8, "hd95": 7.5, "num_examples": 3},
@@ -89,7 +98,7 @@ def _local() -> dict[str, Any]:
 
 def test_write_plots_creates_valid_pngs(tmp_path: Path) -> None:
     paths = write_plots(tmp_path, _federated())
-    assert [p.name for p in paths] == ["dice.png", "loss.png"]
+    assert [p.name for p in paths] == ["dice.png", "hd95.png", "loss.png"]
     assert all(_is_png(p) for p in paths)
 
 
@@ -195,7 +204,7 @@ def test_comparison_flags_missing_site(tmp_path: Path) -> None:
     del local["final"]["per_site"]["site-c"]
     ratios = write_comparison(tmp_path, {"local": local, "pooled": _pooled()})
     assert ratios["local/pooled"] == pytest.approx(((0.6 + 0.7) / 2) / 0.9)
-    assert "no final Dice for site-c" in (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert "no final dice for site-c" in (tmp_path / "comparison.md").read_text(encoding="utf-8")
 
 
 def test_format_comparison() -> None:
@@ -207,10 +216,10 @@ def test_format_comparison() -> None:
     assert f"federated/pooled: {0.82 / 0.9:.4f}" in text
 
 
-def test_site_mean_dice_falls_back_to_final() -> None:
+def test_site_mean_falls_back_to_final() -> None:
     summary = copy.deepcopy(_pooled())
     summary["final"] = {"dice": 0.77}
-    assert site_mean_dice(summary) == pytest.approx(0.77)
+    assert site_mean(summary) == pytest.approx(0.77)
 
 
 def test_report_lists_bytes_rejections_and_errors(tmp_path):
@@ -238,5 +247,75 @@ def test_report_shows_the_median_beside_the_weighted_mean(tmp_path):
     for r in summary["rounds"]:
         r["median"] = {"dice": 0.5 + 0.1 * r["round"] + 0.0077}
     text = write_report(tmp_path, summary).read_text(encoding="utf-8")
-    assert "Median over sites (one vote per site, whatever its case count): Dice 0.8177" in text
-    assert "Median Dice" in text and "0.6077" in text and "0.8077" in text
+    assert ("Median over sites (one vote per site, whatever its case count): dice 0.8177; "
+            "hd95 7.2500.") in text
+    assert "| Median dice |" in text and "0.6077" in text and "0.8077" in text
+
+
+HARMONISATION_METRICS = [
+    {"name": "cycle_psnr", "higher_is_better": True, "low": 0.0, "high": None,
+     "per_class": False, "headline": True, "unit": "dB", "aggregate": True,
+     "description": "reconstruction PSNR"},
+    {"name": "cycle_ssim", "higher_is_better": True, "low": -1.0, "high": 1.0,
+     "per_class": False, "headline": False, "unit": "", "aggregate": True, "description": ""},
+    {"name": "change", "higher_is_better": False, "low": 0.0, "high": None,
+     "per_class": False, "headline": False, "unit": "", "aggregate": True, "description": ""},
+]
+
+
+def _harmonisation() -> dict[str, Any]:
+    rounds = []
+    for rnd in (1, 2):
+        evaluate = {s: {"cycle_psnr": 30.0 + rnd + i, "cycle_ssim": 0.9 + 0.01 * i,
+                        "change": 0.05 * rnd, "num_examples": 2} for i, s in enumerate(SITES)}
+        rounds.append({"round": rnd, "train": {s: {"loss": 1.0 / rnd} for s in SITES},
+                       "evaluate": evaluate,
+                       "aggregate": {"cycle_psnr": 31.0 + rnd, "cycle_ssim": 0.91,
+                                     "change": 0.05 * rnd}, "seconds": 10.0})
+    per_site = rounds[-1]["evaluate"]
+    return {"mode": "federated", "task": "harmonisation", "strategy": "fedavg", "sites": SITES,
+            "metrics": HARMONISATION_METRICS, "rounds": rounds,
+            "final": {"headline": "cycle_psnr", "cycle_psnr": 33.0, "cycle_ssim": 0.91,
+                      "change": 0.1, "per_site": per_site, "test_sets": {}},
+            "model": "final_model.pt", "seconds": 20.0, "config": {}}
+
+
+def test_a_task_gets_its_own_metric_plots_and_no_dice(tmp_path: Path) -> None:
+    paths = write_plots(tmp_path, _harmonisation())
+    assert [p.name for p in paths] == ["cycle_psnr.png", "cycle_ssim.png", "change.png",
+                                       "loss.png"]
+    assert all(_is_png(p) for p in paths)
+    text = write_report(tmp_path, _harmonisation()).read_text(encoding="utf-8")
+    assert not (tmp_path / "dice.png").exists() and "dice" not in text.lower()
+    assert "| Site | cycle_psnr (dB) | cycle_ssim | change | Validation cases |" in text
+    assert "| `site-c` | 34.0000 | 0.9200 | 0.1000 | 2 |" in text
+    assert "Final cycle_psnr (dB), mean over sites: **33.0000** (reconstruction PSNR)" in text
+    assert "cycle_psnr (dB): reconstruction PSNR (higher is better)." in text
+    assert "| Round | Seconds | site-a loss | site-b loss | site-c loss | site-a cycle_psnr" in text
+    assert "](cycle_ssim.png)" in text and "`change.png`" in text
+
+
+def test_per_class_values_sit_next_to_their_metric(tmp_path: Path) -> None:
+    summary = _federated()
+    for m in summary["final"]["per_site"].values():
+        m.update({"dice/csf": 0.5, "dice/brain": 0.7, "hd95/brain": 3.0})
+    for r in summary["rounds"]:
+        r["aggregate"].update({"dice/brain": 0.7, "dice/csf": 0.5})
+    text = write_report(tmp_path, summary).read_text(encoding="utf-8")
+    assert ("| Site | dice | dice/brain | dice/csf | hd95 (mm) | hd95/brain (mm) | "
+            "Validation cases |") in text
+    assert "Aggregate dice | Aggregate dice/brain | Aggregate dice/csf | Aggregate hd95 (mm)" \
+        in text
+    assert [p.name for p in write_plots(tmp_path, summary)] == ["dice.png", "hd95.png",
+                                                                "loss.png"]
+
+
+def test_comparison_uses_the_headline_metric(tmp_path: Path) -> None:
+    pooled = _harmonisation()
+    pooled["mode"] = "pooled"
+    for m in pooled["final"]["per_site"].values():
+        m["cycle_psnr"] = 40.0
+    ratios = write_comparison(tmp_path, {"federated": _harmonisation(), "pooled": pooled})
+    assert ratios["federated/pooled"] == pytest.approx(33.0 / 40.0)
+    text = (tmp_path / "comparison.md").read_text(encoding="utf-8")
+    assert "Final validation cycle_psnr per site" in text and "Dice" not in text

@@ -8,12 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from opacus.validators import ModuleValidator
 
 from fedscan.shared.errors import ConfigError, DataError
 from fedscan.shared.tasks import build_task
+from fedscan.shared.tasks.loop import train_steps
 from fedscan.shared.tasks.segmentation import SegmentationTask
 from tests.tinysites import parse_with
 
@@ -86,7 +85,7 @@ def test_training_reaches_dice_on_held_out_cases(cases):
     loader = task.make_train_loader(cases[:6], seed=0)
     optimizer = task.make_optimizer(model.parameters())
     seen = []
-    result = task.train_steps(model, optimizer, loader, 60, on_step=lambda *a: seen.append(a))
+    result = train_steps(task, model, optimizer, loader, 60, on_step=lambda *a: seen.append(a))
     assert result.steps == 60 and result.num_examples == 6 and math.isfinite(result.loss)
     assert [s[0] for s in seen] == list(range(1, 61))
     assert model.training
@@ -102,7 +101,7 @@ def _distance_moved(mu: float, cases) -> float:
     model = task.build_model()
     start = [p.detach().clone() for p in model.parameters()]
     loader = task.make_train_loader(cases[:4], seed=0)
-    task.train_steps(model, task.make_optimizer(model.parameters()), loader, 15, proximal_mu=mu)
+    train_steps(task, model, task.make_optimizer(model.parameters()), loader, 15, proximal_mu=mu)
     return sum(float((p.detach() - s).norm() ** 2) for p, s in zip(
         model.parameters(), start, strict=True)) ** 0.5
 
@@ -112,24 +111,6 @@ def test_fedprox_term_holds_weights_near_the_start(cases):
     assert held < 0.3 * free, (held, free)
 
 
-def test_works_with_opacus_poisson_loader_and_empty_batches(cases):
-    task = build_task(config())
-    model = task.build_model()
-    optimizer = task.make_optimizer(model.parameters())
-    loader = task.make_train_loader(cases[:4], seed=0)
-    engine = PrivacyEngine()
-    model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=1.0,
-        max_grad_norm=1.0, poisson_sampling=True)
-    # A tiny sampling rate makes most batches empty, the first one included.
-    sparse = DPDataLoader(loader.dataset, sample_rate=0.1,
-                          generator=torch.Generator().manual_seed(1))
-    result = task.train_steps(model, optimizer, sparse, 12, proximal_mu=0.01)
-    assert result.steps == 12
-    # Every step, empty or not, went through the DP mechanism and its accountant.
-    assert sum(steps for _, _, steps in engine.accountant.history) == 12
-
-
 def test_2d_config_trains_and_evaluates(cases):
     task = build_task(config(model={"spatial_dims": 2, "channels": [4, 8], "strides": [2]},
                              train={"patch_size": [24, 24, 1]}))
@@ -137,7 +118,7 @@ def test_2d_config_trains_and_evaluates(cases):
     loader = task.make_train_loader(cases[:4], seed=0)
     batch = next(iter(loader))
     assert batch["image"].shape == (2, 1, 24, 24) and batch["label"].shape == (2, 1, 24, 24)
-    result = task.train_steps(model, task.make_optimizer(model.parameters()), loader, 5)
+    result = train_steps(task, model, task.make_optimizer(model.parameters()), loader, 5)
     assert math.isfinite(result.loss)
     evaluation = task.evaluate(model, cases[6:])
     assert 0.0 <= evaluation.metrics["dice"] <= 1.0

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
 # Coarse 8 mm grids keep volumes ~24^3 so the whole run takes well under a minute of compute.
 PROFILES = {

@@ -8,7 +8,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
 from fedscan.server.strategies import RecordingStrategy, build_strategy
-from fedscan.shared.config import StrategyConfig, parse_config
+from fedscan.shared.config import parse_config
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import site_record
 
@@ -65,8 +65,3 @@ def test_weighting_by_samples_counts_sites_by_what_they_trained_this_round(tmp_p
     replies = [reply("a", 1, 1.0, 400, samples=8), reply("c", 3, 4.0, 50, samples=4)]
     arrays, _ = strategy.aggregate_train(2, replies)
     assert np.allclose(arrays.to_torch_state_dict()["w"].numpy(), (8 + 16) / 12)
-
-
-def test_fedprox_sends_mu_to_clients():
-    strategy = build_strategy(StrategyConfig(name="fedprox", proximal_mu=0.3), 2)
-    assert strategy.proximal_mu == pytest.approx(0.3)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedscan.shared.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
+from fedscan.simulations.phantoms import ScannerProfile, render, sample_anatomy, write_dataset
 
 
 def parse_with(base: dict, overrides: dict):
@@ -57,19 +57,22 @@ def make_sites(root: Path, n_cases: int = 3, profiles=tuple(PROFILES)) -> dict[s
     return out
 
 
-def train_message(cfg, arrays, rnd: int, *, evaluate: bool = False, **config):
+def train_message(cfg, arrays, rnd: int, *, evaluate: bool = False, **fields):
     """A train (or, with ``evaluate``, an evaluate) message as the server sends it to node 42
-    in round ``rnd``."""
+    in round ``rnd``; ``fields`` set :class:`RoundConfig` fields (``evaluate_received``,
+    ``proximal_mu``)."""
+    import dataclasses
     import time
 
-    from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
+    from flwr.app import Message, MessageType, Metadata, RecordDict
 
-    from fedscan.shared.messages import task_config_json
+    from fedscan.shared.messages import RoundConfig
 
     md = Metadata(run_id=1, message_id=f"m{rnd}", src_node_id=1, dst_node_id=42,
                   reply_to_message_id="", group_id=str(rnd), created_at=time.time(), ttl=3600,
                   message_type=MessageType.EVALUATE if evaluate else MessageType.TRAIN)
-    record = ConfigRecord({"task-config": task_config_json(cfg), "server-round": rnd, **config})
+    record = dataclasses.replace(RoundConfig.for_run(cfg), server_round=rnd,
+                                 **fields).to_record()
     return Message(content=RecordDict({"arrays": arrays, "config": record}), metadata=md)
 
 

@@ -2,21 +2,23 @@
 
 Task code is plain PyTorch/MONAI and imports no Flower, so the same code serves federated,
 local and pooled runs and is unit-testable without a runtime. It follows ``monai.fl``'s
-``ClientAlgo`` split: build the model, train for N steps, evaluate, say what is shared.
+``ClientAlgo`` split: build the model, say how one local step updates it (its phases),
+evaluate, say what is shared. The loops that run the phases are not the task's:
+:func:`fedscan.shared.tasks.loop.train_steps` (plain) and ``client/privacy.py`` (DP-SGD).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-#: A case as the data contract hands it out: MONAI dict with absolute paths and a case id.
-Case = dict[str, str]
+from fedscan.shared.data import Case
 
 
 @dataclass
@@ -66,6 +68,9 @@ class MetricSpec:
         per_class: the task also reports ``name/<class>`` for each foreground class.
         headline: the run's main number (exactly one metric per task).
         unit: shown after values in reports (``"mm"``, ``"dB"``), or empty.
+        aggregate: the case-weighted mean over sites is meaningful (history and summary
+            average it); False keeps the metric per site only.
+        description: one sentence for readers of the report.
     """
 
     name: str
@@ -75,6 +80,23 @@ class MetricSpec:
     per_class: bool = False
     headline: bool = False
     unit: str = ""
+    aggregate: bool = True
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as summary.json stores it (``metrics``)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MetricSpec:
+        """A spec from :meth:`to_dict`'s output; unknown keys are ignored (newer writers)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def label(self) -> str:
+        """``"hd95 (mm)"``: the name with its unit, for axes and table headers."""
+        return f"{self.name} ({self.unit})" if self.unit else self.name
 
     def accepts(self, value: object) -> bool:
         """Whether ``value`` is a finite number inside this metric's range."""
@@ -90,6 +112,25 @@ def metric_spec(specs: Iterable[MetricSpec], key: str) -> MetricSpec | None:
     """The spec a reply key belongs to: ``dice`` and ``dice/<class>`` both map to ``dice``."""
     base = key.split("/", 1)[0]
     return next((s for s in specs if s.name == base and (s.per_class or "/" not in key)), None)
+
+
+def metric_keys(specs: Iterable[MetricSpec], keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` that some spec declares, in spec order, each spec's own key
+    first and its per-class keys (``name/<class>``) after it, sorted."""
+    keys = set(keys)
+    out = []
+    for spec in specs:
+        if spec.name in keys:
+            out.append(spec.name)
+        if spec.per_class:
+            out += sorted(k for k in keys if k.startswith(f"{spec.name}/"))
+    return out
+
+
+def headline(specs: Iterable[MetricSpec]) -> MetricSpec | None:
+    """The spec marked ``headline`` (else the first; None for no specs)."""
+    specs = list(specs)
+    return next((s for s in specs if s.headline), specs[0] if specs else None)
 
 
 #: Called after every optimiser step with (step, steps, loss) for progress reporting.
@@ -123,7 +164,12 @@ class Phase:
 
 
 class Task(Protocol):
-    """Interface both sides use. A new task is a new module under ``shared/tasks/``."""
+    """Interface both sides use. A new task is a new module under ``shared/tasks/`` (see
+    :mod:`fedscan.shared.tasks` for how a config names it).
+
+    A task is built from the run's :class:`~fedscan.shared.config.Config` (``Task(cfg)``);
+    its constructor raises :class:`~fedscan.shared.errors.ConfigError` for keys it cannot use.
+    """
 
     name: str
     #: What :meth:`evaluate` reports (see :class:`MetricSpec`).
@@ -133,26 +179,11 @@ class Task(Protocol):
         """A freshly initialised model (deterministic for the config's seed)."""
 
     def make_train_loader(self, cases: list[Case], seed: int) -> torch.utils.data.DataLoader:
-        """Map-style loader over training cases; each item is a random augmented patch."""
+        """Map-style loader with one item per training case (Poisson sampling over cases
+        under DP); items are dicts of batch-first tensors."""
 
     def make_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         """The configured local optimiser."""
-
-    def train_steps(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loader: torch.utils.data.DataLoader,
-        steps: int,
-        *,
-        proximal_mu: float = 0.0,
-        on_step: StepCallback | None = None,
-    ) -> TrainResult:
-        """Run ``steps`` optimiser steps, cycling over ``loader``.
-
-        With ``proximal_mu > 0`` adds FedProx's ``mu/2 * ||w - w_global||^2`` where
-        ``w_global`` are the weights ``model`` held when the call started.
-        """
 
     def evaluate(self, model: nn.Module, cases: list[Case]) -> EvalResult:
         """Evaluate on ``cases`` in each case's native grid."""
@@ -168,14 +199,14 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
                   shared: Iterable[nn.Parameter] | None = None):
     """FedProx: add ``mu * (w - w0)`` to each gradient right before the optimiser's update.
 
-    ``w0`` are the weights when the hook is made (the received global model). A DP optimiser
-    is hooked on the optimiser it wraps, so the data-independent term lands after clipping and
-    noise, where it belongs (a loss term would be missed by per-sample gradients). Parameters
-    without a gradient are not part of this update (one optimiser serving several phases,
-    e.g. a CycleGAN's generators and discriminators) and get no pull.
+    ``w0`` are the weights when the hook is made (the received global model). Under DP the
+    caller hooks the optimiser that the DP optimiser wraps, so the data-independent term lands
+    after clipping and noise, where it belongs (a loss term would be missed by per-sample
+    gradients). Parameters without a gradient are not part of this update (one optimiser
+    serving several phases, e.g. a CycleGAN's generators and discriminators) and get no pull.
 
     Args:
-        optimizer: the (DP) optimiser to hook.
+        optimizer: the optimiser to hook (under DP, the one the DP optimiser wraps).
         mu: FedProx's proximal weight.
         shared: the parameters the server averages (:func:`shared_params`); the optimiser's
             others (weights kept at the site) have no global model to stay close to. None:
@@ -184,9 +215,8 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
     Returns:
         The hook handle (``.remove()`` it after the round).
     """
-    inner = getattr(optimizer, "original_optimizer", optimizer)
     keep = None if shared is None else {id(p) for p in shared}
-    params = [p for group in inner.param_groups for p in group["params"]
+    params = [p for group in optimizer.param_groups for p in group["params"]
               if keep is None or id(p) in keep]
     anchors = [p.detach().clone() for p in params]
 
@@ -196,15 +226,25 @@ def proximal_hook(optimizer: torch.optim.Optimizer, mu: float,
                 if p.grad is not None:
                     p.grad.add_((p - w0).mul_(mu))
 
-    return inner.register_step_pre_hook(add_proximal_grad)
+    return optimizer.register_step_pre_hook(add_proximal_grad)
 
 
 def shared_params(task: Task, model: nn.Module) -> list[nn.Parameter]:
-    """The parameters behind ``task.shared_keys(model)`` (of the module inside an Opacus
-    wrapper, whose names carry no ``_module.`` prefix)."""
-    inner = getattr(model, "_module", model)
-    keys = set(task.shared_keys(inner))
-    return [p for name, p in inner.named_parameters() if name in keys]
+    """The parameters behind ``task.shared_keys(model)``."""
+    keys = set(task.shared_keys(model))
+    return [p for name, p in model.named_parameters() if name in keys]
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode without gradients; its train/eval mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,25 +1,20 @@
 """Volumetric segmentation task: MONAI UNet trained on random patches, evaluated in native grids.
 
-Pure PyTorch/MONAI (no Flower), so federated, local and pooled runs share it. It also works
-with Opacus-wrapped model, optimiser and loader (``PrivacyEngine.make_private``): the loader
-is map-style with one item per case (Poisson sampling over cases), the loss is separable per
-sample, and empty Poisson batches still take the noise-only step of the DP mechanism.
+Pure PyTorch/MONAI (no Flower), so federated, local and pooled runs share it, and fit for
+DP-SGD at a site (``client/privacy.py``): the loader is map-style with one item per case
+(Poisson sampling over cases), the loss is separable per sample, and the norms keep
+per-sample statistics.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable
-from dataclasses import asdict
-from pathlib import Path
 
 import numpy as np
 import torch
 from monai.losses import DiceCELoss
-from monai.metrics import compute_dice, compute_hausdorff_distance
 from monai.networks.nets import UNet
-from monai.networks.utils import one_hot
 from monai.transforms import (
     Compose,
     EnsureTyped,
@@ -34,36 +29,19 @@ from monai.transforms import (
     SpatialPadd,
     SqueezeDimd,
 )
-from nibabel.affines import voxel_sizes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from fedscan.shared.config import Config, DataConfig
-from fedscan.shared.errors import ConfigError, DataError, FedscanError, root_cause
-from fedscan.shared.inference import load_nifti, predict_volume, require_largest_component
-from fedscan.shared.preprocessing import LABEL_DTYPE, preprocess_transforms
-from fedscan.shared.tasks.base import (
-    Case,
-    EvalResult,
-    MetricSpec,
-    Phase,
-    StepCallback,
-    TrainResult,
-    proximal_hook,
-    shared_params,
-)
-from fedscan.shared.tasks.common import (
-    VOLUME_CACHE,
-    batch_size,
-    case_loader,
-    cycle,
-    empty_step,
-    file_key,
-)
+from fedscan.shared.config import Config
+from fedscan.shared.data import case_id, read_label
+from fedscan.shared.errors import ConfigError, DataError, FedscanError
+from fedscan.shared.inference import predict_volume, require_largest_component
+from fedscan.shared.metrics import case_metrics, native_spacing
+from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
+from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
+from fedscan.shared.tasks.loop import case_loader
 
 KEYS = ("image", "label")
-
-#: Budget of the per-process cache of preprocessed training volumes (bytes).
 
 
 class SegmentationTask:
@@ -78,8 +56,11 @@ class SegmentationTask:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         dice = MetricSpec("dice", higher_is_better=True, low=0.0, high=1.0, per_class=True,
-                          headline=True)
-        hd95 = MetricSpec("hd95", higher_is_better=False, low=0.0, per_class=True, unit="mm")
+                          headline=True, description="overlap between predicted and reference "
+                          "segmentation, mean over foreground classes (1 is perfect)")
+        hd95 = MetricSpec("hd95", higher_is_better=False, low=0.0, per_class=True, unit="mm",
+                          description="95th-percentile distance between predicted and "
+                          "reference boundaries")
         self.metrics = (dice, hd95) if cfg.evaluate.hd95 else (dice,)
         dims, patch = cfg.model.spatial_dims, cfg.train.patch_size
         factor = math.prod(cfg.model.strides)
@@ -184,69 +165,15 @@ class SegmentationTask:
             raise DataError("no training cases")
         transform = self.train_transforms()
         transform.set_random_state(seed=seed)
-        dataset = PatchDataset([_cached_volume(c, self.cfg.data) for c in cases], transform)
+        dataset = PatchDataset([cached_case(c, self.cfg.data, KEYS) for c in cases], transform)
         return case_loader(dataset, self.cfg.train, seed)
-
-    def train_steps(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        loader: DataLoader,
-        steps: int,
-        *,
-        proximal_mu: float = 0.0,
-        on_step: StepCallback | None = None,
-    ) -> TrainResult:
-        """Run exactly ``steps`` optimiser steps of Dice+CE, cycling over ``loader``.
-
-        FedProx's ``mu/2 * ||w - w0||^2`` enters as its gradient ``mu * (w - w0)``, added
-        just before the wrapped optimiser's update: under Opacus that is after clipping and
-        noise, where a data-independent term belongs (a loss term would be missed by the
-        per-sample gradients). The reported loss is Dice+CE without the proximal term.
-
-        An empty batch (Poisson sampling) still counts as a step: a DP optimiser takes its
-        noise-only step, a plain one has nothing to do. ``on_step`` gets the running mean
-        loss.
-
-        Returns:
-            Mean loss over non-empty batches, ``len(loader.dataset)`` examples, ``steps``.
-        """
-        device = next(model.parameters()).device
-        # batch=False keeps Dice per sample, so the loss stays separable for per-sample clipping.
-        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-        model.train()
-        hook = (proximal_hook(optimizer, proximal_mu, shared_params(self, model))
-                if proximal_mu > 0 else None)
-        losses: list[float] = []
-        batches = cycle(loader)
-        try:
-            for step in range(1, steps + 1):
-                batch = next(batches)
-                optimizer.zero_grad(set_to_none=True)
-                if batch_size(batch) == 0:
-                    empty_step(optimizer)
-                else:
-                    image = batch["image"].to(device, non_blocking=True)
-                    label = batch["label"].to(device, non_blocking=True)
-                    loss = loss_fn(model(image), label)
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(loss.item())
-                if on_step is not None:
-                    on_step(step, steps, float(np.mean(losses)) if losses else float("nan"))
-        finally:
-            optimizer.zero_grad(set_to_none=True)
-            if hook is not None:
-                hook.remove()
-        mean = float(np.mean(losses)) if losses else float("nan")
-        return TrainResult(loss=mean, num_examples=len(loader.dataset), steps=steps)
 
     def phases(self, model: nn.Module) -> list[Phase]:
         """One phase, ``unet``: every parameter, per-case Dice+CE.
 
-        The mean of the per-case losses is :meth:`train_steps`' batch loss (Dice per sample,
-        cross-entropy over equally many voxels per case), so DP-SGD on this phase follows
-        the same objective.
+        The mean of the per-case losses is the batch's Dice+CE (Dice per sample,
+        cross-entropy over equally many voxels per case), so plain and DP-SGD training
+        follow the same objective.
         """
         loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -278,20 +205,14 @@ class SegmentationTask:
             return EvalResult(metrics={}, num_examples=0, per_case={})
         cfg = self.cfg
         device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
         per_case: dict[str, dict[str, float]] = {}
-        try:
-            with torch.no_grad():
-                for case in cases:
-                    pred, img = predict_volume(model, case["image"], cfg, device,
-                                               largest_component=cfg.evaluate.largest_component)
-                    label = read_label(case["label"], pred.shape, cfg.data.num_classes)
-                    spacing = native_spacing(img)
-                    per_case[case_id(case)] = case_metrics(
-                        pred, label, cfg.data.num_classes, spacing, hd95=cfg.evaluate.hd95)
-        finally:
-            model.train(was_training)
+        with evaluating(model):
+            for case in cases:
+                pred, img = predict_volume(model, case["image"], cfg, device,
+                                           largest_component=cfg.evaluate.largest_component)
+                label = read_label(case["label"], cfg.data.num_classes, pred.shape)
+                per_case[case_id(case)] = case_metrics(
+                    pred, label, cfg.data.num_classes, native_spacing(img), hd95=cfg.evaluate.hd95)
         metrics = {"dice": float(np.mean([m["dice"] for m in per_case.values()]))}
         if cfg.evaluate.hd95:
             hd = [m["hd95"] for m in per_case.values() if math.isfinite(m["hd95"])]
@@ -325,114 +246,3 @@ class PatchDataset(Dataset):
         # Copy, so no transform can ever write into the shared cache.
         item = self.transform({k: v.clone() for k, v in self.volumes[index].items()})
         return item[0] if isinstance(item, list) else item  # num_samples=1 gives a list
-
-
-def _cached_volume(case: Case, data: DataConfig) -> dict[str, torch.Tensor]:
-    """The preprocessed ``{"image", "label"}`` of a case (checked), from the cache if there."""
-    key = (file_key(case["image"], "image"), file_key(case["label"], "label"),
-           json.dumps(asdict(data), sort_keys=True))
-    hit = VOLUME_CACHE.get(key)
-    if hit is not None:
-        return hit
-    for k in KEYS:
-        load_nifti(case[k], k)  # header check: a one-line error naming the file
-    try:
-        out = preprocess_transforms(data, KEYS)({k: case[k] for k in KEYS})
-    except Exception as exc:  # MONAI wraps reader errors in RuntimeError chains
-        raise DataError(_preprocess_failure(case, exc)) from None
-    image, label = out["image"].as_tensor(), out["label"].as_tensor()
-    if image.shape[0] != data.in_channels:
-        raise DataError(f"{case['image']}: has {image.shape[0]} channel(s), data.in_channels is "
-                        f"{data.in_channels}")
-    if label.shape[0] != 1 or label.shape[1:] != image.shape[1:]:
-        raise DataError(f"{case['label']}: grid {tuple(label.shape[1:])} does not match its "
-                        f"image's {tuple(image.shape[1:])} after resampling")
-    if int(label.max()) >= data.num_classes:
-        raise DataError(f"{case['label']}: label value {int(label.max())} is not below "
-                        f"data.num_classes ({data.num_classes})")
-    value = {"image": image.contiguous(), "label": label.contiguous()}
-    VOLUME_CACHE.put(key, value)
-    return value
-
-
-def _preprocess_failure(case: Case, exc: Exception) -> str:
-    """One line naming the file that broke preprocessing (read failures are checked first)."""
-    for k in KEYS:
-        try:
-            np.asanyarray(load_nifti(case[k], k).dataobj)
-        except Exception as read_exc:  # truncated or corrupt data only fails when read
-            return f"{case[k]}: not a readable NIfTI {k} ({type(read_exc).__name__})"
-    root = root_cause(exc)
-    why = str(root).strip().splitlines()
-    return (f"{case['image']} / {case['label']}: could not be preprocessed "
-            f"({type(root).__name__}{': ' + why[0] if why else ''})")
-
-
-# -- evaluation helpers -------------------------------------------------------------------
-
-
-def case_id(case: Case) -> str:
-    """The case's id, or its image file name without the NIfTI suffix."""
-    if case.get("case"):
-        return str(case["case"])
-    name = Path(case["image"]).name
-    return name.removesuffix(".gz").removesuffix(".nii")
-
-
-def native_spacing(img) -> tuple[float, ...]:
-    """Voxel sizes in mm of a nibabel image (from its affine, right for oblique grids too)."""
-    return tuple(float(s) for s in voxel_sizes(img.affine)[:3])
-
-
-def read_label(path: str, shape: tuple[int, ...], num_classes: int) -> np.ndarray:
-    """A native-grid label map as integer classes, checked against its image's shape.
-
-    Raises:
-        DataError: unreadable, wrong shape, or values outside ``0 .. num_classes - 1``.
-    """
-    try:
-        img = load_nifti(path, "label")
-        arr = np.asanyarray(img.dataobj)
-    except FedscanError as exc:
-        raise DataError(str(exc)) from None
-    except Exception as exc:  # truncated data only fails when read
-        raise DataError(f"{path}: not a readable NIfTI label ({type(exc).__name__})") from None
-    if arr.ndim == 4 and arr.shape[3] == 1:
-        arr = arr[..., 0]
-    if arr.shape != tuple(shape):
-        raise DataError(f"{path}: shape {arr.shape} differs from its image's {tuple(shape)}")
-    arr = np.rint(arr).astype(np.int64)
-    if arr.min() < 0 or arr.max() >= num_classes:
-        raise DataError(f"{path}: label values {arr.min()}..{arr.max()} outside "
-                        f"0..{num_classes - 1} (data.num_classes)")
-    return arr
-
-
-def case_metrics(pred: np.ndarray, label: np.ndarray, num_classes: int,
-                 spacing: tuple[float, ...], *, hd95: bool = True) -> dict[str, float]:
-    """Dice (and HD95 in mm) of one case, averaged over foreground classes.
-
-    Args:
-        pred: predicted classes in the native grid.
-        label: reference classes, same shape.
-        num_classes: classes including background.
-        spacing: voxel sizes in mm, for HD95.
-        hd95: whether to compute HD95.
-
-    Returns:
-        ``{"dice": ..., "hd95": ...}``; ``hd95`` is ``nan`` if no class has it defined.
-    """
-    p = one_hot(torch.as_tensor(pred, dtype=torch.long)[None, None], num_classes)
-    y = one_hot(torch.as_tensor(label, dtype=torch.long)[None, None], num_classes)
-    # ignore_empty=False: a class absent from both counts as 1, absent from one as 0.
-    dice = compute_dice(p, y, include_background=False, ignore_empty=False)
-    out = {"dice": float(dice.mean())}
-    if hd95:
-        if p[:, 1:].any() and y[:, 1:].any():
-            hd = compute_hausdorff_distance(p, y, include_background=False, percentile=95,
-                                            spacing=list(spacing))
-            finite = hd[torch.isfinite(hd)]
-            out["hd95"] = float(finite.mean()) if finite.numel() else float("nan")
-        else:
-            out["hd95"] = float("nan")
-    return out

@@ -1,0 +1,171 @@
+"""Benchmark: what the status page adds to a run's wall time.
+
+The same small federation runs with ``fedscan simulate`` as a user starts it, without and with
+the status page (``--status-port 0``), in the order off, on, on, off (and again for more
+repeats) so drift on a shared machine falls on both arms alike (two simulations at the same time
+were tried for a true side by side: their Ray actors never started on this 2-core machine).
+On a machine shared with other work the drift between runs can still dwarf a 2 % effect, so the
+page's own cost is also measured directly. While the page is up, a client
+loads it the way the page does (the page, its script and style, plotly.js once, then
+``/api/status`` every 2 s) for the whole run. The browser's own drawing is not counted: it runs
+wherever the operator looks from.
+
+Also measured: the server's time per ``/api/status`` answer as the client sees it, and the
+live-state writer's time per write (the writer runs in every federated run, page or not).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The page's refresh interval (status.js REFRESH_MS).
+POLL_SECONDS = 2.0
+
+
+def _write_sites(root: Path, n_cases: int, n_val: int) -> dict[str, Path]:
+    """Three phantom hospitals on coarse 6 mm grids (seconds per round on two cores)."""
+    from fedscan.simulations.phantoms import ScannerProfile, write_phantom_site
+
+    profiles = [ScannerProfile("site-a", "RAS", (6.0, 6.0, 6.0), noise_std=0.02),
+                ScannerProfile("site-b", "LPS", (6.0, 6.0, 6.0), gamma=0.7, noise_std=0.03),
+                ScannerProfile("site-c", "PIL", (6.0, 6.0, 6.0), gamma=1.2, noise_std=0.02)]
+    out = {}
+    for profile in profiles:
+        folder = root / profile.name
+        if not (folder / "dataset.json").is_file():
+            write_phantom_site(folder, profile.name, profile, n_cases, n_val, seed=0)
+        out[profile.name] = folder
+    return out
+
+
+class _Poller:
+    """Loads the page like a browser would until stopped; times each /api/status answer."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=10) as client:
+            for path in ("/", "/static/status.js", "/static/status.css",
+                         "/static/plotly.min.js"):
+                client.get(self.url + path)
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                try:
+                    client.get(self.url + "/api/status").raise_for_status()
+                    self.seconds.append(time.perf_counter() - started)
+                except httpx.HTTPError:
+                    pass  # the page stops with the run
+                self._stop.wait(POLL_SECONDS)
+
+    def start(self) -> _Poller:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=15)
+
+
+def _run_once(config: Path, out: Path, page: bool) -> tuple[float, list[float]]:
+    """Wall time of one ``fedscan simulate`` and the poller's answer times (page on)."""
+    cmd = [sys.executable, "-m", "fedscan", "simulate", "--config", str(config), "--out",
+           str(out)] + (["--status-port", "0"] if page else [])
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    poller, tail = None, []
+    for line in proc.stdout:
+        tail = [*tail[-40:], line]
+        if page and poller is None and "status page http" in line:
+            poller = _Poller(line.split("status page ", 1)[1].strip()).start()
+    code = proc.wait()
+    wall = time.perf_counter() - started
+    if poller is not None:
+        poller.stop()
+    if code != 0:
+        raise RuntimeError(f"simulate exited with {code}:\n{''.join(tail)}")
+    return wall, poller.seconds if poller else []
+
+
+def _writer_seconds(sites: int) -> float:
+    """Mean time of one live.json write for a run of ``sites`` sites (all nodes in flight)."""
+    import tempfile
+
+    from fedscan.shared.live import LiveStatus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        live = LiveStatus(tmp, 100, [f"site-{i}" for i in range(sites)])
+        live.exchange_started(1, "train", {i: f"site-{i}" for i in range(sites)})
+        for i in range(sites):
+            live.replied(i, f"site-{i}")
+        live.write_seconds = 0.0
+        for _ in range(200):
+            live.write()
+        return live.write_seconds / 200
+
+
+def status_overhead(out: Path, rounds: int = 3, repeats: int = 2) -> dict[str, Any]:
+    """Run the federation ``2 * repeats`` times, page off and on alternately (ABBA).
+
+    Returns:
+        Per-run wall times per arm, their means, the ratio on/off, the poll answer times and
+        the live writer's time per write.
+    """
+    out = Path(out)
+    sites = _write_sites(out / "data", n_cases=8, n_val=2)
+    config = out / "bench.yaml"
+    config.write_text(yaml.safe_dump({
+        "sites": [{"name": n, "data": str(p)} for n, p in sites.items()],
+        "rounds": rounds,
+        "data": {"spacing": [6.0, 6.0, 6.0]},
+        "train": {"patch_size": [24, 24, 24], "local_steps": 10},
+        "evaluate": {"hd95": False},
+    }))
+    order = [arm for _ in range(repeats) for arm in (False, True, True, False)][: 2 * repeats]
+    walls: dict[bool, list[float]] = {False: [], True: []}
+    polls: list[float] = []
+    for i, page in enumerate(order):
+        wall, answers = _run_once(config, out / f"run-{i}-{'on' if page else 'off'}", page)
+        walls[page].append(wall)
+        polls += answers
+        print(f"run {i + 1}/{len(order)}: status page {'on ' if page else 'off'} "
+              f"{wall:.1f} s", flush=True)
+    off, on = statistics.mean(walls[False]), statistics.mean(walls[True])
+    return {"off": walls[False], "on": walls[True], "mean_off": off, "mean_on": on,
+            "ratio": on / off, "polls": len(polls),
+            "poll_ms": 1000 * statistics.median(polls) if polls else None,
+            "writer_ms_3": 1000 * _writer_seconds(3), "writer_ms_50": 1000 * _writer_seconds(50)}
+
+
+def format_status_overhead(result: dict[str, Any]) -> str:
+    """The benchmark's table as text."""
+    lines = [
+        "status page overhead (same federation, fedscan simulate, page off/on alternately)",
+        f"  page off: {', '.join(f'{w:.1f}' for w in result['off'])} s  mean "
+        f"{result['mean_off']:.1f} s",
+        f"  page on:  {', '.join(f'{w:.1f}' for w in result['on'])} s  mean "
+        f"{result['mean_on']:.1f} s",
+        f"  ratio on/off: {result['ratio']:.4f} ({100 * (result['ratio'] - 1):+.2f} %; "
+        f"goal < +2 %)",
+    ]
+    if result["poll_ms"] is not None:
+        lines.append(f"  /api/status answers: {result['polls']}, median {result['poll_ms']:.1f} "
+                     f"ms each, one every {POLL_SECONDS:.0f} s "
+                     f"({100 * result['poll_ms'] / 1000 / POLL_SECONDS:.2f} % of the time)")
+    lines.append(f"  live.json writer: {result['writer_ms_3']:.2f} ms per write with 3 sites, "
+                 f"{result['writer_ms_50']:.2f} ms with 50 (a few writes per round, at most "
+                 "one per second)")
+    return "\n".join(lines)
