@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ def quiet_flower() -> None:
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Opacus calls logging.basicConfig() at import; Flower's logger (level DEBUG, with its own
+    # console handler) would then print every line twice, its DEBUG lines included.
+    logging.getLogger("flwr").propagate = False
 
 
 def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import parse_config
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import site_record
+from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import MetricSpec
 
 SPEC = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
@@ -317,6 +318,9 @@ SEG_METRICS = (MetricSpec("dice", True, 0.0, 1.0, per_class=True, headline=True)
     ({"dice": 0.5, "accuracy": 0.9}, "unknown metric"),
     ({"dice": 0.5, "num-examples": 10**8}, "absurd"),
     ({"dice": 0.5, "num-examples": 0}, "positive"),
+    ({"dice": 0.5, "dice/csf": 1.5}, "metric 'dice/csf' = 1.5 outside its range [0, 1]"),
+    ({"dice": 0.5, "hd95/brain": -2.0}, "metric 'hd95/brain' = -2.0 outside its range"),
+    ({"dice": 0.5, "dice/csf": float("nan")}, "outside its range"),
 ])
 def test_evaluation_metrics_outside_the_task_ranges_are_rejected(metrics, reason):
     validator = UpdateValidator(SPEC, metrics=SEG_METRICS)
@@ -395,3 +399,27 @@ def test_malformed_records_are_rejected_not_raised(mutate, reason):
     ok, rejected = UpdateValidator(SPEC).check_train([*honest_three(), msg],
                                                      ArrayRecord(good(0.0)))
     assert len(ok) == 3 and reason in rejected[0].reason
+
+
+@pytest.mark.parametrize("task, fine, bad", [
+    ("segmentation", {"dice": 0.8, "dice/wm": 0.9, "hd95": 2.0, "hd95/wm": float("nan")},
+     {"dice": 0.8, "dice/wm": 1e9, "hd95": 2.0}),
+    ("harmonisation", {"cycle_psnr": 31.0, "cycle_ssim": 0.9, "change": 0.05},
+     {"cycle_psnr": 31.0, "cycle_ssim": 1.5, "change": 0.05}),
+])
+def test_ranges_come_from_the_task_metric_specs(tmp_path, task, fine, bad):
+    cfg = parse_config({"task": task, "sites": [{"name": "a", "data": "/x"}]})
+    metrics = build_task(cfg).metrics
+    validator = UpdateValidator.from_config(SPEC, cfg, metrics)
+    assert validator.check_reply(reply("a", 1, None, {**fine, "num-examples": 2}, train=False),
+                                 train=False) is None
+    reason = validator.check_reply(reply("a", 1, None, {**bad, "num-examples": 2},
+                                         train=False), train=False)
+    assert reason is not None and "outside its range" in reason
+    # A per-class key of a metric the task does not declare per class is unknown.
+    other = next(s.name for s in metrics if not s.per_class) if task == "harmonisation" else None
+    if other:
+        reason = validator.check_reply(reply("a", 1, None, {**fine, f"{other}/x": 0.5,
+                                                            "num-examples": 2}, train=False),
+                                       train=False)
+        assert reason is not None and "unknown metric" in reason
