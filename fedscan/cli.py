@@ -159,6 +159,11 @@ def _bench(args: argparse.Namespace) -> int:
         print(bench_status.format_status_overhead(result))
     elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
+    elif args.what == "attacks":
+        from fedscan.simulations import attacks
+
+        rounds = args.rounds or attacks.ROUNDS
+        print(attacks.format_attacks(attacks.attack_bench(Path(args.out), rounds=rounds)))
     else:
         rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
         print(bench.format_utility(rows))
@@ -254,16 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_data)
 
     p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
-                                     "status page overhead")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead"],
+                                     "status page overhead, one dishonest site among four")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead", "attacks"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
                         "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
-                        "same small federation without and with the status page")
+                        "same small federation without and with the status page; attacks: four "
+                        "hospitals, one of which lies (10^9 cases, NaN samples, a 5x "
+                        "sign-flipped update, Dice 1e9), against the honest run")
     p.add_argument("--out", default=None,
-                   help="dp-utility, status-overhead: output folder (default: "
+                   help="dp-utility, status-overhead, attacks: output folder (default: "
                         "runs/bench-<what>)")
     p.add_argument("--rounds", type=int,
-                   help="dp-utility, status-overhead: override the rounds")
+                   help="dp-utility, status-overhead, attacks: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
     p.set_defaults(func=_bench)
 

@@ -171,7 +171,8 @@ def register_keys(settings: ServerSettings, flwr_home: Path, keys: dict[str, str
             raise FedscanError(f"could not register the key of site {name}: {message}")
 
 
-def write_app(run_dir: Path, settings: ServerSettings, resume: bool) -> Path:
+def write_app(run_dir: Path, settings: ServerSettings, resume: bool,
+              insecure: bool = False) -> Path:
     """The Flower app submitted to the SuperLink: only a pyproject.toml, no code."""
     try:
         app_version = version("fedscan")
@@ -199,6 +200,7 @@ clientapp = "fedscan.client.client_app:app"
 server-config = "{settings.path}"
 run-dir = "{run_dir}"
 resume = {"true" if resume else "false"}
+insecure = {"true" if insecure else "false"}
 ''')
     return app_dir
 
@@ -267,7 +269,7 @@ def start_server(config: str | Path, insecure: bool = False,
         if front.stop_stale(pid_file, program):
             print(f"fedscan: stopped the {program} a previous server left running", flush=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    app_dir = write_app(run_dir, settings, resume=bool(resume))
+    app_dir = write_app(run_dir, settings, resume=bool(resume), insecure=insecure)
     s = settings.server
     internal_port = s.internal_port or free_loopback_port()
     control_address = f"127.0.0.1:{internal_port}"

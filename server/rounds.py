@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, Message
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedscan.server.admission import AdmittedGrid
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.error_codes import describe_error
 from fedscan.shared.history import RunHistory
@@ -147,40 +150,85 @@ def run_rounds(
     """
     registered = dict(node_names or {})  # node id -> name its key was admitted under
     sites: dict[int, str] = dict(registered)  # ... plus names learned from replies
+    admitted = grid if isinstance(grid, AdmittedGrid) else None
+
+    def drop(rnd: int, phase: str, node: int, reason: str) -> None:
+        site = sites.get(node, f"node-{node}")
+        log.warning("round %d: dropped a %s reply from %s (node %s): %s", rnd, phase, site,
+                    node, reason)
+        history.record_rejection(rnd, site, phase, reason)
+
+    def screen(rnd: int, phase: str, messages: list[Message], replies: list[Message]
+               ) -> list[tuple[int, Message]]:
+        """The replies that answer a message of this exchange from the node it was sent to
+        (an admitted one), each node once; the others are dropped and recorded."""
+        asked = {m.metadata.message_id: m for m in messages}
+        kept: list[tuple[int, Message]] = []
+        for reply in replies:
+            src = int(reply.metadata.src_node_id)
+            question = asked.get(reply.metadata.reply_to_message_id)
+            if question is None:
+                drop(rnd, phase, src, "answers no message sent in this exchange")
+                continue
+            node = int(question.metadata.dst_node_id)
+            # Flower's own "node unavailable" replies come from the SuperLink, not the node.
+            if src != node and not (reply.has_error() and src == SUPERLINK_NODE_ID):
+                drop(rnd, phase, src, f"answers the message sent to node {node}")
+            elif admitted is not None and not admitted.is_admitted(src) and src == node:
+                drop(rnd, phase, src, "node not admitted by the operator")
+            elif reply.metadata.message_type != question.metadata.message_type:
+                drop(rnd, phase, node, "reply of another message type")
+            else:
+                kept.append((node, reply))
+        counts = Counter(node for node, _ in kept)
+        for node, n in counts.items():
+            if n > 1:
+                drop(rnd, phase, node, f"answered {n} times; none of its replies is used")
+        return [(node, reply) for node, reply in kept if counts[node] == 1]
+
+    def name_reply(node: int, reply: Message) -> None:
+        declared = reply_site(reply)
+        if node in registered:
+            if declared != registered[node]:
+                # The key's registered name wins over what the reply claims.
+                log.warning("node %s registered as %r declares %r; recorded as %r", node,
+                            registered[node], declared, registered[node])
+                reply.content[SITE] = site_record(registered[node])
+        elif any(s == declared and n != node for n, s in sites.items()):
+            # Another node already answers as this site: never mix two nodes' records.
+            log.warning("node %s declares %r, the name of another node; recorded as "
+                        "node-%s", node, declared, node)
+            reply.content[SITE] = site_record(f"node-{node}")
+        sites[node] = reply_site(reply)
 
     def exchange(rnd: int, phase: str, messages: Iterable[Message]) -> list[Message]:
         messages = list(messages)
         sent = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         replies = list(grid.send_and_receive(messages, timeout=timeout))
-        # Pushing set each message's id; a reply names the message it answers (Flower's own
-        # "node unavailable" replies come from the SuperLink, not from the node).
-        node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = set()
-        for reply in replies:
-            node = node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+        kept = []
+        for node, reply in screen(rnd, phase, messages, replies):
             answered.add(node)
+            kept.append(reply)
             if reply.has_error():
                 # A fixed text per code: nothing the site wrote reaches summary.json.
                 history.record_error(rnd, sites.get(node, f"node-{node}"), phase,
                                      describe_error(reply.error.code, reply.error.reason))
             else:
-                declared = reply_site(reply)
-                if node in registered and declared != registered[node]:
-                    # The key's registered name wins over what the reply claims.
-                    log.warning("node %s registered as %r declares %r; recorded as %r", node,
-                                registered[node], declared, registered[node])
-                    reply.content[SITE] = site_record(registered[node])
-                sites[node] = reply_site(reply)
+                name_reply(node, reply)
                 history.record_bytes(rnd, sites[node], f"{phase}_up", message_bytes(reply))
         for node, n in sent.items():
             site = sites.get(node, f"node-{node}")
             history.record_bytes(rnd, site, f"{phase}_down", n)
             if node not in answered:
-                history.record_error(rnd, site, phase, f"no reply within {timeout:.0f}s")
-        return replies
+                history.record_error(rnd, site, phase, f"no valid reply within {timeout:.0f}s")
+        return kept
 
     last = None
     for rnd in rounds:
+        if admitted is not None:  # keys admitted while the server runs join this round
+            registered.update(admitted.names())
+            sites.update(registered)
         deadline = time.monotonic() + site_grace
         while (len(list(grid.get_node_ids())) < expected_sites
                and time.monotonic() < deadline):

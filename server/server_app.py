@@ -11,6 +11,7 @@ import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedscan.server.admission import Admission, AdmittedGrid
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
 from fedscan.server.rounds import (
@@ -68,7 +69,8 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
 
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                    site_grace: float = 0.0,
-                   node_names: dict[int, str] | None = None) -> dict[str, Any]:
+                   node_names: dict[int, str] | None = None,
+                   admission: Admission | None = None) -> dict[str, Any]:
     """Train ``cfg.rounds`` rounds with the configured strategy and write the run's outputs.
 
     Every round ends with a checkpoint of the global model and the strategy's state and a
@@ -83,6 +85,8 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         site_grace: seconds each round waits for every site to be online before it starts
             with those present (at least ``strategy.min_sites``).
         node_names: node id -> site name, to name sites that fail before they ever answer.
+        admission: the nodes the operator admitted (deployment); only they are sampled and
+            heard. None: every node is (simulation).
 
     Returns:
         The summary written to ``out_dir/summary.json``.
@@ -95,7 +99,10 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     # discriminators, FedBN's normalisation layers stay at the sites).
     initial = {k: v for k, v in model.state_dict().items() if k in shared}
     history.model_fp32_bytes = model_fp32_bytes(initial)
-    validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites or len(cfg.sites))
+    validator = UpdateValidator.from_config(initial, cfg, task.metrics)
+    if admission is not None:
+        grid = AdmittedGrid(grid, admission, on_unadmitted=history.record_unadmitted)
+        node_names = {**(node_names or {}), **grid.names()}
     strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history,
                                  validator=validator)
     arrays, first = to_arrays(initial), 1
@@ -178,7 +185,11 @@ def main(grid: Grid, context: Context) -> None:
     nodes = run_dir / NODES_FILE
     names = json.loads(nodes.read_text()) if nodes.is_file() else {}
     node_names = {int(k): v for k, v in names.items()}
+    # Without node authentication (--insecure) no key was admitted: every node takes part.
+    admission = (None if bool(run_config.get("insecure", False))
+                 else Admission(nodes, settings.site_keys))
     with live_run(grid, settings.federation, run_dir, node_names) as live_grid:
         run_federation(live_grid, settings.federation, run_dir,
                        resume=bool(run_config.get("resume", False)),
-                       site_grace=settings.server.site_grace, node_names=node_names)
+                       site_grace=settings.server.site_grace, node_names=node_names,
+                       admission=admission)

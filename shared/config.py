@@ -76,6 +76,10 @@ class SiteConfig:
     #: The public reference-domain folder the harmonisation task reads here. A site path comes
     #: from the site's own config, never from the server's task config.
     harmonisation_reference: str | None = None
+    #: Server side: the most cases (training or validation) this site may report, as the
+    #: operator admitted it; a reply claiming more is rejected. None: not declared (the
+    #: site's aggregation weight is then capped by ``strategy.max_weight_ratio``).
+    max_examples: int | None = None
 
 
 @dataclass
@@ -156,7 +160,8 @@ class TrainConfig:
 class StrategyConfig:
     """Flower server strategy and its hyper-parameters."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "multikrum",
+                  "bulyan"] = "fedavg"
     #: Aggregation weight of a site's update: its training cases (``examples``, FedAvg's
     #: choice) or the cases it drew this round, local steps x batch size (``samples``), which
     #: is the same at every site that trains the same steps: each site then counts equally.
@@ -167,9 +172,25 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
-    #: Minimum sites that must reply for a round to count.
+    #: Sites a round waits for (Flower samples at least this many) and valid updates it needs
+    #: to count. None: waits for all sites and counts with valid updates from a majority.
     min_sites: int | None = None
     round_timeout: float = 3600.0
+    #: fedtrimmedavg: fraction of values cut at each end, per coordinate.
+    trim_beta: float = 0.2
+    #: multikrum / bulyan: sites assumed dishonest (Bulyan needs 4 x this + 3 sites).
+    num_malicious: int = 1
+    #: multikrum: updates averaged (1 is Krum); None: the sites minus ``num_malicious``.
+    num_selected: int | None = None
+    #: A site's aggregation weight (``weighted_by``) is capped at this multiple of the round's
+    #: median weight, unless the operator declared its ``max_examples`` (``.inf``: no cap).
+    max_weight_ratio: float = 3.0
+    #: An update whose distance to the global model exceeds this multiple of the median
+    #: distance of the other sites' updates is rejected (``.inf``: never).
+    max_norm_ratio: float = 3.0
+    #: Every update is clipped to this distance from the global model before aggregation:
+    #: ``median`` (the round's median update norm), a number (a fixed norm), or null (off).
+    clip_norm: float | Literal["median"] | None = "median"
 
 
 @dataclass
@@ -417,15 +438,17 @@ def _check_values(cfg: Config) -> None:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
+    check_strategy(cfg, bad)
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
         check_policy(site.policy, f"sites[{i}].policy", bad)
     for i, test_set in enumerate(cfg.test_sets):
         if (test_set.privacy is not None or test_set.state_dir is not None
-                or test_set.policy != SitePolicy() or test_set.harmonisation_reference):
+                or test_set.policy != SitePolicy() or test_set.harmonisation_reference
+                or test_set.max_examples is not None):
             raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy, "
-                      "state_dir, policy or harmonisation_reference")
+                      "state_dir, policy, harmonisation_reference or max_examples")
     if cfg.model.norm == "group":
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
@@ -486,6 +509,30 @@ def check_label_keys(data: DataConfig, bad: Any) -> None:
         if data.mirror_pairs and data.symmetric_labels:
             raise bad("data.symmetric_labels", "a label set with mirror pairs is not "
                       "symmetric (set one of mirror_pairs and symmetric_labels)")
+
+
+def check_strategy(cfg: Config, bad: Any) -> None:
+    """Robust-aggregation keys: ranges, and enough sites for Bulyan and MultiKrum."""
+    s = cfg.strategy
+    if not (s.max_weight_ratio >= 1.0):  # also rejects NaN; .inf means no cap
+        raise bad("strategy.max_weight_ratio", "must be >= 1 (.inf for no cap)")
+    if not (s.max_norm_ratio > 1.0):
+        raise bad("strategy.max_norm_ratio", "must be > 1 (.inf to never reject by norm)")
+    if isinstance(s.clip_norm, float) and not (0.0 < s.clip_norm < math.inf):
+        raise bad("strategy.clip_norm", "must be a positive number, 'median' or null")
+    if not 0.0 <= s.trim_beta < 0.5:
+        raise bad("strategy.trim_beta", "must be in [0, 0.5)")
+    if s.num_malicious < 0:
+        raise bad("strategy.num_malicious", "must be >= 0")
+    sites = s.min_sites or len(cfg.sites)
+    if s.name == "bulyan" and sites < 4 * s.num_malicious + 3:
+        raise bad("strategy.num_malicious", f"bulyan needs at least 4 x num_malicious + 3 = "
+                  f"{4 * s.num_malicious + 3} sites per round, this federation has {sites}")
+    if s.num_selected is not None and not 1 <= s.num_selected <= len(cfg.sites):
+        raise bad("strategy.num_selected", f"must be between 1 and the {len(cfg.sites)} sites")
+    for i, site in enumerate(cfg.sites):
+        if site.max_examples is not None and site.max_examples < 1:
+            raise bad(f"sites[{i}].max_examples", "must be >= 1")
 
 
 def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:

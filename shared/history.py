@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,14 @@ def weighted_mean(per_site: dict[str, dict[str, Any]], key: str) -> float | None
     return sum(v * w for v, w in pairs) / total
 
 
+def site_median(per_site: dict[str, dict[str, Any]], key: str) -> float | None:
+    """Median of ``key`` over sites (each site once, whatever its case count), skipping
+    missing/None values: the figure one site's claimed case count cannot move."""
+    values = [m[key] for m in per_site.values()
+              if isinstance(m.get(key), (int, float)) and math.isfinite(m[key])]
+    return float(statistics.median(values)) if values else None
+
+
 class RunHistory:
     """Collects what a run did and writes it into ``out_dir``.
 
@@ -83,6 +92,8 @@ class RunHistory:
         self.resumed_after: list[int] = []
         #: TensorBoard (and MLflow when configured) get every summary this writes.
         self.tracker = Tracker(self.out_dir, cfg, mode)
+        #: Nodes that were online but whose keys the operator never admitted (not sampled).
+        self.unadmitted_nodes: list[int] = []
 
     def _round(self, rnd: int) -> dict[str, Any]:
         for entry in self.rounds:
@@ -117,16 +128,30 @@ class RunHistory:
         return [k for k in keys if k.split("/", 1)[0] in averaged]
 
     def _aggregate(self, entry: dict[str, Any]) -> None:
-        """Example-weighted means over sites of every declared metric that averages."""
+        """Example-weighted means over sites of every declared metric that averages, and
+        beside them in ``median`` the median over sites (one vote per site)."""
         for key in self._aggregated_keys(entry["evaluate"]):
             value = weighted_mean(entry["evaluate"], key)
             if value is not None:
                 entry["aggregate"][key] = value
+            median = site_median(entry["evaluate"], key)
+            if median is not None:
+                entry.setdefault("median", {})[key] = median
 
     def record_rejection(self, rnd: int, site: str, phase: str, reason: str) -> None:
         """A reply the server did not aggregate (see ``server/validation.py``)."""
         self._round(rnd).setdefault("rejected", []).append(
             {"site": site, "phase": phase, "reason": reason})
+
+    def record_adjustment(self, rnd: int, site: str, phase: str, reason: str) -> None:
+        """A reply aggregated with less weight than it claimed (see ``server/validation.py``)."""
+        self._round(rnd).setdefault("adjusted", []).append(
+            {"site": site, "phase": phase, "reason": reason})
+
+    def record_unadmitted(self, node_id: int) -> None:
+        """A node that was online without an admitted key (never sampled)."""
+        if node_id not in self.unadmitted_nodes:
+            self.unadmitted_nodes.append(int(node_id))
 
     def record_error(self, rnd: int, site: str, phase: str, reason: str) -> None:
         """A site that answered with an error, or not at all (Flower's error reply)."""
@@ -142,6 +167,7 @@ class RunHistory:
         """Continue a run: keep the recorded rounds up to ``last_round`` from its summary."""
         self.rounds = [r for r in summary.get("rounds", []) if r["round"] <= last_round]
         self.resumed_after = [*summary.get("resumed_after", []), last_round]
+        self.unadmitted_nodes = list(summary.get("unadmitted_nodes", []))
         self.started -= float(summary.get("seconds") or 0.0)
 
     def finish_round(self, rnd: int, state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -189,6 +215,8 @@ class RunHistory:
                 "headline": main.name if main is not None else None,
                 **{key: weighted_mean(per_site, key)
                    for key in metric_keys(self.metrics, keys)},
+                "median": {key: value for key in metric_keys(self.metrics, keys)
+                           if (value := site_median(per_site, key)) is not None},
                 "per_site": per_site,
                 "test_sets": final.get("test_sets", {}),
             },
@@ -196,6 +224,7 @@ class RunHistory:
             "seconds": round(time.time() - self.started, 3),
             "model_fp32_bytes": self.model_fp32_bytes,
             "resumed_after": self.resumed_after,
+            "unadmitted_nodes": self.unadmitted_nodes,
             "config": self.cfg.to_dict(),
         }
         return _clean(out)

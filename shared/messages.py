@@ -45,11 +45,18 @@ SAMPLES = "samples"
 #: ConfigRecord of a train reply with the site's privacy ledger (not a MetricRecord: its keys
 #: differ between DP and non-DP sites, and Flower requires identical MetricRecord keys).
 PRIVACY = "privacy"
+#: Privacy ``status`` of a site that trained nothing this round (its budget is spent).
+DECLINED = "declined"
 #: Train config flag: evaluate the received model before training it.
 EVALUATE_RECEIVED = "evaluate-received"
 #: ConfigRecord of a train reply with the received model's validation metrics (a second
 #: MetricRecord would break Flower's one-MetricRecord-per-reply aggregation).
 EVALUATION = "evaluation"
+#: Keys of a train reply's ``metrics`` record (the server rejects any other).
+TRAIN_METRICS = ("loss", "steps", NUM_EXAMPLES, SAMPLES)
+#: Records a reply may carry (the server rejects a reply with any other).
+TRAIN_REPLY_RECORDS = (ARRAYS, METRICS, SITE, PRIVACY, EVALUATION)
+EVALUATE_REPLY_RECORDS = (METRICS, SITE)
 
 
 
@@ -172,10 +179,17 @@ def site_record(name: str) -> ConfigRecord:
     return ConfigRecord({"name": name})
 
 
+#: Longest site name a reply may declare (names are logged and recorded).
+MAX_SITE_NAME = 128
+
+
 def reply_site(msg: Message) -> str:
-    """The site name a reply declares (``node-<id>`` when it declares none)."""
-    if SITE in msg.content.config_records:
-        return str(msg.content.config_records[SITE]["name"])
+    """The site name a reply declares (``node-<id>`` when it declares none, or none that is
+    short printable text)."""
+    record = msg.content.config_records.get(SITE) if msg.has_content() else None
+    name = record.get("name") if record is not None else None
+    if isinstance(name, str) and 0 < len(name) <= MAX_SITE_NAME and name.isprintable():
+        return name
     return f"node-{msg.metadata.src_node_id}"
 
 

@@ -45,7 +45,7 @@ MODE_ORDER = ("federated", "local", "pooled")
 #: Train fields with a fixed place in the per-round tables; any other scalar is appended.
 _KNOWN_TRAIN_FIELDS = ("loss", "num_examples", "samples", "steps")
 _FIELD_LABELS = {"loss": "Train loss", "num_examples": "Examples", "samples": "Samples",
-                 "steps": "Steps"}
+                 "steps": "Steps", "update_norm": "Update norm", "clip_scale": "Clip factor"}
 
 _MODE_COLORS = {"federated": "tab:blue", "local": "tab:orange", "pooled": "tab:green"}
 
@@ -643,6 +643,11 @@ def _final_section(summary: Mapping[str, Any]) -> list[str]:
     if weighted:
         lines.append("As reported by the run (sites weighted by validation cases): "
                      + "; ".join(weighted) + ".")
+        median = _dict(final.get("median"))
+        medians = [f"{k} {_fmt(_num(median.get(k)))}" for k in _present_keys(specs, median)]
+        if medians:
+            lines[-1] += (" Median over sites (one vote per site, whatever its case count): "
+                          + "; ".join(medians) + ".")
         lines.append("")
     lines += _metric_notes(specs)
     lines.append("Each site's results are on its own validation cases, evaluated inside that "
@@ -752,6 +757,7 @@ def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
     header += [f"{k} loss" for k in train_keys]
     header += [f"{s} {main.name}" for s in sites] if main is not None else []
     header += [f"Aggregate {_key_label(specs, k)}" for k in aggregates]
+    header += [f"Median {_key_label(specs, main.name)}"] if main is not None else []
     rows = []
     for r in rounds:
         train, evaluate = _dict(r.get("train")), _dict(r.get("evaluate"))
@@ -760,6 +766,8 @@ def _rounds_section(summary: Mapping[str, Any]) -> list[str]:
         if main is not None:
             row += [_fmt(_num(_dict(evaluate.get(s)).get(main.name))) for s in sites]
         row += [_fmt(_num(_dict(r.get("aggregate")).get(k))) for k in aggregates]
+        if main is not None:
+            row.append(_fmt(_num(_dict(r.get("median")).get(main.name))))
         rows.append(row)
     lines += [_table(header, rows), "",
               f"{MISSING} means the site sent no result that round (it failed, timed out or "
@@ -830,8 +838,8 @@ def _network_section(summary: Mapping[str, Any]) -> list[str]:
     """Bytes per round (largest site) against the model's fp32 size, rejections, errors."""
     rounds = _rounds(summary)
     model = _num(summary.get("model_fp32_bytes"))
-    if not model or not any(r.get("bytes") or r.get("rejected") or r.get("errors")
-                            for r in rounds):
+    if not model or not any(r.get("bytes") or r.get("rejected") or r.get("adjusted")
+                            or r.get("errors") for r in rounds):
         return []
     rows = []
     for r in rounds:
@@ -842,17 +850,19 @@ def _network_section(summary: Mapping[str, Any]) -> list[str]:
             values = [v for v in values if v is not None]
             return f"{max(values) / model:.3f}" if values else MISSING
 
-        rejected = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
-                             f"{_md(str(x.get('reason')))}" for x in r.get("rejected") or [])
+        rejected, adjusted = ("; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))})"
+                                        f": {_md(str(x.get('reason')))}" for x in r.get(kind) or [])
+                              for kind in ("rejected", "adjusted"))
         errors = "; ".join(f"{_md(str(x.get('site')))} ({_md(str(x.get('phase')))}): "
                            f"{_md(str(x.get('reason'))[:120])}" for x in r.get("errors") or [])
         rows.append([str(r.get("round")), most("train_down"), most("train_up"),
-                     rejected or "none", errors or "none"])
+                     rejected or "none", adjusted or "none", errors or "none"])
     return ["## Network and faults", "",
             f"Bytes per site and round as a multiple of the model's fp32 size "
             f"({int(model):,} bytes; largest site shown). The final model's evaluation adds "
             f"one more download per site once per run.", "",
-            _table(["Round", "Down ÷ model", "Up ÷ model", "Rejected updates", "Errors"], rows),
+            _table(["Round", "Down ÷ model", "Up ÷ model", "Rejected updates",
+                    "Adjusted updates (weight capped, clipped)", "Errors"], rows),
             ""]
 
 

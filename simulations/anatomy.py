@@ -15,7 +15,7 @@ Tissue fractions are evaluated on a fine sub-grid (~1 mm, aligned with the scann
 and box-averaged into the scanner's native voxels, so sulci and the cortical ribbon blur into
 partial volume as they do in real scans. :mod:`scanners` turns fractions into the stored image.
 
-Interface as :mod:`fedscan.shared.phantoms` (``sample_anatomy``, ``render``, ``render_clean``),
+Interface as :mod:`fedscan.simulations.phantoms` (``sample_anatomy``, ``render``, ``render_clean``),
 plus :func:`render_tissues` (fractions and GM/WM/CSF classes) and :func:`render_truth` (the
 same head through the reference scanner on a site's grid, for harmonisation evaluation).
 """

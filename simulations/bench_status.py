@@ -32,7 +32,7 @@ POLL_SECONDS = 2.0
 
 def _write_sites(root: Path, n_cases: int, n_val: int) -> dict[str, Path]:
     """Three phantom hospitals on coarse 6 mm grids (seconds per round on two cores)."""
-    from fedscan.shared.phantoms import ScannerProfile, write_phantom_site
+    from fedscan.simulations.phantoms import ScannerProfile, write_phantom_site
 
     profiles = [ScannerProfile("site-a", "RAS", (6.0, 6.0, 6.0), noise_std=0.02),
                 ScannerProfile("site-b", "LPS", (6.0, 6.0, 6.0), gamma=0.7, noise_std=0.03),

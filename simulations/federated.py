@@ -5,11 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedscan.shared.config import Config, SiteConfig
 from fedscan.shared.errors import FedscanError
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+    from flwr.clientapp import ClientApp
+    from flwr.clientapp.typing import Mod
 
 
 def simulation_backend(cfg: Config) -> dict[str, Any]:
@@ -40,11 +46,35 @@ def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
                                harmonisation_reference=reference)
 
 
-def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def with_mods(client_app: ClientApp, mods: Sequence[Mod]) -> ClientApp:
+    """``client_app`` behind Flower ClientApp ``mods`` (each sees every message and reply)."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp(mods=list(mods))
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        return client_app(message=msg, context=context)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        return client_app(message=msg, context=context)
+
+    return app
+
+
+def run_federated(cfg: Config, out_dir: Path, client_mods: Sequence[Mod] = ()
+                  ) -> dict[str, Any]:
     """Run the federation with one virtual SuperNode per site; returns summary.json's content.
 
     Each virtual hospital is told its site by Flower's ``partition-id`` and reads only its
     own folder, with its resolved privacy setting and a state folder under ``out_dir``.
+
+    Args:
+        cfg: the run config.
+        out_dir: the run folder.
+        client_mods: Flower mods every virtual hospital's ClientApp runs behind (the attack
+            benchmark's adversary; none in a normal run).
     """
     from flwr.simulation import run_simulation
 
@@ -58,6 +88,8 @@ def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
     # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
                                  allow_task_import=True, echo=False)
+    if client_mods:
+        client_app = with_mods(client_app, client_mods)
     configure_console()  # Flower's lines once, no DEBUG (Opacus gives the root a handler)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                    backend_config=simulation_backend(cfg), verbose_logging=verbose())

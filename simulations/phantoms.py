@@ -710,6 +710,24 @@ def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
     return {name: root / name for name, *_ in FEDERATION_LAYOUT}
 
 
+def generate_site(root: Path, site: str, profile: ScannerProfile, n_cases: int,
+                  n_val: int | None, seed: int = 0) -> Path:
+    """Generate one more phantom hospital under ``root`` unless it is already there.
+
+    Same anatomy and scanner model as :func:`generate_federation` (cases keyed by ``(seed,
+    site, index)``), written atomically; e.g. a fourth site for a benchmark.
+
+    Returns:
+        ``root``.
+    """
+    root = Path(root).expanduser()
+    marker = (f"{_marker_text(seed).strip()} site={site} cases={n_cases} val={n_val} "
+              f"profile={profile!r}\n")
+    _publish(root, marker, "phantom site",
+             lambda folder: write_phantom_site(folder, site, profile, n_cases, n_val, seed))
+    return root
+
+
 def default_federation_root() -> Path:
     """Cache folder of the default federation (seed 0).
 

@@ -241,6 +241,17 @@ def test_report_lists_bytes_rejections_and_errors(tmp_path):
     assert "non-finite values in conv.weight" in row and "no reply within 60s" in row
 
 
+def test_report_shows_the_median_beside_the_weighted_mean(tmp_path):
+    summary = _federated()
+    summary["final"]["median"] = {"dice": 0.8177, "hd95": 7.25}
+    for r in summary["rounds"]:
+        r["median"] = {"dice": 0.5 + 0.1 * r["round"] + 0.0077}
+    text = write_report(tmp_path, summary).read_text(encoding="utf-8")
+    assert ("Median over sites (one vote per site, whatever its case count): dice 0.8177; "
+            "hd95 7.2500.") in text
+    assert "| Median dice |" in text and "0.6077" in text and "0.8077" in text
+
+
 HARMONISATION_METRICS = [
     {"name": "cycle_psnr", "higher_is_better": True, "low": 0.0, "high": None,
      "per_class": False, "headline": True, "unit": "dB", "aggregate": True,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import (
+    Array,
     ArrayRecord,
+    ConfigRecord,
     Error,
     Message,
     MessageType,
@@ -20,6 +22,8 @@ from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import parse_config
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import site_record
+from fedscan.shared.tasks import build_task
+from fedscan.shared.tasks.base import MetricSpec
 
 SPEC = {"w": torch.zeros(4, 3), "b": torch.zeros(3)}
 
@@ -98,8 +102,9 @@ def test_recording_strategy_keeps_global_finite_and_records(tmp_path):
     cfg = parse_config({"sites": [{"name": s, "data": "/x"} for s in "abcd"],
                         "strategy": {"min_sites": 2}})
     history = RunHistory(tmp_path, cfg, "federated")
+    # No clipping here: the aggregate is then FedAvg's plain mean of the good replies.
     strategy = RecordingStrategy(build_strategy(cfg.strategy, 4), history,
-                                 UpdateValidator(SPEC, min_valid=2))
+                                 UpdateValidator(SPEC, min_valid=2, clip_norm=None))
     strategy._sent = ArrayRecord(good(0.0))
     replies = [reply("a", 1, good(1.0)), reply("b", 2, good(3.0)),
                reply("c", 3, {"w": torch.full((4, 3), float("nan")), "b": torch.ones(3)}),
@@ -198,3 +203,223 @@ def test_bad_sites_rejected_in_a_real_run(tmp_path):
     _, state, _ = load_model(out / "final_model.pt")
     assert all(torch.isfinite(v).all() for v in state.values())
     assert set(summary["final"]["per_site"]) == {"site-a", "site-b", "site-c"}
+
+
+# -- weights, metric ranges, clipping (issue 12) -----------------------------------------------
+
+def train_reply(site: str, node: int, arrays: dict, n=2, samples=8, evaluation=None,
+                **metrics) -> Message:
+    msg = reply(site, node, arrays, {"loss": 0.5, "steps": 4, "num-examples": n,
+                                     "samples": samples, **metrics})
+    if evaluation is not None:
+        msg.content["evaluation"] = ConfigRecord(evaluation)
+    return msg
+
+
+def honest_three() -> list[Message]:
+    return [train_reply("a", 1, good(1.0)), train_reply("b", 2, good(1.2)),
+            train_reply("c", 3, good(0.9))]
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("n", 10**9, "absurd"),
+    ("n", float("nan"), "finite whole number"),
+    ("n", float("inf"), "finite whole number"),
+    ("n", -3, "positive"),
+    ("n", 2.5, "finite whole number"),
+    ("samples", float("nan"), "finite whole number"),
+    ("samples", 0, "positive"),
+    ("samples", 1e12, "absurd"),
+])
+def test_counts_that_are_not_plausible_case_counts_are_rejected(field, value, reason):
+    bad = train_reply("bad", 4, good(1.1), **{field: value})
+    ok, rejected = UpdateValidator(SPEC).check_train([*honest_three(), bad],
+                                                     ArrayRecord(good(0.0)))
+    assert sorted(reply_name(m) for m in ok) == ["a", "b", "c"]
+    assert [r.site for r in rejected] == ["bad"] and reason in rejected[0].reason
+
+
+def test_a_site_cannot_claim_more_cases_than_the_operator_admitted_it_with():
+    validator = UpdateValidator(SPEC, max_examples={"bad": 50})
+    replies = [*honest_three(), train_reply("bad", 4, good(1.1), n=51)]
+    ok, rejected = validator.check_train(replies, ArrayRecord(good(0.0)))
+    assert "admitted with" in rejected[0].reason and len(ok) == 3
+    # Its evaluation counts are bounded the same way.
+    assert validator.check_reply(reply("bad", 4, None, {"dice": 0.5, "num-examples": 60},
+                                       train=False), train=False)
+
+
+def test_weight_capped_at_ratio_times_the_round_median_unless_declared():
+    replies = [train_reply("a", 1, good(1.0), n=400), train_reply("b", 2, good(1.0), n=372),
+               train_reply("c", 3, good(1.0), n=40), train_reply("big", 4, good(1.0), n=100_000)]
+    validator = UpdateValidator(SPEC, weight_ratio=3.0)
+    ok, rejected = validator.check_train(replies, ArrayRecord(good(0.0)))
+    assert not rejected and len(ok) == 4
+    weights = {reply_name(m): m.content["metrics"]["num-examples"] for m in ok}
+    assert weights == {"a": 400, "b": 372, "c": 40, "big": 3 * 386}  # median (372 + 400) / 2
+    assert [a.site for a in validator.adjustments] == ["big"]
+    assert "100000 capped at 1158" in validator.adjustments[0].reason
+    # Honest sites 10x apart in size keep their weights (400 <= 3 x 232).
+    honest = [train_reply("a", 1, good(1.0), n=400), train_reply("b", 2, good(1.0), n=372),
+              train_reply("c", 3, good(1.0), n=40), train_reply("d", 4, good(1.0), n=92)]
+    validator.check_train(honest, ArrayRecord(good(0.0)))
+    assert not validator.adjustments
+    # A site the operator declared keeps its claim (bounded by the declaration instead).
+    replies[3] = train_reply("big", 4, good(1.0), n=100_000)
+    validator = UpdateValidator(SPEC, weight_ratio=3.0, max_examples={"big": 200_000})
+    ok, _ = validator.check_train(replies, ArrayRecord(good(0.0)))
+    assert ok[3].content["metrics"]["num-examples"] == 100_000 and not validator.adjustments
+
+
+def test_updates_clipped_to_the_round_median_norm():
+    validator = UpdateValidator(SPEC, norm_ratio=3.0, clip_norm="median")
+    replies = [train_reply("a", 1, good(1.0)), train_reply("b", 2, good(2.0)),
+               train_reply("c", 3, good(1.5))]
+    ok, rejected = validator.check_train(replies, ArrayRecord(good(0.0)))
+    assert not rejected
+    values = {reply_name(m): m.content["arrays"].to_torch_state_dict()["w"][0, 0].item()
+              for m in ok}
+    assert values == pytest.approx({"a": 1.0, "b": 1.5, "c": 1.5})  # median norm: c's
+    assert validator.notes[2]["clip_scale"] == pytest.approx(0.75)
+    # A fixed norm clips everyone above it.
+    validator = UpdateValidator(SPEC, clip_norm=float(np.sqrt(15)))  # = a's norm
+    replies = [train_reply("a", 1, good(1.0)), train_reply("b", 2, good(2.0)),
+               train_reply("c", 3, good(1.5))]
+    ok, _ = validator.check_train(replies, ArrayRecord(good(0.0)))
+    assert [m.content["arrays"].to_torch_state_dict()["b"][0].item() for m in ok] == \
+        pytest.approx([1.0, 1.0, 1.0])
+
+
+def test_sign_flipped_update_at_5x_is_rejected_by_default_and_2x_clipped():
+    sent = ArrayRecord(good(0.0))
+    flipped = train_reply("bad", 4, good(-5.0))  # honest updates have norm ~1x
+    ok, rejected = UpdateValidator(SPEC).check_train([*honest_three(), flipped], sent)
+    assert [r.site for r in rejected] == ["bad"] and "norm" in rejected[0].reason
+    # Within the ratio, it is clipped to the round's median norm instead.
+    validator = UpdateValidator(SPEC)
+    ok, rejected = validator.check_train([*honest_three(), train_reply("bad", 4, good(-2.0))],
+                                         sent)
+    assert not rejected
+    bad = next(m for m in ok if reply_name(m) == "bad")
+    assert bad.content["arrays"].to_torch_state_dict()["w"][0, 0].item() == \
+        pytest.approx(-1.1)  # median of 1.0, 1.2, 0.9, 2.0
+
+
+SEG_METRICS = (MetricSpec("dice", True, 0.0, 1.0, per_class=True, headline=True),
+               MetricSpec("hd95", False, 0.0, per_class=True))
+
+
+@pytest.mark.parametrize("metrics, reason", [
+    ({"dice": 1e9}, "outside its range"),
+    ({"dice": -0.1}, "outside its range"),
+    ({"dice": float("nan")}, "outside its range"),
+    ({"dice": 0.5, "hd95": -1.0}, "outside its range"),
+    ({"dice": 0.5, "hd95": float("inf")}, "outside its range"),
+    ({"dice": 0.5, "accuracy": 0.9}, "unknown metric"),
+    ({"dice": 0.5, "num-examples": 10**8}, "absurd"),
+    ({"dice": 0.5, "num-examples": 0}, "positive"),
+    ({"dice": 0.5, "dice/csf": 1.5}, "metric 'dice/csf' = 1.5 outside its range [0, 1]"),
+    ({"dice": 0.5, "hd95/brain": -2.0}, "metric 'hd95/brain' = -2.0 outside its range"),
+    ({"dice": 0.5, "dice/csf": float("nan")}, "outside its range"),
+])
+def test_evaluation_metrics_outside_the_task_ranges_are_rejected(metrics, reason):
+    validator = UpdateValidator(SPEC, metrics=SEG_METRICS)
+    msg = reply("bad", 4, None, {"num-examples": 3, **metrics}, train=False)
+    ok, rejected = validator.check_evaluate([msg])
+    assert not ok and reason in rejected[0].reason
+
+
+def test_valid_evaluations_pass_including_undefined_hd95_and_per_class_keys():
+    validator = UpdateValidator(SPEC, metrics=SEG_METRICS)
+    fine = [reply("a", 1, None, {"dice": 0.9, "hd95": float("nan"), "num-examples": 3},
+                  train=False),
+            reply("b", 2, None, {"dice": 1.0, "hd95": 0.0, "num-examples": 3}, train=False)]
+    ok, rejected = validator.check_evaluate(fine)
+    assert len(ok) == 2 and not rejected
+    assert validator.check_reply(reply("c", 3, None, {"dice/brain": 0.7, "num-examples": 1},
+                                       train=False), train=False) is None
+
+
+def test_a_train_reply_with_bad_received_evaluation_is_rejected_whole(tmp_path):
+    cfg = parse_config({"sites": [{"name": s, "data": "/x"} for s in ("a", "b", "c", "d")]})
+    history = RunHistory(tmp_path, cfg, "federated")
+    strategy = RecordingStrategy(build_strategy(cfg.strategy, 4), history,
+                                 UpdateValidator(SPEC, metrics=SEG_METRICS, clip_norm=None))
+    strategy._sent, strategy._evaluation_expected = ArrayRecord(good(0.0)), True
+    replies = [train_reply("a", 1, good(1.0), evaluation={"dice": 0.8, "num-examples": 2}),
+               train_reply("b", 2, good(1.0), evaluation={"dice": 0.6, "num-examples": 2}),
+               train_reply("c", 3, good(1.0), evaluation={"dice": 0.7, "num-examples": 2}),
+               train_reply("d", 4, good(9.0), evaluation={"dice": 1e9, "num-examples": 2})]
+    arrays, _ = strategy.aggregate_train(2, replies)
+    assert np.allclose(arrays.to_torch_state_dict()["w"].numpy(), 1.0)  # d's update unused
+    round1 = history.finish_round(1, None)
+    assert set(round1["evaluate"]) == {"a", "b", "c"}
+    assert round1["aggregate"]["dice"] == pytest.approx(0.7)
+    assert round1["median"]["dice"] == pytest.approx(0.7)
+    entry = history.finish_round(2, None)
+    assert [(r["site"], "evaluation: metric 'dice'" in r["reason"]) for r in entry["rejected"]] \
+        == [("d", True)]
+    # An evaluation the server did not ask for (round 1) is refused too.
+    strategy._evaluation_expected = False
+    assert strategy.validator.check_reply(replies[0], train=True, evaluation_expected=False)
+
+
+def test_non_finite_aggregate_keeps_the_global_model(tmp_path):
+    """If the inner strategy ever produced a non-finite model, it would not be used."""
+    from flwr.serverapp.strategy import FedAvg
+
+    class Overflowing(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            return ArrayRecord({k: v * np.inf for k, v in
+                                arrays.to_torch_state_dict().items()}), metrics
+
+    cfg = parse_config({"sites": [{"name": "a", "data": "/x"}]})
+    history = RunHistory(tmp_path, cfg, "federated")
+    strategy = RecordingStrategy(Overflowing(), history, UpdateValidator(SPEC))
+    strategy._sent = ArrayRecord(good(0.0))
+    assert strategy.aggregate_train(1, honest_three()) == (None, None)
+    assert history.finish_round(1, None)["rejected"][-1]["site"] == "aggregate"
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda m: m.content.__setitem__("extra", ConfigRecord({"x": 1})), "unexpected records"),
+    (lambda m: m.content.__setitem__("site", ConfigRecord({"name": "a\nb"})), "site record"),
+    (lambda m: m.content.__setitem__("privacy", ConfigRecord({"status": "x" * 500})),
+     "short text"),
+    (lambda m: m.content["metrics"].__setitem__("evil", 1.0), "unknown train metrics"),
+    (lambda m: m.content["metrics"].__setitem__("loss", float("inf")), "loss"),
+    (lambda m: m.content.__setitem__("arrays", ArrayRecord(
+        {"w": Array(dtype="float32", shape=(4, 3), stype="numpy.ndarray", data=b"x"),
+         "b": Array(np.ones(3, dtype=np.float32))})), "unreadable"),
+])
+def test_malformed_records_are_rejected_not_raised(mutate, reason):
+    msg = train_reply("bad", 4, good(1.0))
+    mutate(msg)
+    ok, rejected = UpdateValidator(SPEC).check_train([*honest_three(), msg],
+                                                     ArrayRecord(good(0.0)))
+    assert len(ok) == 3 and reason in rejected[0].reason
+
+
+@pytest.mark.parametrize("task, fine, bad", [
+    ("segmentation", {"dice": 0.8, "dice/wm": 0.9, "hd95": 2.0, "hd95/wm": float("nan")},
+     {"dice": 0.8, "dice/wm": 1e9, "hd95": 2.0}),
+    ("harmonisation", {"cycle_psnr": 31.0, "cycle_ssim": 0.9, "change": 0.05},
+     {"cycle_psnr": 31.0, "cycle_ssim": 1.5, "change": 0.05}),
+])
+def test_ranges_come_from_the_task_metric_specs(tmp_path, task, fine, bad):
+    cfg = parse_config({"task": task, "sites": [{"name": "a", "data": "/x"}]})
+    metrics = build_task(cfg).metrics
+    validator = UpdateValidator.from_config(SPEC, cfg, metrics)
+    assert validator.check_reply(reply("a", 1, None, {**fine, "num-examples": 2}, train=False),
+                                 train=False) is None
+    reason = validator.check_reply(reply("a", 1, None, {**bad, "num-examples": 2},
+                                         train=False), train=False)
+    assert reason is not None and "outside its range" in reason
+    # A per-class key of a metric the task does not declare per class is unknown.
+    other = next(s.name for s in metrics if not s.per_class) if task == "harmonisation" else None
+    if other:
+        reason = validator.check_reply(reply("a", 1, None, {**fine, f"{other}/x": 0.5,
+                                                            "num-examples": 2}, train=False),
+                                       train=False)
+        assert reason is not None and "unknown metric" in reason

@@ -28,6 +28,10 @@ PROFILES = [
     ScannerProfile("site-c", "PIL", (9.0, 7.0, 8.0), gamma=1.2, noise_std=0.02),
 ]
 
+#: A fourth scanner, for runs with four sites (one of them dishonest).
+EXTRA_PROFILE = ScannerProfile("site-d", "LIA", (8.0, 9.0, 7.0), gamma=0.8, bias_strength=0.2,
+                               noise_std=0.03, scale=2000.0, dtype="int16")
+
 #: A run config small enough for a few seconds per round, with the default model's channels
 #: (so the wire overhead per tensor is measured on a realistically sized model).
 TINY_RUN = (
@@ -38,10 +42,11 @@ TINY_RUN = (
 )
 
 
-def make_sites(root: Path, n_cases: int = 3) -> dict[str, Path]:
-    """Write the three tiny sites under ``root``; one validation case each."""
+def make_sites(root: Path, n_cases: int = 3, profiles=tuple(PROFILES)) -> dict[str, Path]:
+    """Write the tiny sites (by default the three of :data:`PROFILES`) under ``root``; one
+    validation case each."""
     out = {}
-    for seed, profile in enumerate(PROFILES):
+    for seed, profile in enumerate(profiles):
         rng = np.random.default_rng(seed)
         cases = []
         for i in range(n_cases):
