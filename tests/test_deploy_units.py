@@ -440,7 +440,7 @@ def test_server_guard_refuses_overridden_run_config_and_runs_the_installed_app(t
     runs = []
     run = server_guard.guarded_run(lambda **kw: runs.append(kw) or "ran")
     config = {"server-config": str(tmp_path / "server.yaml"), "run-dir": str(tmp_path / "r"),
-              "resume": False}
+              "resume": False, "insecure": False}
 
     def context(run_config):
         return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
@@ -451,11 +451,13 @@ def test_server_guard_refuses_overridden_run_config_and_runs_the_installed_app(t
     server_guard.guarded_install(lambda *a, **k: "installed")(build_fab_from_disk(app))
     with pytest.raises(LoadServerAppError, match="run config was overridden"):
         run(None, context({**config, "run-dir": "/elsewhere"}), "dir", guard_ref())
+    with pytest.raises(LoadServerAppError, match="run config was overridden"):
+        run(None, context({**config, "insecure": True}), "dir", guard_ref())  # no admission
     assert run(None, context(config), "dir", guard_ref()) == "ran"
     assert runs[0]["loaded_server_app"] is server_app.app  # the installed ServerApp
     events = [json.loads(line) for line in (tmp_path / "r" / "audit.log").read_text()
               .splitlines()]
-    assert [e["event"] for e in events] == ["run-refused", "run-refused", "run-accepted"]
+    assert [e["event"] for e in events] == ["run-refused"] * 3 + ["run-accepted"]
 
 
 def guard_ref() -> str:
