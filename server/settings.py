@@ -46,6 +46,10 @@ class ServerBlock:
     status_host: str = "127.0.0.1"
 
 
+#: Site keys that only take effect at the hospital (its data, budget, limits and paths).
+SITE_ONLY_KEYS = ("data", "privacy", "state_dir", "policy", "harmonisation_reference")
+
+
 @dataclass
 class ServerSettings:
     """A parsed server.yaml: the deployment block, the federation, the hospitals' keys."""
@@ -75,6 +79,11 @@ def load_server_settings(path: str | Path) -> ServerSettings:
             for i, site in enumerate(sites):
                 if isinstance(site, dict):
                     site = dict(site)
+                    for key in SITE_ONLY_KEYS:
+                        if key in site:
+                            raise ConfigError(
+                                f"sites[{i}].{key}: a hospital sets this in its own site.yaml; "
+                                "the server never sees it (remove it here)")
                     if site.get("public_key"):
                         keys[str(site.get("name"))] = str(base / site.pop("public_key"))
                     site.pop("public_key", None)

@@ -576,3 +576,16 @@ def test_operator_commands_explain_missing_server(tmp_path):
     assert proc.returncode == 2 and "no server started here" in proc.stderr
     proc = fedscan("server", "start", "--resume", str(tmp_path / "nothing"))
     assert proc.returncode == 2 and "not a deployment run folder" in proc.stderr
+
+
+@pytest.mark.parametrize("key,value", [("policy", "{max_rounds: 3}"), ("privacy", "{epsilon: 8}"),
+                                       ("data", "/data/a"), ("harmonisation_reference", "/ref")])
+def test_site_only_keys_in_server_yaml_are_an_error(tmp_path, key, value):
+    """A hospital's own settings written into server.yaml would silently do nothing: the
+    operator gets one line naming the key instead."""
+    from fedscan.shared.errors import ConfigError
+
+    path = tmp_path / "server.yaml"
+    path.write_text(f"server: {{run_dir: r}}\nsites:\n  - {{name: a, {key}: {value}}}\n")
+    with pytest.raises(ConfigError, match=rf"sites\[0\]\.{key}: a hospital sets this"):
+        load_server_settings(path)
