@@ -222,6 +222,13 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
         configure_console()
         return evaluate(msg, context, resolve_site(context), allow_task_import, echo)
 
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        # The server asks which site a node is (to sample sites by name): the name only,
+        # which every other reply carries too.
+        return Message(RecordDict({SITE: site_record(resolve_site(context).name)}),
+                       reply_to=msg)
+
     return app
 
 

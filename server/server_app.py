@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
@@ -20,6 +21,7 @@ from fedscan.server.rounds import (
     run_rounds,
     save_strategy_state,
 )
+from fedscan.server.sampling import SampledStrategy, sampling_on
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
@@ -95,9 +97,15 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     # discriminators, FedBN's normalisation layers stay at the sites).
     initial = {k: v for k, v in model.state_dict().items() if k in shared}
     history.model_fp32_bytes = model_fp32_bytes(initial)
-    validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites or len(cfg.sites))
-    strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history,
-                                 validator=validator)
+    sampled = sampling_on(cfg.strategy)
+    # With sampling a round counts with min_sites valid updates (any, when unset).
+    validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites
+                                or (1 if sampled else len(cfg.sites)))
+    strategy: Strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)),
+                                           history, validator=validator)
+    if sampled:
+        strategy = SampledStrategy(strategy, cfg.strategy, cfg.seed, history, node_names,
+                                   timeout=cfg.strategy.round_timeout)
     arrays, first = to_arrays(initial), 1
     point = load_resume_point(out_dir) if resume else None
     if point is not None:

@@ -145,9 +145,16 @@ class StrategyConfig:
     beta_1: float = 0.9
     beta_2: float = 0.99
     tau: float = 1e-3
-    #: Minimum sites that must reply for a round to count.
+    #: Minimum sites that must reply for a round to count; with sampling also the fewest
+    #: sites a round samples (Flower's ``min_train_nodes``).
     min_sites: int | None = None
     round_timeout: float = 3600.0
+    #: Fraction of the online sites that train each round (Flower's ``fraction_train``):
+    #: ``max(int(sites x fraction), min_sites)`` sites, drawn from ``seed`` and the round
+    #: (server/sampling.py), so a rerun or a resumed run samples the same sites.
+    fraction_train: float = 1.0
+    #: Fraction of the sites that evaluate the final model (Flower's ``fraction_evaluate``).
+    fraction_evaluate: float = 1.0
 
 
 @dataclass
@@ -391,6 +398,11 @@ def _check_values(cfg: Config) -> None:
         raise bad("data.val_fraction", "must be between 0 and 1")
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
+    for key in ("fraction_train", "fraction_evaluate"):
+        if not 0.0 < getattr(cfg.strategy, key) <= 1.0:
+            raise bad(f"strategy.{key}", "must be in (0, 1]")
+    if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
+        raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
