@@ -18,8 +18,11 @@ def _simulate(args: argparse.Namespace) -> int:
         modes = None  # the config's ``mode``
     else:
         modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
+    if args.resume and (args.config or args.mode):
+        raise FedscanError("--resume continues a run with its own config.yaml: give neither "
+                           "--config nor --mode")
     simulate(args.config, modes, Path(args.out), rounds=args.rounds,
-             status=_status_options(args))
+             status=_status_options(args), resume=Path(args.resume) if args.resume else None)
 
 
 def _status_options(args: argparse.Namespace):
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's mode, federated unless it says otherwise)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the federated run in DIR after its last completed round "
+                        "(its config.yaml; --rounds N to run more rounds)")
     p.add_argument("--status", action="store_true",
                    help="serve the live status page while the run goes (default "
                         "http://127.0.0.1:8050/)")

@@ -156,15 +156,16 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     return summary
 
 
-def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
-    """A ServerApp bound to a validated config and output folder."""
+def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False) -> ServerApp:
+    """A ServerApp bound to a validated config and output folder (``resume``: continue the
+    run there after its last completed round)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configure_console()
         with live_run(grid, cfg, out_dir) as live_grid:
-            run_federation(live_grid, cfg, Path(out_dir))
+            run_federation(live_grid, cfg, Path(out_dir), resume=resume)
 
     return app
 

@@ -40,11 +40,16 @@ def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
                                harmonisation_reference=reference)
 
 
-def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
+def run_federated(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Run the federation with one virtual SuperNode per site; returns summary.json's content.
 
     Each virtual hospital is told its site by Flower's ``partition-id`` and reads only its
     own folder, with its resolved privacy setting and a state folder under ``out_dir``.
+    With ``resume`` the run continues after the last completed round in ``out_dir``: the
+    server restores the global model, the strategy's state and the history; each virtual
+    hospital reads its ε ledger back from its state folder; sampling and every site-round's
+    training are functions of the seed and the round (see docs/scale.md), so the result
+    equals an uninterrupted run.
     """
     from flwr.simulation import run_simulation
 
@@ -53,11 +58,11 @@ def run_federated(cfg: Config, out_dir: Path) -> dict[str, Any]:
     from fedscan.shared.console import configure_console, verbose
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
-    server_app = make_server_app(cfg, out_dir)
+    server_app = make_server_app(cfg, out_dir, resume=resume)
     # The researcher's machine runs both sides: a task named by import path is allowed here.
     # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
-                                 allow_task_import=True, echo=False)
+                                 allow_task_import=True, echo=False, replayable=True)
     configure_console()  # Flower's lines once, no DEBUG (Opacus gives the root a handler)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                    backend_config=simulation_backend(cfg), verbose_logging=verbose())
