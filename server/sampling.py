@@ -94,25 +94,8 @@ class SampledStrategy(Strategy):
         self.names: dict[int, str] = dict(node_names or {})
 
     def identify(self, grid: Grid) -> None:
-        """Ask every node whose site is not known yet for its site name (once)."""
-        unknown = [n for n in grid.get_node_ids() if n not in self.names]
-        if not unknown:
-            return
-        messages = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}),
-                            dst_node_id=node, message_type=MessageType.QUERY)
-                    for node in unknown]
-        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
-        # Pushing sets each message's id; a reply names the message it answers.
-        asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
-        for reply in replies:
-            node = asked.get(reply.metadata.reply_to_message_id)
-            if node is None or reply.has_error() or SITE not in reply.content.config_records:
-                continue
-            name = reply_site(reply)
-            if name in self.names.values():  # two nodes, one name: neither is sampled
-                log.warning("node %s answers as %r, the name of another node", node, name)
-                continue
-            self.names[node] = name
+        """Learn the site name of every node not known yet (see :func:`learn_site_names`)."""
+        learn_site_names(grid, self.names, self.timeout)
 
     def _nodes(self, server_round: int, grid: Grid, phase: str, fraction: float) -> list[int]:
         online = list(grid.get_node_ids())
@@ -155,6 +138,29 @@ class SampledStrategy(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+
+def learn_site_names(grid: Grid, names: dict[int, str], timeout: float) -> None:
+    """Ask every online node missing from ``names`` (node id -> site) for its site name, in
+    a ``query`` message, and add the answers to ``names``; each node is asked once."""
+    unknown = [n for n in grid.get_node_ids() if n not in names]
+    if not unknown:
+        return
+    messages = [Message(RecordDict({"config": ConfigRecord({"ask": "site"})}),
+                        dst_node_id=node, message_type=MessageType.QUERY)
+                for node in unknown]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    # Pushing sets each message's id; a reply names the message it answers.
+    asked = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
+    for reply in replies:
+        node = asked.get(reply.metadata.reply_to_message_id)
+        if node is None or reply.has_error() or SITE not in reply.content.config_records:
+            continue
+        name = reply_site(reply)
+        if name in names.values():  # two nodes, one name: neither is sampled
+            log.warning("node %s answers as %r, the name of another node", node, name)
+            continue
+        names[node] = name
 
 
 def sampling_on(cfg: StrategyConfig) -> bool:

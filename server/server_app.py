@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ from fedscan.shared.tasks.base import resolve_device
 from fedscan.shared.tracking import PREVIEWS, Tracker
 
 log = logging.getLogger("fedscan.server")
+
+#: Wraps a run's strategy (given its history), e.g. a simulation's consortium behaviour.
+StrategyWrapper = Callable[[Strategy, RunHistory], Strategy]
 
 
 def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
@@ -70,7 +74,8 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
 
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                    site_grace: float = 0.0,
-                   node_names: dict[int, str] | None = None) -> dict[str, Any]:
+                   node_names: dict[int, str] | None = None,
+                   wrap_strategy: StrategyWrapper | None = None) -> dict[str, Any]:
     """Train ``cfg.rounds`` rounds with the configured strategy and write the run's outputs.
 
     Every round ends with a checkpoint of the global model and the strategy's state and a
@@ -85,6 +90,8 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         site_grace: seconds each round waits for every site to be online before it starts
             with those present (at least ``strategy.min_sites``).
         node_names: node id -> site name, to name sites that fail before they ever answer.
+        wrap_strategy: wraps the strategy (simulations: the consortium's dropouts and
+            simulated clock).
 
     Returns:
         The summary written to ``out_dir/summary.json``.
@@ -98,14 +105,18 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     initial = {k: v for k, v in model.state_dict().items() if k in shared}
     history.model_fp32_bytes = model_fp32_bytes(initial)
     sampled = sampling_on(cfg.strategy)
-    # With sampling a round counts with min_sites valid updates (any, when unset).
+    # With sampling (or a simulated consortium's dropouts) a round counts with min_sites
+    # valid updates, any number when unset.
+    partial = sampled or cfg.consortium is not None
     validator = UpdateValidator(initial, min_valid=cfg.strategy.min_sites
-                                or (1 if sampled else len(cfg.sites)))
+                                or (1 if partial else len(cfg.sites)))
     strategy: Strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)),
                                            history, validator=validator)
     if sampled:
         strategy = SampledStrategy(strategy, cfg.strategy, cfg.seed, history, node_names,
                                    timeout=cfg.strategy.round_timeout)
+    if wrap_strategy is not None:
+        strategy = wrap_strategy(strategy, history)
     arrays, first = to_arrays(initial), 1
     point = load_resume_point(out_dir) if resume else None
     if point is not None:
@@ -156,16 +167,18 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     return summary
 
 
-def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False) -> ServerApp:
+def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False,
+                    wrap_strategy: StrategyWrapper | None = None) -> ServerApp:
     """A ServerApp bound to a validated config and output folder (``resume``: continue the
-    run there after its last completed round)."""
+    run there after its last completed round; ``wrap_strategy``: see run_federation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configure_console()
         with live_run(grid, cfg, out_dir) as live_grid:
-            run_federation(live_grid, cfg, Path(out_dir), resume=resume)
+            run_federation(live_grid, cfg, Path(out_dir), resume=resume,
+                           wrap_strategy=wrap_strategy)
 
     return app
 

@@ -231,6 +231,37 @@ class HarmonisationConfig:
 
 
 @dataclass
+class ConsortiumConfig:
+    """A simulated consortium's behaviour (``fedscan simulate`` only; see docs/scale.md).
+
+    With ``sites`` set and no ``sites`` list in the config, that many virtual hospitals are
+    generated with long-tailed sizes: the site of size rank r holds
+    ``max(min_cases, round(max_cases / r ** size_alpha))`` cases (one for validation), drawn
+    from a pool of ``max_cases`` phantom cases rendered once and linked, not copied. Every
+    site gets a compute speed (simulated seconds per local step, log-normal around
+    ``seconds_per_step``) and in each round drops out with probability ``dropout``. A site's
+    round takes ``steps x its seconds per step`` on the simulated clock (nothing sleeps);
+    ``round_timeout`` cuts the replies that would arrive later. All drawn from ``seed``.
+    """
+
+    #: Virtual hospitals to generate (0: use the config's ``sites``).
+    sites: int = 0
+    min_cases: int = 2
+    max_cases: int = 40
+    #: Zipf exponent of the site sizes (0: every site has ``max_cases``).
+    size_alpha: float = 1.0
+    #: Median simulated seconds per local step, and the log-normal spread between sites.
+    seconds_per_step: float = 1.0
+    speed_sigma: float = 0.5
+    #: Probability that a sampled site does not answer a round.
+    dropout: float = 0.0
+    #: Simulated seconds after which a round's late replies are cut (None: never).
+    round_timeout: float | None = None
+    #: Voxel spacing (mm) of the generated phantom cases.
+    spacing: float = 8.0
+
+
+@dataclass
 class Config:
     """A fedscan run: who takes part, what is trained, for how long."""
 
@@ -254,6 +285,8 @@ class Config:
     privacy: PrivacyConfig | None = None
     #: TensorBoard / MLflow (the server's side only: not part of what sites receive).
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: A simulated consortium's sizes, speeds, dropouts and round timeout (simulation only).
+    consortium: ConsortiumConfig | None = None
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -403,6 +436,7 @@ def _check_values(cfg: Config) -> None:
             raise bad(f"strategy.{key}", "must be in (0, 1]")
     if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
         raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
+    check_consortium(cfg.consortium, bad)
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
@@ -416,6 +450,21 @@ def _check_values(cfg: Config) -> None:
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:
             raise bad("model.channels", "group norm (2 groups) needs even channel counts")
+
+
+def check_consortium(c: ConsortiumConfig | None, bad: Any) -> None:
+    if c is None:
+        return
+    if c.sites < 0:
+        raise bad("consortium.sites", "must be >= 0")
+    if not 2 <= c.min_cases <= c.max_cases:
+        raise bad("consortium.min_cases", "must be >= 2 and <= consortium.max_cases")
+    if c.size_alpha < 0 or c.speed_sigma < 0 or c.seconds_per_step <= 0 or c.spacing <= 0:
+        raise bad("consortium", "size_alpha, speed_sigma >= 0; seconds_per_step, spacing > 0")
+    if not 0.0 <= c.dropout < 1.0:
+        raise bad("consortium.dropout", "must be in [0, 1)")
+    if c.round_timeout is not None and not c.round_timeout > 0:
+        raise bad("consortium.round_timeout", "must be > 0 (or null: no cut)")
 
 
 def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:

@@ -58,7 +58,13 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str,
     from fedscan.shared.console import configure_console, verbose
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
-    server_app = make_server_app(cfg, out_dir, resume=resume)
+    wrap = None
+    if cfg.consortium is not None:
+        from fedscan.simulations.consortium import ConsortiumStrategy
+
+        def wrap(strategy, history):
+            return ConsortiumStrategy(strategy, cfg, history)
+    server_app = make_server_app(cfg, out_dir, resume=resume, wrap_strategy=wrap)
     # The researcher's machine runs both sides: a task named by import path is allowed here.
     # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],

@@ -60,7 +60,9 @@ def read_simulation_config(path: str | Path) -> Config:
     """A simulation config file; one that lists no ``sites`` runs on the phantom hospitals."""
     data = read_yaml(path)
     if isinstance(data, dict):
-        data = with_phantom_sites(data)
+        from fedscan.simulations.consortium import with_consortium_sites
+
+        data = with_phantom_sites(with_consortium_sites(data))
     return parse_config(data, base=Path(path).resolve().parent)
 
 
