@@ -214,7 +214,8 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
 
 
 def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
-                    echo: bool = True, replayable: bool = False) -> ClientApp:
+                    echo: bool = True, replayable: bool = False,
+                    outer_mods: tuple = ()) -> ClientApp:
     """A ClientApp whose handlers act for the site ``resolve_site`` names.
 
     Every handler runs inside the error mod: a failure reaches the server as a generic code
@@ -224,10 +225,12 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
     sides; a deployed hospital runs built-in tasks only. ``echo``: progress lines on the
     console too (a simulation shows them only when verbose); they are in site.log anyway.
     ``replayable``: DP sampling and noise from the site-round seed instead of OS entropy
-    (simulation only, for an exact resume; never in deployment).
+    (simulation only, for an exact resume; never in deployment). ``outer_mods``: Flower
+    mods around all of it (a benchmark's timer).
     """
     # Outermost first: every reply, an error reply too, is recorded in the site's sent.log.
-    app = ClientApp(mods=[make_sent_log_mod(resolve_site), make_error_mod(resolve_site)])
+    app = ClientApp(mods=[*outer_mods, make_sent_log_mod(resolve_site),
+                          make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:

@@ -117,6 +117,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
         print(bench_status.format_status_overhead(result))
+    elif args.what == "scale":
+        from fedscan.simulations import bench_scale
+
+        try:
+            sizes = [int(n) for n in args.sites.split(",")]
+        except ValueError:
+            raise FedscanError(f"--sites: expected numbers like 10,100,1000, got "
+                               f"{args.sites!r}") from None
+        print(bench_scale.format_scale(bench_scale.scale(Path(args.out), sizes)))
     elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
     else:
@@ -212,16 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
                                      "status page overhead")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead"],
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead", "scale"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
                         "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
-                        "same small federation without and with the status page")
+                        "same small federation without and with the status page; scale: "
+                        "wall time per round, peak memory of the process tree and framework "
+                        "overhead per site-round at several federation sizes")
     p.add_argument("--out", default=None,
                    help="dp-utility, status-overhead: output folder (default: "
                         "runs/bench-<what>)")
     p.add_argument("--rounds", type=int,
                    help="dp-utility, status-overhead: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
+    p.add_argument("--sites", default="10,100,1000",
+                   help="scale: federation sizes, comma-separated (default 10,100,1000)")
     p.set_defaults(func=_bench)
 
     from fedscan.deploy_cli import add_deployment_commands

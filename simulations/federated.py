@@ -40,7 +40,8 @@ def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
                                harmonisation_reference=reference)
 
 
-def run_federated(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
+                  client_mods: tuple = ()) -> dict[str, Any]:
     """Run the federation with one virtual SuperNode per site; returns summary.json's content.
 
     Each virtual hospital is told its site by Flower's ``partition-id`` and reads only its
@@ -49,7 +50,8 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str,
     server restores the global model, the strategy's state and the history; each virtual
     hospital reads its ε ledger back from its state folder; sampling and every site-round's
     training are functions of the seed and the round (see docs/scale.md), so the result
-    equals an uninterrupted run.
+    equals an uninterrupted run. ``client_mods``: Flower mods around every virtual
+    hospital's ClientApp (a benchmark's timer).
     """
     from flwr.simulation import run_simulation
 
@@ -68,7 +70,8 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False) -> dict[str,
     # The researcher's machine runs both sides: a task named by import path is allowed here.
     # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
-                                 allow_task_import=True, echo=False, replayable=True)
+                                 allow_task_import=True, echo=False, replayable=True,
+                                 outer_mods=client_mods)
     configure_console()  # Flower's lines once, no DEBUG (Opacus gives the root a handler)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                    backend_config=simulation_backend(cfg), verbose_logging=verbose())
