@@ -231,6 +231,26 @@ class HarmonisationConfig:
 
 
 @dataclass
+class SimulationConfig:
+    """Where a simulation's virtual hospitals run (``fedscan simulate`` only).
+
+    Without ``ray_address`` (and no ``RAY_ADDRESS`` in the environment) Ray starts on this
+    machine and runs one virtual hospital at a time on all its cores (and its GPU, if any).
+    With one, the simulation joins that Ray cluster and runs as many hospitals at once as the
+    cluster's nodes have room for, ``cpus_per_site`` and ``gpus_per_site`` each.
+    """
+
+    #: An existing Ray cluster (``HOST:PORT`` of its head, or ``auto``); None: RAY_ADDRESS,
+    #: else a local Ray.
+    ray_address: str | None = None
+    #: CPUs each virtual hospital's actor reserves (default: all cores locally, 1 on a cluster).
+    cpus_per_site: float | None = None
+    #: GPU fraction each virtual hospital reserves, e.g. 0.25 (default: 1 locally when
+    #: ``device`` uses a GPU, 0 on a cluster).
+    gpus_per_site: float | None = None
+
+
+@dataclass
 class ConsortiumConfig:
     """A simulated consortium's behaviour (``fedscan simulate`` only; see docs/scale.md).
 
@@ -287,6 +307,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     #: A simulated consortium's sizes, speeds, dropouts and round timeout (simulation only).
     consortium: ConsortiumConfig | None = None
+    #: Where a simulation runs: a Ray cluster, resources per virtual hospital.
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -437,6 +459,11 @@ def _check_values(cfg: Config) -> None:
     if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
         raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
     check_consortium(cfg.consortium, bad)
+    sim = cfg.simulation
+    if sim.cpus_per_site is not None and not sim.cpus_per_site > 0:
+        raise bad("simulation.cpus_per_site", "must be > 0")
+    if sim.gpus_per_site is not None and not sim.gpus_per_site >= 0:
+        raise bad("simulation.gpus_per_site", "must be >= 0 (a fraction such as 0.25)")
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)

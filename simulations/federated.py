@@ -13,17 +13,29 @@ from fedscan.shared.errors import FedscanError
 
 
 def simulation_backend(cfg: Config) -> dict[str, Any]:
-    """Ray resources: one ClientApp actor at a time using all cores (and the GPU if any).
+    """Ray resources of the virtual hospitals' actors.
 
-    Several actors on few cores contend and run slower (measured in flower-1.41 notes), and
-    each 3D model needs its own memory.
+    Locally: one ClientApp actor at a time using all cores (and the GPU if any): several
+    actors on few cores contend and run slower (measured in flower-1.41 notes), and each 3D
+    model needs its own memory. On an existing Ray cluster (``simulation.ray_address`` or
+    ``RAY_ADDRESS``): the cluster's resources, ``simulation.cpus_per_site`` (default 1) and
+    ``gpus_per_site`` (default 0) per actor, so Flower starts as many actors as fit on its
+    nodes.
     """
     import torch
 
+    sim = cfg.simulation
+    address = sim.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        resources = {"num_cpus": sim.cpus_per_site or 1, "num_gpus": sim.gpus_per_site or 0.0}
+        return {"client_resources": resources,
+                "init_args": {"address": address, "include_dashboard": False}}
     cpus = os.cpu_count() or 1
     gpus = 1.0 if cfg.device != "cpu" and torch.cuda.is_available() else 0.0
+    per_site = {"num_cpus": sim.cpus_per_site or cpus,
+                "num_gpus": gpus if sim.gpus_per_site is None else sim.gpus_per_site}
     return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "client_resources": per_site,
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
     }
 
