@@ -123,3 +123,24 @@ def stop_nodes(temps: list[str], managers: list[int]) -> None:
         for victim in victims:
             with contextlib.suppress(psutil.Error):
                 victim.kill()
+
+
+def test_backend_joins_a_cluster_from_config_or_environment(monkeypatch):
+    from fedscan.shared.config import parse_config
+    from fedscan.shared.errors import ConfigError
+    from fedscan.simulations.federated import simulation_backend
+
+    sites = [{"name": "a", "data": "/x"}]
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    local = simulation_backend(parse_config({"sites": sites, "device": "cpu"}))
+    assert "address" not in local["init_args"] and local["client_resources"]["num_gpus"] == 0
+    cfg = parse_config({"sites": sites, "simulation": {"ray_address": "10.0.0.1:6379",
+                                                       "gpus_per_site": 0.25}})
+    backend = simulation_backend(cfg)
+    assert backend["init_args"] == {"address": "10.0.0.1:6379", "include_dashboard": False}
+    assert backend["client_resources"] == {"num_cpus": 1, "num_gpus": 0.25}
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    env = simulation_backend(parse_config({"sites": sites}))
+    assert env["init_args"]["address"] == "auto"
+    with pytest.raises(ConfigError, match="simulation.cpus_per_site"):
+        parse_config({"sites": sites, "simulation": {"cpus_per_site": 0}})
