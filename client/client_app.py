@@ -10,6 +10,7 @@ training is DP-SGD (:mod:`fedscan.client.privacy`) and the site enforces its ε 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -96,10 +97,23 @@ def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[
         context.state[LOCAL_WEIGHTS] = to_arrays(local)
 
 
+def site_round_seed(seed: int, site: str, server_round: int) -> int:
+    """The seed of one site's training in one round: its own per site (two sites never draw
+    the same patches and augmentations) and the same in every process and after a resume
+    (SHA-256, not Python's salted ``hash``)."""
+    digest = hashlib.sha256(f"{seed}/{site}/{server_round}".encode()).digest()
+    return int.from_bytes(digest[:7], "big")
+
+
 def train(msg: Message, context: Context, site: SiteConfig,
-          allow_task_import: bool = False, echo: bool = True) -> Message:
+          allow_task_import: bool = False, echo: bool = True,
+          replayable: bool = False) -> Message:
     """Train the received global model for the configured local steps (DP-SGD if the site
-    has a privacy setting); progress goes to the site's log and, with ``echo``, its console."""
+    has a privacy setting); progress goes to the site's log and, with ``echo``, its console.
+
+    Without DP, a site-round's training is a function of the received model and
+    :func:`site_round_seed`. With DP, sampling and noise come from OS entropy unless
+    ``replayable`` (simulations only: see :mod:`fedscan.client.privacy`)."""
     # No server paths, within the site's policy, audited; the message config decoded once.
     cfg, instruction = accept_task(msg, site)
     server_round = instruction.server_round
@@ -110,7 +124,8 @@ def train(msg: Message, context: Context, site: SiteConfig,
         # The previous round's model, evaluated here instead of in an evaluate message that
         # would download the same weights a second time.
         evaluation = _evaluation_record(task.evaluate(model, data.validation))
-    torch.manual_seed(cfg.seed + server_round)
+    seed = site_round_seed(cfg.seed, site.name, server_round)
+    torch.manual_seed(seed)
     mu = instruction.proximal_mu
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
@@ -122,7 +137,7 @@ def train(msg: Message, context: Context, site: SiteConfig,
 
     privacy = effective_privacy(site.privacy)
     if privacy is None:
-        loader = task.make_train_loader(data.train, seed=cfg.seed * 7919 + server_round)
+        loader = task.make_train_loader(data.train, seed=seed)
         optimizer = task.make_optimizer(model.parameters())
         result = train_steps(task, model, optimizer, loader, steps, proximal_mu=mu,
                              on_step=on_step)
@@ -133,7 +148,7 @@ def train(msg: Message, context: Context, site: SiteConfig,
         ledger = load_ledger(privacy, context.state, site.state_dir)
         try:
             done = train_private(task, cfg, model, data.train, ledger, proximal_mu=mu,
-                                 on_step=on_step)
+                                 on_step=on_step, replay_seed=seed if replayable else None)
         finally:
             # Saved even if training failed half-way: steps taken count, released or not.
             save_ledger(ledger, context.state, site.state_dir)
@@ -203,7 +218,8 @@ def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task
 
 
 def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
-                    echo: bool = True) -> ClientApp:
+                    echo: bool = True, replayable: bool = False,
+                    outer_mods: tuple = ()) -> ClientApp:
     """A ClientApp whose handlers act for the site ``resolve_site`` names.
 
     Every handler runs inside the error mod: a failure reaches the server as a generic code
@@ -212,19 +228,30 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
     the config names by import path: simulation only, where the researcher's code is on both
     sides; a deployed hospital runs built-in tasks only. ``echo``: progress lines on the
     console too (a simulation shows them only when verbose); they are in site.log anyway.
+    ``replayable``: DP sampling and noise from the site-round seed instead of OS entropy
+    (simulation only, for an exact resume; never in deployment). ``outer_mods``: Flower
+    mods around all of it (a benchmark's timer).
     """
     # Outermost first: every reply, an error reply too, is recorded in the site's sent.log.
-    app = ClientApp(mods=[make_sent_log_mod(resolve_site), make_error_mod(resolve_site)])
+    app = ClientApp(mods=[*outer_mods, make_sent_log_mod(resolve_site),
+                          make_error_mod(resolve_site)])
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         configure_console()  # this process's (a Ray worker's) console too: each line once
-        return train(msg, context, resolve_site(context), allow_task_import, echo)
+        return train(msg, context, resolve_site(context), allow_task_import, echo, replayable)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         configure_console()
         return evaluate(msg, context, resolve_site(context), allow_task_import, echo)
+
+    @app.query()
+    def _query(msg: Message, context: Context) -> Message:
+        # The server asks which site a node is (to sample sites by name): the name only,
+        # which every other reply carries too.
+        return Message(RecordDict({SITE: site_record(resolve_site(context).name)}),
+                       reply_to=msg)
 
     return app
 

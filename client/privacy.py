@@ -21,8 +21,12 @@ with probability ``q = 1 / ceil(cases / batch_size)`` per update (Opacus' rate, 
 about ``batch_size``), and each case's gradient is clipped to ``max_grad_norm``.
 
 Noise and Poisson sampling draw from generators seeded from OS entropy, never from the run's
-seed (the server knows it and could replay them). Opacus' ``secure_mode`` (a cryptographic RNG
-that also resists floating-point attacks) needs ``torchcsprng``, which is not a dependency.
+seed (the server knows it and could replay them). The one exception is a simulation, where one
+researcher holds every site and the server, so there is nobody to hide the noise from: there
+it is replayed from a seed (``replay_seed``) so that a resumed simulation equals an
+uninterrupted one; a deployed ClientApp never passes one. Opacus' ``secure_mode`` (a
+cryptographic RNG that also resists floating-point attacks) needs ``torchcsprng``, which is
+not a dependency.
 """
 
 from __future__ import annotations
@@ -315,9 +319,11 @@ class PrivateRound:
     weights: dict[str, torch.Tensor] | None
 
 
-def _secret_generator() -> torch.Generator:
+def _secret_generator(replay_seed: int | None = None) -> torch.Generator:
     # Noise and Poisson sampling must be unpredictable to the server, which knows the run's
-    # seed: draw them from OS entropy, never from cfg.seed.
+    # seed: draw them from OS entropy, never from cfg.seed (a simulation's replay seed apart).
+    if replay_seed is not None:
+        return torch.Generator().manual_seed(replay_seed)
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
@@ -334,7 +340,8 @@ def dp_ready(model: nn.Module) -> nn.Module:
 
 def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
                   ledger: PrivacyLedger, *, proximal_mu: float = 0.0,
-                  on_step: StepCallback | None = None) -> PrivateRound:
+                  on_step: StepCallback | None = None,
+                  replay_seed: int | None = None) -> PrivateRound:
     """One round of DP-SGD at a site, within what its budget still allows.
 
     The site asks for ``cfg.steps_per_round`` local steps. A local step is one DP update per
@@ -342,7 +349,8 @@ def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
     step at (σ, q), so the ledger plans ``rounds x local steps x phases`` updates. The round
     trains the whole local steps that fit the ε budget (possibly fewer: ``budget-limited``;
     none: ``declined``) and the ledger's accountant counts every update as it is released.
-    Persisting the ledger is the caller's job.
+    Persisting the ledger is the caller's job. ``replay_seed`` (simulations only) replaces
+    the OS entropy of the augmentation, Poisson sampling and noise.
     """
     requested = cfg.steps_per_round(len(cases))
     model = dp_ready(model)
@@ -351,7 +359,8 @@ def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
         raise FedscanError(f"task {task.name!r} has no training phases")
     per_step = len(phases)
     # Secret seed: it drives the augmentation; Poisson sampling gets its own secret generator.
-    loader = task.make_train_loader(cases, seed=secrets.randbits(63))
+    loader = task.make_train_loader(
+        cases, seed=secrets.randbits(63) if replay_seed is None else replay_seed)
     sample_rate = 1.0 / len(loader)  # Opacus' DPDataLoader rate: 1 / batches per epoch
     ledger.updates_per_step = per_step
     ledger.setup(sample_rate, planned_steps=cfg.rounds * requested * per_step)
@@ -362,7 +371,7 @@ def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
         return PrivateRound("declined", None, None)
     before = ledger.steps
     result = dp_train_steps(task, model, phases, loader, ledger, steps,
-                            proximal_mu=proximal_mu, on_step=on_step)
+                            proximal_mu=proximal_mu, on_step=on_step, replay_seed=replay_seed)
     if ledger.steps != before + steps * per_step:
         raise RuntimeError(f"accountant counted {ledger.steps - before} updates, trained "
                            f"{steps} steps x {per_step} phases")
@@ -374,7 +383,7 @@ def train_private(task: Task, cfg: Config, model: nn.Module, cases: list[Case],
 def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
                    loader: torch.utils.data.DataLoader, ledger: PrivacyLedger, steps: int, *,
                    proximal_mu: float = 0.0, on_step: StepCallback | None = None,
-                   workers: int | None = None) -> TrainResult:
+                   workers: int | None = None, replay_seed: int | None = None) -> TrainResult:
     """``steps`` local steps of DP-SGD; each step updates every phase in turn.
 
     Each phase update draws a fresh Poisson batch (Opacus' ``DPDataLoader`` at the ledger's
@@ -397,6 +406,8 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
         proximal_mu: FedProx μ (0: off).
         on_step: called after each local step with the running mean per-case loss.
         workers: CPU threads for per-sample passes (default: see :class:`SamplePool`).
+        replay_seed: simulations only: sampling and noise replayable from this seed instead
+            of OS entropy.
 
     Returns:
         Mean per-case loss over the non-empty batches, ``len(loader.dataset)``, ``steps``.
@@ -404,7 +415,7 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
     if ledger.noise_multiplier is None or ledger.sample_rate is None:
         raise RuntimeError("the ledger is not set up")
     q = ledger.sample_rate
-    dp_loader = DPDataLoader.from_data_loader(loader, generator=_secret_generator())
+    dp_loader = DPDataLoader.from_data_loader(loader, generator=_secret_generator(replay_seed))
     if not math.isclose(dp_loader.sample_rate, q, rel_tol=1e-12):
         raise RuntimeError(f"Opacus samples at {dp_loader.sample_rate}, the ledger assumed {q}")
     # Opacus builds an empty batch from the first non-empty one it collated; collating one
@@ -412,7 +423,7 @@ def dp_train_steps(task: Task, model: nn.Module, phases: list[Phase],
     dp_loader.collate_fn([dp_loader.dataset[0]])
     # Opacus' make_private divides by int(N q); the expected batch size is N q itself.
     expected_batch = len(loader.dataset) * q
-    noise = _secret_generator()
+    noise = _secret_generator(None if replay_seed is None else replay_seed + 1)
     optimizers = []
     for phase in phases:
         optimizer = dp_optimizer(task.make_optimizer(phase.params), ledger.noise_multiplier,

@@ -18,8 +18,11 @@ def _simulate(args: argparse.Namespace) -> int:
         modes = None  # the config's ``mode``
     else:
         modes = ["federated", "local", "pooled"] if args.mode == "all" else args.mode.split(",")
+    if args.resume and (args.config or args.mode):
+        raise FedscanError("--resume continues a run with its own config.yaml: give neither "
+                           "--config nor --mode")
     simulate(args.config, modes, Path(args.out), rounds=args.rounds,
-             status=_status_options(args))
+             status=_status_options(args), resume=Path(args.resume) if args.resume else None)
 
 
 def _status_options(args: argparse.Namespace):
@@ -157,6 +160,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
         print(bench_status.format_status_overhead(result))
+    elif args.what == "scale":
+        from fedscan.simulations import bench_scale
+
+        try:
+            sizes = [int(n) for n in args.sites.split(",")]
+        except ValueError:
+            raise FedscanError(f"--sites: expected numbers like 10,100,1000, got "
+                               f"{args.sites!r}") from None
+        print(bench_scale.format_scale(bench_scale.scale(Path(args.out), sizes)))
     elif args.what == "dp-overhead":
         print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
     elif args.what == "attacks":
@@ -181,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's mode, federated unless it says otherwise)")
     p.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     p.add_argument("--rounds", type=int, help="override the config's rounds")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the federated run in DIR after its last completed round "
+                        "(its config.yaml; --rounds N to run more rounds)")
     p.add_argument("--status", action="store_true",
                    help="serve the live status page while the run goes (default "
                         "http://127.0.0.1:8050/)")
@@ -259,19 +274,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_data)
 
     p = sub.add_parser("bench", help="benchmarks: DP step overhead, Dice at several epsilons, "
-                                     "status page overhead, one dishonest site among four")
-    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead", "attacks"],
+                                     "status page overhead, one dishonest site among four, "
+                                     "federation size")
+    p.add_argument("what", choices=["dp-overhead", "dp-utility", "status-overhead", "attacks",
+                                    "scale"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
                         "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
                         "same small federation without and with the status page; attacks: four "
                         "hospitals, one of which lies (10^9 cases, NaN samples, a 5x "
-                        "sign-flipped update, Dice 1e9), against the honest run")
+                        "sign-flipped update, Dice 1e9), against the honest run; scale: "
+                        "wall time per round, peak memory of the process tree and framework "
+                        "overhead per site-round at several federation sizes")
     p.add_argument("--out", default=None,
                    help="dp-utility, status-overhead, attacks: output folder (default: "
                         "runs/bench-<what>)")
     p.add_argument("--rounds", type=int,
                    help="dp-utility, status-overhead, attacks: override the rounds")
     p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
+    p.add_argument("--sites", default="10,100,1000",
+                   help="scale: federation sizes, comma-separated (default 10,100,1000)")
     p.set_defaults(func=_bench)
 
     from fedscan.deploy_cli import add_deployment_commands

@@ -9,10 +9,14 @@ redraws.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
+
+#: Sites named one by one on the bar; above this, counts per state.
+MAX_NAMED = 8
 
 #: What a site's live status means on the bar, per phase.
 _WORDS = {"train": {"waiting": "training", "replied": "done", "error": "error"},
@@ -47,6 +51,10 @@ class RoundProgress:
             named = [f"{s} {words.get(status[s], status[s])}" for s in self.sites if s in status]
             unnamed = sum(1 for e in state.get("nodes", {}).values()
                           if e.get("status") == "waiting" and not e.get("site"))
+            if len(named) > MAX_NAMED:  # a large federation: counts, not a line of names
+                counts = Counter(words.get(st, st) for s, st in status.items()
+                                 if s in set(self.sites))
+                named = [f"{n} {word}" for word, n in sorted(counts.items())]
             if unnamed:  # simulation nodes are named by their first reply
                 named.append(f"{unnamed} waiting")
             label = "final evaluation" if phase == "final_evaluate" else f"round {rnd}"

@@ -240,7 +240,9 @@ def run_rounds(
         replies = exchange(rnd, "train", strategy.configure_train(rnd, arrays, config, grid))
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         trained = next((r["train"] for r in history.rounds if r["round"] == rnd), {})
-        if new_arrays is None and not trained:
+        # A simulated consortium's round may lose every site (dropouts, cut stragglers).
+        if new_arrays is None and not trained and not getattr(strategy, "empty_rounds_ok",
+                                                                 False):
             # No site trained or declined validly (all errors or rejections): stop here.
             history.write_summary()  # keep the round's errors and rejections on record
             raise RoundFailed(f"round {rnd}: no update aggregated (errors and rejections are "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.admission import Admission, AdmittedGrid
 from fedscan.server.live_grid import live_run
@@ -21,6 +23,7 @@ from fedscan.server.rounds import (
     run_rounds,
     save_strategy_state,
 )
+from fedscan.server.sampling import SampledStrategy, sample_size, sampling_on
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
@@ -34,6 +37,9 @@ from fedscan.shared.tasks.base import resolve_device
 from fedscan.shared.tracking import PREVIEWS, Tracker
 
 log = logging.getLogger("fedscan.server")
+
+#: Wraps a run's strategy (given its history), e.g. a simulation's consortium behaviour.
+StrategyWrapper = Callable[[Strategy, RunHistory], Strategy]
 
 
 def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
@@ -70,7 +76,8 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                    site_grace: float = 0.0,
                    node_names: dict[int, str] | None = None,
-                   admission: Admission | None = None) -> dict[str, Any]:
+                   admission: Admission | None = None,
+                   wrap_strategy: StrategyWrapper | None = None) -> dict[str, Any]:
     """Train ``cfg.rounds`` rounds with the configured strategy and write the run's outputs.
 
     Every round ends with a checkpoint of the global model and the strategy's state and a
@@ -87,6 +94,8 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         node_names: node id -> site name, to name sites that fail before they ever answer.
         admission: the nodes the operator admitted (deployment); only they are sampled and
             heard. None: every node is (simulation).
+        wrap_strategy: wraps the strategy (simulations: the consortium's dropouts and
+            simulated clock).
 
     Returns:
         The summary written to ``out_dir/summary.json``.
@@ -99,12 +108,26 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     # discriminators, FedBN's normalisation layers stay at the sites).
     initial = {k: v for k, v in model.state_dict().items() if k in shared}
     history.model_fp32_bytes = model_fp32_bytes(initial)
-    validator = UpdateValidator.from_config(initial, cfg, task.metrics)
+    sampled = sampling_on(cfg.strategy)
+    # A round counts with strategy.min_sites valid updates, else a majority of the sites it
+    # asked: all of them, the sampled ones, or any one when a simulated consortium drops out.
+    if cfg.consortium is not None:
+        asked = 1
+    elif sampled:
+        asked = sample_size(len(cfg.sites), cfg.strategy.fraction_train, cfg.strategy.min_sites)
+    else:
+        asked = len(cfg.sites)
+    validator = UpdateValidator.from_config(initial, cfg, task.metrics, asked=asked)
     if admission is not None:
         grid = AdmittedGrid(grid, admission, on_unadmitted=history.record_unadmitted)
         node_names = {**(node_names or {}), **grid.names()}
-    strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)), history,
-                                 validator=validator)
+    strategy: Strategy = RecordingStrategy(build_strategy(cfg.strategy, len(cfg.sites)),
+                                           history, validator=validator)
+    if sampled:
+        strategy = SampledStrategy(strategy, cfg.strategy, cfg.seed, history, node_names,
+                                   timeout=cfg.strategy.round_timeout)
+    if wrap_strategy is not None:
+        strategy = wrap_strategy(strategy, history)
     arrays, first = to_arrays(initial), 1
     point = load_resume_point(out_dir) if resume else None
     if point is not None:
@@ -155,15 +178,18 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     return summary
 
 
-def make_server_app(cfg: Config, out_dir: str | Path) -> ServerApp:
-    """A ServerApp bound to a validated config and output folder."""
+def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False,
+                    wrap_strategy: StrategyWrapper | None = None) -> ServerApp:
+    """A ServerApp bound to a validated config and output folder (``resume``: continue the
+    run there after its last completed round; ``wrap_strategy``: see run_federation)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         configure_console()
         with live_run(grid, cfg, out_dir) as live_grid:
-            run_federation(live_grid, cfg, Path(out_dir))
+            run_federation(live_grid, cfg, Path(out_dir), resume=resume,
+                           wrap_strategy=wrap_strategy)
 
     return app
 

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import (
 )
 
 from fedscan.server.rounds import restore_strategy_state, strategy_state
+from fedscan.server.sampling import sampling_on
 from fedscan.server.validation import (
     Adjustment,
     Rejection,
@@ -53,7 +54,8 @@ def build_strategy(cfg: StrategyConfig, num_sites: int) -> Strategy:
         cfg: the ``strategy`` config block.
         num_sites: sites in the federation; ``min_sites`` defaults to all of them.
     """
-    min_sites = cfg.min_sites or num_sites
+    # With sampling, server/sampling.py shows the strategy only the sampled sites.
+    min_sites = 1 if sampling_on(cfg) else cfg.min_sites or num_sites
     common = {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,

@@ -213,16 +213,18 @@ class UpdateValidator:
 
     @classmethod
     def from_config(cls, model_state: Mapping[str, torch.Tensor], cfg: Config,
-                    metrics: Sequence[MetricSpec] | None) -> UpdateValidator:
+                    metrics: Sequence[MetricSpec] | None,
+                    asked: int | None = None) -> UpdateValidator:
         """The validator of a run: ``strategy`` keys, the sites' ``max_examples``.
 
         A round counts with ``strategy.min_sites`` valid updates, or, when that is not set,
-        with a majority of the sites: one dishonest (or broken) site, rejected every round,
-        must not stop the others.
+        with a majority of the ``asked`` sites (default: all of them): one dishonest (or
+        broken) site, rejected every round, must not stop the others.
         """
         s = cfg.strategy
+        asked = asked or len(cfg.sites)
         return cls(model_state, norm_ratio=s.max_norm_ratio,
-                   min_valid=s.min_sites or len(cfg.sites) // 2 + 1, metrics=metrics,
+                   min_valid=s.min_sites or asked // 2 + 1, metrics=metrics,
                    max_examples={site.name: site.max_examples for site in cfg.sites
                                  if site.max_examples is not None},
                    weight_key=SAMPLES if s.weighted_by == "samples" else NUM_EXAMPLES,

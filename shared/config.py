@@ -173,7 +173,8 @@ class StrategyConfig:
     beta_2: float = 0.99
     tau: float = 1e-3
     #: Sites a round waits for (Flower samples at least this many) and valid updates it needs
-    #: to count. None: waits for all sites and counts with valid updates from a majority.
+    #: to count. None: waits for all sites (the sampled ones, with sampling) and counts with
+    #: valid updates from a majority of them.
     min_sites: int | None = None
     round_timeout: float = 3600.0
     #: fedtrimmedavg: fraction of values cut at each end, per coordinate.
@@ -191,6 +192,12 @@ class StrategyConfig:
     #: Every update is clipped to this distance from the global model before aggregation:
     #: ``median`` (the round's median update norm), a number (a fixed norm), or null (off).
     clip_norm: float | Literal["median"] | None = "median"
+    #: Fraction of the online sites that train each round (Flower's ``fraction_train``):
+    #: ``max(int(sites x fraction), min_sites)`` sites, drawn from ``seed`` and the round
+    #: (server/sampling.py), so a rerun or a resumed run samples the same sites.
+    fraction_train: float = 1.0
+    #: Fraction of the sites that evaluate the final model (Flower's ``fraction_evaluate``).
+    fraction_evaluate: float = 1.0
 
 
 @dataclass
@@ -267,6 +274,57 @@ class HarmonisationConfig:
 
 
 @dataclass
+class SimulationConfig:
+    """Where a simulation's virtual hospitals run (``fedscan simulate`` only).
+
+    Without ``ray_address`` (and no ``RAY_ADDRESS`` in the environment) Ray starts on this
+    machine and runs one virtual hospital at a time on all its cores (and its GPU, if any).
+    With one, the simulation joins that Ray cluster and runs as many hospitals at once as the
+    cluster's nodes have room for, ``cpus_per_site`` and ``gpus_per_site`` each.
+    """
+
+    #: An existing Ray cluster (``HOST:PORT`` of its head, or ``auto``); None: RAY_ADDRESS,
+    #: else a local Ray.
+    ray_address: str | None = None
+    #: CPUs each virtual hospital's actor reserves (default: all cores locally, 1 on a cluster).
+    cpus_per_site: float | None = None
+    #: GPU fraction each virtual hospital reserves, e.g. 0.25 (default: 1 locally when
+    #: ``device`` uses a GPU, 0 on a cluster).
+    gpus_per_site: float | None = None
+
+
+@dataclass
+class ConsortiumConfig:
+    """A simulated consortium's behaviour (``fedscan simulate`` only; see docs/scale.md).
+
+    With ``sites`` set and no ``sites`` list in the config, that many virtual hospitals are
+    generated with long-tailed sizes: the site of size rank r holds
+    ``max(min_cases, round(max_cases / r ** size_alpha))`` cases (one for validation), drawn
+    from a pool of ``max_cases`` phantom cases rendered once and linked, not copied. Every
+    site gets a compute speed (simulated seconds per local step, log-normal around
+    ``seconds_per_step``) and in each round drops out with probability ``dropout``. A site's
+    round takes ``steps x its seconds per step`` on the simulated clock (nothing sleeps);
+    ``round_timeout`` cuts the replies that would arrive later. All drawn from ``seed``.
+    """
+
+    #: Virtual hospitals to generate (0: use the config's ``sites``).
+    sites: int = 0
+    min_cases: int = 2
+    max_cases: int = 40
+    #: Zipf exponent of the site sizes (0: every site has ``max_cases``).
+    size_alpha: float = 1.0
+    #: Median simulated seconds per local step, and the log-normal spread between sites.
+    seconds_per_step: float = 1.0
+    speed_sigma: float = 0.5
+    #: Probability that a sampled site does not answer a round.
+    dropout: float = 0.0
+    #: Simulated seconds after which a round's late replies are cut (None: never).
+    round_timeout: float | None = None
+    #: Voxel spacing (mm) of the generated phantom cases.
+    spacing: float = 8.0
+
+
+@dataclass
 class Config:
     """A fedscan run: who takes part, what is trained, for how long."""
 
@@ -290,6 +348,10 @@ class Config:
     privacy: PrivacyConfig | None = None
     #: TensorBoard / MLflow (the server's side only: not part of what sites receive).
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    #: A simulated consortium's sizes, speeds, dropouts and round timeout (simulation only).
+    consortium: ConsortiumConfig | None = None
+    #: Where a simulation runs: a Ray cluster, resources per virtual hospital.
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -439,6 +501,17 @@ def _check_values(cfg: Config) -> None:
     if cfg.train.batch_size < 1 or cfg.train.local_steps < 1:
         raise bad("train", "batch_size and local_steps must be >= 1")
     check_strategy(cfg, bad)
+    for key in ("fraction_train", "fraction_evaluate"):
+        if not 0.0 < getattr(cfg.strategy, key) <= 1.0:
+            raise bad(f"strategy.{key}", "must be in (0, 1]")
+    if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
+        raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
+    check_consortium(cfg.consortium, bad)
+    sim = cfg.simulation
+    if sim.cpus_per_site is not None and not sim.cpus_per_site > 0:
+        raise bad("simulation.cpus_per_site", "must be > 0")
+    if sim.gpus_per_site is not None and not sim.gpus_per_site >= 0:
+        raise bad("simulation.gpus_per_site", "must be >= 0 (a fraction such as 0.25)")
     check_privacy(cfg.privacy, "privacy", bad)
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
@@ -533,6 +606,21 @@ def check_strategy(cfg: Config, bad: Any) -> None:
     for i, site in enumerate(cfg.sites):
         if site.max_examples is not None and site.max_examples < 1:
             raise bad(f"sites[{i}].max_examples", "must be >= 1")
+
+
+def check_consortium(c: ConsortiumConfig | None, bad: Any) -> None:
+    if c is None:
+        return
+    if c.sites < 0:
+        raise bad("consortium.sites", "must be >= 0")
+    if not 2 <= c.min_cases <= c.max_cases:
+        raise bad("consortium.min_cases", "must be >= 2 and <= consortium.max_cases")
+    if c.size_alpha < 0 or c.speed_sigma < 0 or c.seconds_per_step <= 0 or c.spacing <= 0:
+        raise bad("consortium", "size_alpha, speed_sigma >= 0; seconds_per_step, spacing > 0")
+    if not 0.0 <= c.dropout < 1.0:
+        raise bad("consortium.dropout", "must be in [0, 1)")
+    if c.round_timeout is not None and not c.round_timeout > 0:
+        raise bad("consortium.round_timeout", "must be > 0 (or null: no cut)")
 
 
 def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:

@@ -158,6 +158,11 @@ class RunHistory:
         self._round(rnd).setdefault("errors", []).append(
             {"site": site, "phase": phase, "reason": reason})
 
+    def record_round_fact(self, rnd: int, key: str, value: Any) -> None:
+        """A fact about round ``rnd`` as a whole (``sampled``: the sites drawn to train;
+        ``consortium``: who dropped out or was cut and the simulated clock)."""
+        self._round(rnd)[key] = _clean(value)
+
     def record_bytes(self, rnd: int, site: str, key: str, num_bytes: int) -> None:
         """Bytes of one message to or from a site (``key`` e.g. ``train_down``)."""
         per_site = self._round(rnd).setdefault("bytes", {}).setdefault(site, {})

@@ -78,7 +78,7 @@ PROXIMAL_MU = "proximal-mu"
 #: privacy, which is each hospital's own.
 SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
 #: Run-config keys for the server's side only (where it logs the run): not sent to sites.
-SERVER_ONLY_KEYS = ("tracking",)
+SERVER_ONLY_KEYS = ("tracking", "consortium", "simulation")
 
 
 class SchemaMismatch(FedscanError):

@@ -866,6 +866,48 @@ def _network_section(summary: Mapping[str, Any]) -> list[str]:
             ""]
 
 
+def _names(sites: Iterable[str], most: int = 6) -> str:
+    sites = list(sites)
+    shown = ", ".join(_md(s) for s in sites[:most])
+    return (shown + f" (+{len(sites) - most})" if len(sites) > most else shown) or "none"
+
+
+def _participation_section(summary: Mapping[str, Any]) -> list[str]:
+    """Who was sampled, dropped out or cut each round, and what that cost on the simulated
+    clock (rounds with a ``sampled`` or ``consortium`` entry only)."""
+    rounds = [r for r in _rounds(summary) if r.get("sampled") is not None
+              or r.get("consortium") is not None]
+    if not rounds:
+        return []
+    rows, total, wasted = [], 0.0, 0
+    for r in rounds:
+        c = _dict(r.get("consortium"))
+        cut = _dict(c.get("cut"))
+        seconds = _num(c.get("sim_seconds"))
+        total += seconds or 0.0
+        wasted += int(_num(c.get("wasted_steps")) or 0)
+        arrived = [v for v in (_num(x) for x in _dict(c.get("arrived")).values()) if v]
+        rows.append([str(r.get("round")),
+                     str(len(r["sampled"])) if r.get("sampled") is not None else "all",
+                     _names(c.get("dropped") or []),
+                     _names(f"{k} ({_fmt(v, 0)} s)" for k, v in cut.items()),
+                     _fmt(max(arrived), 0) if arrived else MISSING,
+                     _fmt(seconds, 0) if seconds is not None else MISSING,
+                     str(int(_num(c.get("wasted_steps")) or 0))])
+    lines = ["## Participation", "",
+             "Sites sampled to train each round; with a simulated consortium also those that "
+             "dropped out (never answered: the server waits to the round timeout), those cut "
+             "because their reply would arrive after the timeout (they trained, spending steps "
+             "and ε, for nothing), the last reply that counted and the round's duration on "
+             "the simulated clock.", "",
+             _table(["Round", "Sampled", "Dropped out", "Cut (arrival)", "Last kept reply (s)",
+                     "Round (simulated s)", "Wasted steps"], rows), ""]
+    if any(r.get("consortium") is not None for r in rounds):
+        lines += [f"Simulated time of these rounds: {_duration(total)}; local steps wasted "
+                  f"on cut replies: {wasted}.", ""]
+    return lines
+
+
 def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the plots and ``report.md`` for one run into ``out_dir``.
 
@@ -888,6 +930,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     # Relative links, so the folder can be moved, zipped or viewed on another machine.
     lines += [f"![{captions.get(p.name, p.stem)}]({p.name})\n" for p in plots]
     lines += _rounds_section(summary)
+    lines += _participation_section(summary)
     lines += _network_section(summary)
     lines += _model_lines(summary)
     lines += _files_lines(out_dir, summary)

@@ -13,23 +13,33 @@ from fedscan.shared.config import Config, SiteConfig
 from fedscan.shared.errors import FedscanError
 
 if TYPE_CHECKING:
-    from flwr.app import Context, Message
-    from flwr.clientapp import ClientApp
     from flwr.clientapp.typing import Mod
 
 
 def simulation_backend(cfg: Config) -> dict[str, Any]:
-    """Ray resources: one ClientApp actor at a time using all cores (and the GPU if any).
+    """Ray resources of the virtual hospitals' actors.
 
-    Several actors on few cores contend and run slower (measured in flower-1.41 notes), and
-    each 3D model needs its own memory.
+    Locally: one ClientApp actor at a time using all cores (and the GPU if any): several
+    actors on few cores contend and run slower (measured in flower-1.41 notes), and each 3D
+    model needs its own memory. On an existing Ray cluster (``simulation.ray_address`` or
+    ``RAY_ADDRESS``): the cluster's resources, ``simulation.cpus_per_site`` (default 1) and
+    ``gpus_per_site`` (default 0) per actor, so Flower starts as many actors as fit on its
+    nodes.
     """
     import torch
 
+    sim = cfg.simulation
+    address = sim.ray_address or os.environ.get("RAY_ADDRESS")
+    if address:
+        resources = {"num_cpus": sim.cpus_per_site or 1, "num_gpus": sim.gpus_per_site or 0.0}
+        return {"client_resources": resources,
+                "init_args": {"address": address, "include_dashboard": False}}
     cpus = os.cpu_count() or 1
     gpus = 1.0 if cfg.device != "cpu" and torch.cuda.is_available() else 0.0
+    per_site = {"num_cpus": sim.cpus_per_site or cpus,
+                "num_gpus": gpus if sim.gpus_per_site is None else sim.gpus_per_site}
     return {
-        "client_resources": {"num_cpus": cpus, "num_gpus": gpus},
+        "client_resources": per_site,
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "include_dashboard": False},
     }
 
@@ -46,35 +56,25 @@ def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
                                harmonisation_reference=reference)
 
 
-def with_mods(client_app: ClientApp, mods: Sequence[Mod]) -> ClientApp:
-    """``client_app`` behind Flower ClientApp ``mods`` (each sees every message and reply)."""
-    from flwr.clientapp import ClientApp
-
-    app = ClientApp(mods=list(mods))
-
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        return client_app(message=msg, context=context)
-
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        return client_app(message=msg, context=context)
-
-    return app
-
-
-def run_federated(cfg: Config, out_dir: Path, client_mods: Sequence[Mod] = ()
-                  ) -> dict[str, Any]:
+def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
+                  client_mods: Sequence[Mod] = ()) -> dict[str, Any]:
     """Run the federation with one virtual SuperNode per site; returns summary.json's content.
 
     Each virtual hospital is told its site by Flower's ``partition-id`` and reads only its
     own folder, with its resolved privacy setting and a state folder under ``out_dir``.
 
+    With ``resume`` the run continues after the last completed round in ``out_dir``: the
+    server restores the global model, the strategy's state and the history; each virtual
+    hospital reads its ε ledger back from its state folder; sampling and every site-round's
+    training are functions of the seed and the round (see docs/scale.md), so the result
+    equals an uninterrupted run.
+
     Args:
         cfg: the run config.
         out_dir: the run folder.
-        client_mods: Flower mods every virtual hospital's ClientApp runs behind (the attack
-            benchmark's adversary; none in a normal run).
+        resume: continue after the last completed round in ``out_dir``.
+        client_mods: Flower mods outermost around every virtual hospital's ClientApp (the
+            attack benchmark's adversary, the scale benchmark's timer; none in a normal run).
     """
     from flwr.simulation import run_simulation
 
@@ -83,13 +83,18 @@ def run_federated(cfg: Config, out_dir: Path, client_mods: Sequence[Mod] = ()
     from fedscan.shared.console import configure_console, verbose
 
     sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
-    server_app = make_server_app(cfg, out_dir)
+    wrap = None
+    if cfg.consortium is not None:
+        from fedscan.simulations.consortium import ConsortiumStrategy
+
+        def wrap(strategy, history):
+            return ConsortiumStrategy(strategy, cfg, history)
+    server_app = make_server_app(cfg, out_dir, resume=resume, wrap_strategy=wrap)
     # The researcher's machine runs both sides: a task named by import path is allowed here.
     # The sites' step lines go to their site.log; the console shows the rounds bar.
     client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
-                                 allow_task_import=True, echo=False)
-    if client_mods:
-        client_app = with_mods(client_app, client_mods)
+                                 allow_task_import=True, echo=False, replayable=True,
+                                 outer_mods=tuple(client_mods))
     configure_console()  # Flower's lines once, no DEBUG (Opacus gives the root a handler)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=len(sites),
                    backend_config=simulation_backend(cfg), verbose_logging=verbose())

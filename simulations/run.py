@@ -13,6 +13,7 @@ import yaml
 from fedscan.shared.config import MODES, Config, parse_config, read_yaml
 from fedscan.shared.console import configure_console
 from fedscan.shared.data import consortium_data_config, read_site, read_site_test_set
+from fedscan.shared.errors import FedscanError
 
 if TYPE_CHECKING:
     from fedscan.shared.status.serve import StatusOptions
@@ -63,7 +64,9 @@ def read_simulation_config(path: str | Path) -> Config:
     """A simulation config file; one that lists no ``sites`` runs on the phantom hospitals."""
     data = read_yaml(path)
     if isinstance(data, dict):
-        data = with_phantom_sites(data)
+        from fedscan.simulations.consortium import with_consortium_sites
+
+        data = with_phantom_sites(with_consortium_sites(data))
     return parse_config(data, base=Path(path).resolve().parent)
 
 
@@ -99,8 +102,9 @@ def write_fingerprints(cfg: Config, out_dir: Path) -> None:
     (out_dir / FINGERPRINTS_FILE).write_text(json.dumps(prints, indent=1))
 
 
-def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
-    """Run one mode into ``out_dir`` and return its summary."""
+def run_mode(cfg: Config, mode: str, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Run one mode into ``out_dir`` and return its summary (``resume``: federated only,
+    continue the run there)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump({**cfg.to_dict(), "mode": mode},
                                                         sort_keys=False))
@@ -108,15 +112,42 @@ def run_mode(cfg: Config, mode: str, out_dir: Path) -> dict[str, Any]:
     if mode == "federated":
         from fedscan.simulations.federated import run_federated
 
-        return run_federated(cfg, out_dir)
+        return run_federated(cfg, out_dir, resume=resume)
     from fedscan.simulations.baselines import run_local, run_pooled
 
     return run_local(cfg, out_dir) if mode == "local" else run_pooled(cfg, out_dir)
 
 
+def resume_config(run_dir: Path, rounds: int | None) -> Config:
+    """The config of the federated run in ``run_dir`` to continue (its ``config.yaml``).
+
+    Raises:
+        FedscanError: ``run_dir`` holds no federated run with a completed round.
+    """
+    from fedscan.server.rounds import load_resume_point
+
+    path = run_dir / "config.yaml"
+    if not path.is_file() or not (run_dir / "summary.json").is_file():
+        raise FedscanError(f"--resume {run_dir}: no config.yaml and summary.json there (the "
+                           "folder a federated `fedscan simulate --out` wrote)")
+    data = read_yaml(path)
+    if not isinstance(data, dict) or data.get("mode") != "federated":
+        raise FedscanError(f"--resume {run_dir}: only a federated run can be resumed")
+    cfg = parse_config(data)
+    if rounds is not None:
+        cfg.rounds = rounds
+    point = load_resume_point(run_dir)
+    if point is None:
+        raise FedscanError(f"--resume {run_dir}: no completed round to continue from")
+    if point[0] >= cfg.rounds:
+        raise FedscanError(f"--resume {run_dir}: all {cfg.rounds} rounds are done (more "
+                           f"with --rounds N)")
+    return cfg
+
+
 def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
-             rounds: int | None = None, status: StatusOptions | None = None
-             ) -> dict[str, dict[str, Any]]:
+             rounds: int | None = None, status: StatusOptions | None = None,
+             resume: Path | None = None) -> dict[str, dict[str, Any]]:
     """Run ``modes`` (a subset of federated/local/pooled) and return their summaries.
 
     Args:
@@ -126,12 +157,18 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
             comparison is written to ``out``.
         rounds: overrides the config's ``rounds``.
         status: serve the status page over the folder of the mode running, while it runs.
+        resume: a federated run folder to continue after its last completed round, with its
+            own config (``config`` and ``modes`` must be None; ``out`` is ignored).
     """
     quiet_flower()
     configure_console()
-    cfg = read_simulation_config(config) if config else default_config()
-    if rounds is not None:
-        cfg.rounds = rounds
+    if resume is not None:
+        cfg = resume_config(resume, rounds)
+        out, modes = resume, ["federated"]
+    else:
+        cfg = read_simulation_config(config) if config else default_config()
+        if rounds is not None:
+            cfg.rounds = rounds
     modes = modes or [cfg.mode]
     check_data(cfg)
     targets = {m: out / m if len(modes) > 1 else out for m in modes}
@@ -142,7 +179,7 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
 
         page = start_status(lambda: current[0], status)
     try:
-        summaries = _run_modes(cfg, modes, targets, current)
+        summaries = _run_modes(cfg, modes, targets, current, resume=resume is not None)
     finally:
         if page is not None:
             page.stop()
@@ -214,15 +251,17 @@ def _print_test_sets(summary: dict[str, Any]) -> None:
 
 
 def _run_modes(cfg: Config, modes: list[str], targets: dict[str, Path],
-               current: list[Path]) -> dict[str, dict[str, Any]]:
+               current: list[Path], resume: bool = False) -> dict[str, dict[str, Any]]:
     """Run each mode into its folder (``current[0]`` follows the mode running)."""
     summaries = {}
     for mode in modes:
         assert mode in MODES, mode
         target = current[0] = targets[mode]
         started = time.time()
-        print(f"== {mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}", flush=True)
-        summaries[mode] = run_mode(cfg, mode, target)
+        what = "resuming " if resume else ""
+        print(f"== {what}{mode}: {len(cfg.sites)} sites, {cfg.rounds} rounds -> {target}",
+              flush=True)
+        summaries[mode] = run_mode(cfg, mode, target, resume=resume)
         print(f"== {mode} done in {time.time() - started:.0f}s: "
               f"{headline(summaries[mode])}", flush=True)
         _print_test_sets(summaries[mode])

@@ -85,6 +85,19 @@ def test_rounds_bar_shows_each_sites_state(capsys):
     bar.close()
 
 
+def test_rounds_bar_counts_states_in_a_large_federation():
+    from fedscan.server.progress import RoundProgress
+
+    sites = [f"h{i:03d}" for i in range(200)]
+    bar = RoundProgress(2, 1, sites)
+    nodes = {str(i): {"site": s, "status": "replied" if i < 30 else "waiting"}
+             for i, s in enumerate(sites)}
+    nodes["7"]["status"] = "error"
+    bar.sites_changed({"phase": "train", "round": 1, "nodes": nodes})
+    assert bar.bar.postfix == "round 1: 29 done, 1 error, 170 training"
+    bar.close()
+
+
 def test_outputs_block_names_what_exists(tmp_path):
     from fedscan.simulations.run import format_outputs
 
