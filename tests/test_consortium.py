@@ -6,7 +6,7 @@ import json
 
 import pytest
 from test_rounds import _task_identity  # noqa: F401 (fixture)
-from test_sampling import NAMES, NamedGrid
+from test_sampling import NAMES, NamedGrid, _dice_in_range  # noqa: F401 (fixture)
 
 from fedscan.server.server_app import run_federation
 from fedscan.shared.config import ConsortiumConfig, parse_config
