@@ -105,15 +105,16 @@ def score(model_path: Path, folder: Path) -> dict[str, float]:
             "worst_raw": float(np.min(raw))}
 
 
-def train(out: Path, augment: bool, rounds: int, local_steps: int) -> Path:
-    """Train the default phantom federation into ``out`` and return its final model."""
+def train(out: Path, robust: bool, rounds: int, local_steps: int) -> Path:
+    """Train the default phantom federation into ``out`` and return its final model: with
+    ``robust``, ``train.background_augmentation`` (else the training before it)."""
     from fedscan.simulations.run import simulate
 
     config = out / "input.yaml"
     out.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump({
         "rounds": rounds, "evaluate": {"hd95": False},
-        "train": {"local_steps": local_steps, "background_augmentation": augment}}))
+        "train": {"local_steps": local_steps, "background_augmentation": robust}}))
     simulate(config, None, out / "run")
     return out / "run" / "final_model.pt"
 
@@ -132,12 +133,12 @@ def main(argv: list[str] | None = None) -> None:
     sets = {"heldout": ensure_default_federation()["heldout"],
             "noisy": write_noisy_heldout(args.out / "noisy-heldout", args.cases)}
     rows = []
-    for name, augment in (("before", False), ("after", True)):
+    for name, robust in (("before", False), ("after", True)):
         model = args.out / name / "run" / "final_model.pt"
         if not (args.reuse and model.is_file()):
-            print(f"== training '{name}' (background_augmentation: {augment}, "
-                  f"{args.rounds} rounds x {args.local_steps} steps)", flush=True)
-            model = train(args.out / name, augment, args.rounds, args.local_steps)
+            print(f"== training '{name}' (background_augmentation: "
+                  f"{robust}; {args.rounds} rounds x {args.local_steps} steps)", flush=True)
+            model = train(args.out / name, robust, args.rounds, args.local_steps)
         for test, folder in sets.items():
             rows.append({"model": name, "test_set": test, **score(model, folder)})
     lines = [f"{'model':8} {'test set':9} {'dice raw':>9} {'largest comp.':>14} {'worst raw':>10}"]

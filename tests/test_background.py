@@ -68,11 +68,16 @@ def test_training_transform_adds_background_artefacts_only_when_asked():
         for _ in range(8):
             item = transform({k: v.clone() for k, v in data.items()})
             item = item[0] if isinstance(item, list) else item
-            # A whole-volume patch: the crop is the identity, so labels compare voxelwise.
-            assert torch.equal(item["label"].to(torch.uint8), data["label"])
-            inside = (data["label"] > 0).expand_as(data["image"])
-            assert torch.equal(item["image"][inside], data["image"][inside])
-            differs |= not torch.equal(item["image"], data["image"])
+            label, image = item["label"].to(torch.uint8), item["image"]
+            assert image.shape[1:] == label.shape[1:] == (SIDE,) * 3
+            if not background:  # a whole-volume patch: the crop is the identity
+                assert torch.equal(label, data["label"])
+            # The image is a function of the label (0.5 and 0.25 per class), so a label
+            # moved or changed, or an anatomy voxel touched, breaks this where label > 0.
+            clean = torch.cat([0.5 * label.float(), 0.25 * label.float()])
+            inside = (label > 0).expand_as(image)
+            assert torch.equal(image[inside], clean[inside])
+            differs |= not torch.equal(image, clean)
         assert differs == background
 
 

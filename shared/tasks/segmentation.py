@@ -16,6 +16,7 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import (
+    BorderPadd,
     Compose,
     EnsureTyped,
     RandAdjustContrastd,
@@ -148,6 +149,11 @@ class SegmentationTask:
         # (air is where unseen scanners put noise); else from inside the body (image > 0).
         negatives_in = None if background else "image"
         steps = [SpatialPadd(KEYS, spatial_size=patch)]
+        if background:
+            # Air around the scan, half a patch deep: patches then also see what windows at
+            # the edge of a larger field of view see (mostly air, which instance norm would
+            # otherwise amplify), and the background artefacts fill it with noise.
+            steps.append(BorderPadd(KEYS, spatial_border=[p // 2 for p in patch[:3]]))
         if self.class_balanced:
             foreground = cfg.data.num_classes - 1
             steps.append(RandCropByLabelClassesd(
