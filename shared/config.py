@@ -149,10 +149,18 @@ class TrainConfig:
     weight_decay: float = 0.0
     #: Fraction of patches centred on foreground (label > 0).
     pos_fraction: float = 0.5
+    #: Split the foreground patches equally over the foreground classes (each class gets
+    #: ``pos_fraction / (num_classes - 1)`` of the patch centres), so that small structures
+    #: are seen as often as large ones. None: on when there is more than one foreground class.
+    class_balanced: bool | None = None
     #: Segmentation: random contrast, bias field, gain, offset, blur and noise that imitate
     #: other scanners. Off trains a model of one scanner's images (the harmonisation study
     #: measures both).
     scanner_augmentation: bool = True
+    #: Segmentation: put what unseen scanners put around the head into the training patches
+    #: (a Rician noise floor, ghosts and hot spots in the background, never in the labels),
+    #: so that background is not segmented as anatomy without post-processing.
+    background_augmentation: bool = True
     num_workers: int = 0
 
 

@@ -472,7 +472,8 @@ def render_clean(
 
 
 def render(
-    anatomy: Anatomy, profile: ScannerProfile, rng: np.random.Generator | None = None
+    anatomy: Anatomy, profile: ScannerProfile, rng: np.random.Generator | None = None,
+    artefacts: Callable[[np.ndarray, np.random.Generator], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render a head as the profile's scanner acquires it: contrast, bias field, Rician noise.
 
@@ -481,6 +482,8 @@ def render(
         profile: the scanner profile.
         rng: drives the bias field and the noise. ``None`` draws fresh OS entropy (numpy's
             convention), so pass a seeded generator for reproducible output.
+        artefacts: optional acquisition artefacts (ghosts, coil hot spots), applied to the
+            signal before the noise (``simulations/background.py``); the label is unchanged.
 
     Returns:
         (image in the profile's dtype, label uint8 with 1 = brain, 4x4 affine).
@@ -491,6 +494,8 @@ def render(
     label = (d_brain < 0).astype(np.uint8)
     # Order follows the physics: tissue contrast, coil sensitivity, then complex noise.
     signal = intensity**profile.gamma * _bias_field(world, profile.bias_strength, rng)
+    if artefacts is not None:
+        signal = artefacts(signal, rng)
     if profile.noise_std > 0:
         real = signal + rng.normal(0.0, profile.noise_std, size=shape)
         imag = rng.normal(0.0, profile.noise_std, size=shape)

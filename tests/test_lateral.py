@@ -62,7 +62,8 @@ def config(**data):
                        "data": {"spacing": [1.0, 1.0, 1.0], "num_classes": 3},
                        "model": {"channels": [4, 8], "strides": [2]},
                        "train": {"patch_size": [SIDE] * 3, "pos_fraction": 1.0,
-                                 "scanner_augmentation": False}},
+                                 "scanner_augmentation": False,
+                                 "background_augmentation": False}},
                       {"data": data})
 
 

@@ -129,7 +129,9 @@ def assert_nothing_leaked(root: Path, grid: RecordingGrid, summary: dict, out: P
         assert not is_error or reason in SITE_ERRORS, reason  # a bare code, nothing else
         for secret in secrets_of(root):
             assert secret.encode() not in data, (secret, reason)
-        assert not re.search(LABEL_VALUE.pattern.encode(), records), reason
+        # Array ids in the records are content hashes (hex): a "217" inside one is chance.
+        plain = re.sub(rb"[0-9a-f]{32,}", b"", records)
+        assert not re.search(LABEL_VALUE.pattern.encode(), plain), reason
     # In simulation the researcher's own config (summary["config"]) lists every site's folder:
     # the researcher owns them. Everything else in summary.json came from the sites.
     for site in summary["config"]["sites"]:

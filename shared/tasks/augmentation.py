@@ -1,4 +1,4 @@
-"""Spatial augmentation that never corrupts labels.
+"""Augmentation that never corrupts labels: lateral flips and background artefacts.
 
 A left-right flip turns a left structure into a right one. For a label set with lateralised
 classes (left and right hemisphere, left and right hippocampus) a plain flip teaches the
@@ -13,15 +13,34 @@ not at all by ``OneOf``). The flipped axis is the one that runs left-right in th
 preprocessed image: preprocessing reorients every image to ``data.orientation``
 (``Orientationd``), so that is where ``L`` or ``R`` stands in that code (axis 0 in ``RAS``,
 ``LPS``; axis 2 in ``PIL``), whatever the orientation the files were stored in.
+
+:func:`background_artefacts` puts into the background of a training patch what scanners the
+federation never saw put around a head (a Rician noise floor, bright coil hot spots), so the
+network learns that signal outside the anatomy is not anatomy, without post-processing.
+The artefacts are MONAI's (``RandRicianNoise``, ``RandCoarseDropout``);
+:class:`RandBackgroundd` confines them to voxels labelled background.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
-from monai.transforms import Compose, Flipd, Identityd, MapLabelValued, OneOf
+import torch
+from monai.transforms import (
+    Compose,
+    Flipd,
+    Identityd,
+    MapLabelValued,
+    MapTransform,
+    OneOf,
+    RandCoarseDropout,
+    Randomizable,
+    RandRicianNoise,
+)
+from monai.utils import convert_to_tensor
 
 from fedscan.shared.config import DataConfig
 from fedscan.shared.preprocessing import LABEL_DTYPE
@@ -86,3 +105,62 @@ def lateral_flip(keys: Sequence[str], label_key: str, spatial_axis: int,
         flip.append(MapLabelValued(label_key, orig_labels=list(swap),
                                    target_labels=list(swap.values()), dtype=LABEL_DTYPE))
     return OneOf([Compose(flip), Identityd(list(keys))], weights=[prob, 1.0 - prob])
+
+
+class RandBackgroundd(Randomizable, MapTransform):
+    """Apply a random intensity transform to an image only where the label is background.
+
+    The label is read, never written; image voxels of any foreground class keep their value.
+
+    Args:
+        keys: image keys (channel-first; every channel gets the same mask).
+        label_key: the label map (``(1, *spatial)``) whose zeros are the background.
+        transform: an array-level MONAI transform (its random state is set through this
+            one's, so ``Compose.set_random_state`` seeds it).
+    """
+
+    def __init__(self, keys: Sequence[str], label_key: str, transform: Compose) -> None:
+        MapTransform.__init__(self, keys)
+        self.label_key = label_key
+        self.transform = transform
+
+    def set_random_state(self, seed: int | None = None,
+                         state: np.random.RandomState | None = None) -> RandBackgroundd:
+        super().set_random_state(seed, state)
+        self.transform.set_random_state(seed=int(self.R.randint(2**31)))
+        return self
+
+    def randomize(self, data: Any = None) -> None:  # the wrapped transforms draw their own
+        pass
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        background = convert_to_tensor(d[self.label_key], track_meta=False) == 0
+        for key in self.key_iterator(d):
+            image = convert_to_tensor(d[key], track_meta=False)
+            changed = convert_to_tensor(self.transform(image.clone()), track_meta=False)
+            d[key] = torch.where(background, changed.to(image.dtype), image)
+        return d
+
+
+def background_artefacts(keys: Sequence[str], label_key: str, patch: Sequence[int],
+                         prob: float = 0.3) -> RandBackgroundd:
+    """Signal in the background as unseen scanners show it, on images scaled to about [0, 1].
+
+    A Rician noise floor (std drawn up to 0.15, several times the training sites') and up
+    to four bright boxes (coil hot spots, other bright structures), each with probability
+    ``prob``, only where the label is background (:class:`RandBackgroundd`).
+
+    Args:
+        keys: image keys.
+        label_key: the label key.
+        patch: the training patch size (the boxes are up to a quarter of it).
+        prob: probability of each artefact.
+    """
+    box = [max(1, p // 8) for p in patch]
+    return RandBackgroundd(keys, label_key, Compose([
+        RandRicianNoise(prob=prob, std=0.15, relative=False, sample_std=True),
+        RandCoarseDropout(holes=1, max_holes=4, spatial_size=box,
+                          max_spatial_size=[max(1, p // 4) for p in patch], fill_value=(0.2, 1.0),
+                          prob=prob),
+    ]))

@@ -16,10 +16,12 @@ import torch
 from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import (
+    BorderPadd,
     Compose,
     EnsureTyped,
     RandAdjustContrastd,
     RandBiasFieldd,
+    RandCropByLabelClassesd,
     RandCropByPosNegLabeld,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -37,7 +39,12 @@ from fedscan.shared.errors import ConfigError, DataError, FedscanError
 from fedscan.shared.inference import predict_volume, require_largest_component
 from fedscan.shared.metrics import case_metrics, mean_over_cases, native_spacing
 from fedscan.shared.preprocessing import LABEL_DTYPE, cached_case
-from fedscan.shared.tasks.augmentation import lateral_axis, lateral_flip, lateral_swap
+from fedscan.shared.tasks.augmentation import (
+    background_artefacts,
+    lateral_axis,
+    lateral_flip,
+    lateral_swap,
+)
 from fedscan.shared.tasks.base import Case, EvalResult, MetricSpec, Phase, evaluating
 from fedscan.shared.tasks.loop import case_loader
 
@@ -69,6 +76,10 @@ class SegmentationTask:
                               f"multiples of {factor} (the product of model.strides)")
         if not 0.0 <= cfg.train.pos_fraction <= 1.0:
             raise ConfigError("config key 'train.pos_fraction': must be between 0 and 1")
+        #: Patch centres split equally over the foreground classes (``train.class_balanced``;
+        #: by default when there is more than one).
+        self.class_balanced = (cfg.data.num_classes > 2 if cfg.train.class_balanced is None
+                               else cfg.train.class_balanced)
         if cfg.data.num_classes > torch.iinfo(LABEL_DTYPE).max + 1:
             raise ConfigError("config key 'data.num_classes': at most 256 classes")
         if cfg.evaluate.largest_component:
@@ -120,8 +131,12 @@ class SegmentationTask:
     def train_transforms(self) -> Compose:
         """Random patch sampling and augmentation applied to a cached preprocessed case.
 
+        Patch centres are foreground with probability ``train.pos_fraction``, split equally
+        over the foreground classes with ``train.class_balanced``.
         Intensity augmentation imitates another scanner (contrast curve, bias field, gain,
-        offset, blur, noise; ``train.scanner_augmentation``). The only spatial augmentation
+        offset, blur, noise; ``train.scanner_augmentation``), and puts a noise floor and hot
+        spots into the background only, with negative patches drawn from the whole field of
+        view (``train.background_augmentation``). The only spatial augmentation
         is a left-right flip, and only where the labels allow it
         (:func:`~fedscan.shared.tasks.augmentation.lateral_swap`: declared mirror pairs are
         swapped with it, or the label set is declared symmetric).
@@ -129,13 +144,27 @@ class SegmentationTask:
         cfg = self.cfg
         patch = cfg.train.patch_size
         pos = cfg.train.pos_fraction
-        steps = [
-            SpatialPadd(KEYS, spatial_size=patch),
-            # Negatives come from inside the body (image > 0), not the empty background.
-            RandCropByPosNegLabeld(KEYS, label_key="label", spatial_size=patch, pos=pos,
-                                   neg=1.0 - pos, num_samples=1, image_key="image",
-                                   image_threshold=0.0),
-        ]
+        background = cfg.train.background_augmentation
+        # Negatives come from the whole field of view when the background gets artefacts
+        # (air is where unseen scanners put noise); else from inside the body (image > 0).
+        negatives_in = None if background else "image"
+        steps = [SpatialPadd(KEYS, spatial_size=patch)]
+        if background:
+            # Air around the scan, half a patch deep: patches then also see what windows at
+            # the edge of a larger field of view see (mostly air, which instance norm would
+            # otherwise amplify), and the background artefacts fill it with noise.
+            steps.append(BorderPadd(KEYS, spatial_border=[p // 2 for p in patch[:3]]))
+        if self.class_balanced:
+            foreground = cfg.data.num_classes - 1
+            steps.append(RandCropByLabelClassesd(
+                KEYS, label_key="label", spatial_size=patch,
+                ratios=[1.0 - pos, *[pos / foreground] * foreground],
+                num_classes=cfg.data.num_classes, num_samples=1, image_key=negatives_in,
+                image_threshold=0.0, warn=False))  # a class absent from a case: ratio 0
+        else:
+            steps.append(RandCropByPosNegLabeld(
+                KEYS, label_key="label", spatial_size=patch, pos=pos, neg=1.0 - pos,
+                num_samples=1, image_key=negatives_in, image_threshold=0.0))
         swap = lateral_swap(cfg.data)
         if swap is not None:
             steps.append(lateral_flip(KEYS, "label", lateral_axis(cfg.data.orientation), swap))
@@ -149,6 +178,9 @@ class SegmentationTask:
                                     sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
                 RandGaussianNoised("image", prob=0.2, std=0.05),
             ]
+        if background:
+            # After the contrast changes: noise and hot spots are added at acquisition.
+            steps.append(background_artefacts(["image"], "label", patch[:3]))
         if cfg.model.spatial_dims == 2:
             steps.append(SqueezeDimd(KEYS, dim=-1))  # (C, X, Y, 1) -> (C, X, Y)
         # Plain tensors: no meta to collate, nothing unusual for Opacus' hooks.
