@@ -77,8 +77,10 @@ PROXIMAL_MU = "proximal-mu"
 #: Run-config keys that never travel to a site: its data, the server's test sets, and
 #: privacy, which is each hospital's own.
 SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
-#: Run-config keys for the server's side only (where it logs the run): not sent to sites.
-SERVER_ONLY_KEYS = ("tracking", "consortium", "simulation")
+#: Run-config keys for the server's side only: not sent to sites. ``strategy`` is how the
+#: server samples and aggregates (FedProx's mu travels as its own field); its checks that
+#: count the federation's sites would fail on a site, which sees itself as the only one.
+SERVER_ONLY_KEYS = ("tracking", "consortium", "simulation", "strategy")
 
 
 class SchemaMismatch(FedscanError):

@@ -128,3 +128,19 @@ def test_a_task_name_is_checked_against_the_registry():
         build_task(cfg, allow_import=True)
     assert type(build_task(parse_config({"sites": [{"name": "a", "data": "/a"}]}))).__name__ \
         == "SegmentationTask"
+
+
+@pytest.mark.parametrize("strategy", [{"min_sites": 3}, {"name": "bulyan", "num_malicious": 1},
+                                      {"name": "multikrum", "num_selected": 5},
+                                      {"fraction_train": 0.3}])
+def test_a_site_parses_the_task_config_of_any_valid_strategy(strategy):
+    """The strategy is the server's: it is not sent, so checks that count the federation's
+    sites (a site sees itself as the only one) never fail at a hospital."""
+    import json
+
+    cfg = parse_config({"sites": [{"name": f"s{i}", "data": "/x"} for i in range(7)],
+                        "strategy": strategy})
+    sent = RoundConfig.for_run(cfg)
+    assert "strategy" not in json.loads(sent.task_config)
+    site_cfg = sent.site_config(SiteConfig(name="s0", data="/x"))
+    assert [s.name for s in site_cfg.sites] == ["s0"]
