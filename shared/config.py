@@ -160,7 +160,7 @@ class TrainConfig:
     #: Segmentation: put what unseen scanners put around the head into the training patches
     #: (a Rician noise floor, ghosts and hot spots in the background, never in the labels),
     #: so that background is not segmented as anatomy without post-processing.
-    background_augmentation: bool = True
+    background_augmentation: bool = False
     num_workers: int = 0
 
 
