@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from consortium import ENV, free_ports
 from tinysites import TINY_RUN, make_sites
 
 from fedscan.shared.certs import create_ca, create_server_cert, create_site_key
@@ -22,18 +22,6 @@ from fedscan.shared.status.view import build_view
 
 pytestmark = pytest.mark.slow
 SITES = ("site-a", "site-b")
-ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-       "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def test_server_start_serves_the_live_page(tmp_path):
