@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -312,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             print(f"fedscan: error: --mode: unknown mode {bad[0]!r}", file=sys.stderr)
             return 2
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted)
     try:
         return args.func(args)
     except FedscanError as exc:
@@ -321,6 +325,30 @@ def main(argv: list[str] | None = None) -> int:
         print("fedscan: interrupted; outputs written so far are kept", file=sys.stderr)
         _exit_if_threads_linger(130)
         return 130
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C: quiet the libraries before their workers report dying, then stop as Python does."""
+    from fedscan.shared.console import silence_libraries
+
+    silence_libraries()
+    raise KeyboardInterrupt
+
+
+def _stop_child_processes(timeout: float = 5.0) -> None:
+    """Terminate (then kill) every process this one started and reap them, so no Ray process
+    outlives fedscan, not even as a zombie."""
+    import psutil
+
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
 
 def _exit_if_threads_linger(code: int) -> None:
@@ -336,6 +364,7 @@ def _exit_if_threads_linger(code: int) -> None:
         stopper = threading.Thread(target=ray.shutdown, daemon=True)
         stopper.start()
         stopper.join(timeout=15)
+    _stop_child_processes()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -94,3 +94,13 @@ def configure_console(on: bool | None = None, force: bool = False) -> None:
     action = "default" if on else "ignore"
     for category in (DeprecationWarning, FutureWarning, PendingDeprecationWarning):
         warnings.filterwarnings(action, category=category)
+
+
+def silence_libraries() -> None:
+    """Stop Flower's and Ray's log lines from here on (after Ctrl-C).
+
+    Ctrl-C reaches the Ray workers too (same process group), so Flower's simulation threads log
+    each dying actor with a traceback while fedscan is already stopping on purpose.
+    """
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)

@@ -142,7 +142,16 @@ def test_ctrl_c_stops_a_simulation_and_keeps_its_rounds(tmp_path):
     assert "fedscan: interrupted; outputs written so far are kept" in err
     rounds = json.loads((out / "summary.json").read_text())["rounds"]
     assert 1 <= len(rounds) < 50
-    time.sleep(2)
-    left = subprocess.run(["ps", "-o", "pid=", "-g", str(proc.pid)], capture_output=True,
-                          text=True).stdout.split()
-    assert not left, f"processes left in the run's group: {left}"
+    assert "Traceback" not in err, err[-2000:]  # dying Ray actors are not reported after Ctrl-C
+    deadline = time.monotonic() + 10
+    while left := _running_in_group(proc.pid):
+        assert time.monotonic() < deadline, f"processes left in the run's group:\n{left}"
+        time.sleep(0.5)
+
+
+def _running_in_group(group: int) -> list[str]:
+    """Processes of a process group still running. Zombies are already dead: reaping one that
+    was orphaned is the job of PID 1, which in some containers never does it."""
+    rows = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-g", str(group)],
+                          capture_output=True, text=True).stdout.splitlines()
+    return [row for row in rows if row.split()[1:2] != ["Z"]]
