@@ -160,7 +160,8 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "status-overhead":
         from fedscan.simulations import bench_status
 
-        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3)
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3,
+                                              repeats=args.repeats or 3)
         print(bench_status.format_status_overhead(result))
     elif args.what == "scale":
         from fedscan.simulations import bench_scale
@@ -172,7 +173,7 @@ def _bench(args: argparse.Namespace) -> int:
                                f"{args.sites!r}") from None
         print(bench_scale.format_scale(bench_scale.scale(Path(args.out), sizes)))
     elif args.what == "dp-overhead":
-        print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats)))
+        print(bench.format_overhead(bench.dp_overhead(repeats=args.repeats or 15)))
     elif args.what == "attacks":
         from fedscan.simulations import attacks
 
@@ -292,7 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs/bench-<what>)")
     p.add_argument("--rounds", type=int,
                    help="dp-utility, status-overhead, attacks: override the rounds")
-    p.add_argument("--repeats", type=int, default=15, help="dp-overhead: timed steps per mode")
+    p.add_argument("--repeats", type=int,
+                   help="dp-overhead: timed steps per mode (default 15); status-overhead: "
+                        "blocks of off, on, on, off runs (default 3)")
     p.add_argument("--sites", default="10,100,1000",
                    help="scale: federation sizes, comma-separated (default 10,100,1000)")
     p.set_defaults(func=_bench)

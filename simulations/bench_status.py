@@ -80,24 +80,71 @@ class _Poller:
         self._thread.join(timeout=15)
 
 
-def _run_once(config: Path, out: Path, page: bool) -> tuple[float, list[float]]:
-    """Wall time of one ``fedscan simulate`` and the poller's answer times (page on)."""
+class _TreeCpu:
+    """CPU seconds (user + system) of a process and all its descendants, sampled until
+    stopped. A descendant that exits between two samples loses at most one interval's CPU.
+    CPU time barely moves with other work on the machine, unlike wall time."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid = pid
+        self.interval = interval
+        self._seen: dict[tuple[int, float], float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                with proc.oneshot():
+                    times = proc.cpu_times()
+                    self._seen[(proc.pid, proc.create_time())] = times.user + times.system
+            except psutil.Error:
+                continue
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.interval)
+
+    def stop(self) -> float:
+        """Stop sampling; the tree's CPU seconds."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        return sum(self._seen.values())
+
+
+def _run_once(config: Path, out: Path, page: bool) -> tuple[float, float, list[float]]:
+    """Wall time and process-tree CPU time of one ``fedscan simulate``, and the poller's
+    answer times (page on)."""
     cmd = [sys.executable, "-m", "fedscan", "simulate", "--config", str(config), "--out",
            str(out)] + (["--status-port", "0"] if page else [])
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cpu = _TreeCpu(proc.pid)
     poller, tail = None, []
     for line in proc.stdout:
         tail = [*tail[-40:], line]
         if page and poller is None and "status page http" in line:
             poller = _Poller(line.split("status page ", 1)[1].strip()).start()
+    # The tree is sampled up to the parent's exit; its final moments are within one interval.
+    while proc.poll() is None:
+        time.sleep(0.05)
+    cpu_seconds = cpu.stop()
     code = proc.wait()
     wall = time.perf_counter() - started
     if poller is not None:
         poller.stop()
     if code != 0:
         raise RuntimeError(f"simulate exited with {code}:\n{''.join(tail)}")
-    return wall, poller.seconds if poller else []
+    return wall, cpu_seconds, poller.seconds if poller else []
 
 
 def _writer_seconds(sites: int) -> float:
@@ -117,12 +164,13 @@ def _writer_seconds(sites: int) -> float:
         return live.write_seconds / 200
 
 
-def status_overhead(out: Path, rounds: int = 3, repeats: int = 2) -> dict[str, Any]:
-    """Run the federation ``2 * repeats`` times, page off and on alternately (ABBA).
+def status_overhead(out: Path, rounds: int = 3, repeats: int = 3) -> dict[str, Any]:
+    """Run the federation in ``repeats`` blocks of off, on, on, off (ABBA).
 
     Returns:
-        Per-run wall times per arm, their means, the ratio on/off, the poll answer times and
-        the live writer's time per write.
+        Per-run wall and process-tree CPU times per arm, their means, the ratios on/off (of
+        the means, and per block: each block's own ratio, so drift between blocks cancels),
+        the poll answer times and the live writer's time per write.
     """
     out = Path(out)
     sites = _write_sites(out / "data", n_cases=8, n_val=2)
@@ -134,18 +182,30 @@ def status_overhead(out: Path, rounds: int = 3, repeats: int = 2) -> dict[str, A
         "train": {"patch_size": [24, 24, 24], "local_steps": 10},
         "evaluate": {"hd95": False},
     }))
-    order = [arm for _ in range(repeats) for arm in (False, True, True, False)][: 2 * repeats]
     walls: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[float]] = {False: [], True: []}
+    blocks: list[dict[str, float]] = []
     polls: list[float] = []
-    for i, page in enumerate(order):
-        wall, answers = _run_once(config, out / f"run-{i}-{'on' if page else 'off'}", page)
-        walls[page].append(wall)
-        polls += answers
-        print(f"run {i + 1}/{len(order)}: status page {'on ' if page else 'off'} "
-              f"{wall:.1f} s", flush=True)
+    for block in range(repeats):
+        mine: dict[str, dict[bool, list[float]]] = {"wall": {False: [], True: []},
+                                                    "cpu": {False: [], True: []}}
+        for page in (False, True, True, False):
+            i = 4 * block + len(mine["wall"][False]) + len(mine["wall"][True])
+            wall, cpu, answers = _run_once(
+                config, out / f"run-{i}-{'on' if page else 'off'}", page)
+            for store, value in ((walls, wall), (cpus, cpu)):
+                store[page].append(value)
+            mine["wall"][page].append(wall)
+            mine["cpu"][page].append(cpu)
+            polls += answers
+            print(f"run {i + 1}/{4 * repeats}: status page {'on ' if page else 'off'} "
+                  f"{wall:.1f} s wall, {cpu:.1f} s CPU", flush=True)
+        blocks.append({k: sum(v[True]) / sum(v[False]) for k, v in mine.items()})
     off, on = statistics.mean(walls[False]), statistics.mean(walls[True])
+    cpu_off, cpu_on = statistics.mean(cpus[False]), statistics.mean(cpus[True])
     return {"off": walls[False], "on": walls[True], "mean_off": off, "mean_on": on,
-            "ratio": on / off, "polls": len(polls),
+            "ratio": on / off, "cpu_off": cpus[False], "cpu_on": cpus[True],
+            "cpu_ratio": cpu_on / cpu_off, "blocks": blocks, "polls": len(polls),
             "poll_ms": 1000 * statistics.median(polls) if polls else None,
             "writer_ms_3": 1000 * _writer_seconds(3), "writer_ms_50": 1000 * _writer_seconds(50)}
 
@@ -160,6 +220,14 @@ def format_status_overhead(result: dict[str, Any]) -> str:
         f"{result['mean_on']:.1f} s",
         f"  ratio on/off: {result['ratio']:.4f} ({100 * (result['ratio'] - 1):+.2f} %; "
         f"goal < +2 %)",
+        f"  CPU time of the process tree, page off: "
+        f"{', '.join(f'{c:.1f}' for c in result['cpu_off'])} s; on: "
+        f"{', '.join(f'{c:.1f}' for c in result['cpu_on'])} s",
+        f"  CPU ratio on/off: {result['cpu_ratio']:.4f} "
+        f"({100 * (result['cpu_ratio'] - 1):+.2f} %)",
+        "  per ABBA block on/off, wall: "
+        + ", ".join(f"{b['wall']:.4f}" for b in result["blocks"])
+        + "; CPU: " + ", ".join(f"{b['cpu']:.4f}" for b in result["blocks"]),
     ]
     if result["poll_ms"] is not None:
         lines.append(f"  /api/status answers: {result['polls']}, median {result['poll_ms']:.1f} "
