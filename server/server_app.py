@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.admission import Admission, AdmittedGrid
+from fedscan.server.data_check import run_data_check
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
 from fedscan.server.rounds import (
@@ -155,6 +156,16 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                             f"(round {known[-1]['round']} model)")
         progress.round_done()
 
+    if first == 1 and cfg.data_check.enabled:
+        history.data_check = run_data_check(grid, cfg, timeout=cfg.strategy.round_timeout,
+                                            expected=len(cfg.sites), grace=site_grace)
+        if history.data_check["stopped"]:
+            log.error("data check: %d flag(s) and data_check.on_flag is stop: round 1 not "
+                      "started", len(history.data_check["flags"]))
+            progress.close()
+            summary = history.write_summary()
+            write_report(out_dir, summary)
+            return summary
     round_config = RoundConfig.for_run(cfg)
     try:
         final_arrays = run_rounds(

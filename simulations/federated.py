@@ -101,4 +101,10 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
     summary = out_dir / "summary.json"
     if not summary.is_file():
         raise FedscanError(f"federated run ended without writing {summary}; see the log above")
-    return json.loads(summary.read_text())
+    result = json.loads(summary.read_text())
+    check = result.get("data_check") or {}
+    if check.get("stopped"):
+        raise FedscanError(f"data check: {len(check['flags'])} flag(s) ("
+                           f"{'; '.join(f['reason'] for f in check['flags'])}) and "
+                           "data_check.on_flag is stop: round 1 not started")
+    return result
