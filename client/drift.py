@@ -30,7 +30,14 @@ import numpy as np
 
 from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config, SiteConfig
-from fedscan.shared.data import DATASET_JSON, NIFTI_SUFFIXES, Case, case_id, read_site, read_test_set
+from fedscan.shared.data import (
+    DATASET_JSON,
+    NIFTI_SUFFIXES,
+    Case,
+    case_id,
+    read_site,
+    read_test_set,
+)
 from fedscan.shared.data_stats import case_stats, js_distance, sample_cases
 from fedscan.shared.errors import DataError
 
