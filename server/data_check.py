@@ -220,6 +220,8 @@ def run_data_check(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
     lines += [f"  {f['reason']}" for f in flags]
     if len(stats) < 2:
         lines.append("  fewer than two sites sent statistics: nothing to compare")
+    if stopped:
+        lines.append("  round 1 not started (data_check.on_flag: stop)")
     print("\n".join(lines), flush=True)
     return {
         "enabled": True, "on_flag": check.on_flag, "compared": sorted(stats),

@@ -139,6 +139,14 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         log.warning("resuming %s after round %d of %d", out_dir, last, cfg.rounds)
     elif resume:
         log.warning("nothing to resume in %s: starting at round 1", out_dir)
+    if first == 1 and cfg.data_check.enabled:
+        # Before round 1 (a resumed run keeps the check it had): flags are printed once.
+        history.data_check = run_data_check(grid, cfg, timeout=cfg.strategy.round_timeout,
+                                            expected=len(cfg.sites), grace=site_grace)
+        summary = history.write_summary()
+        if history.data_check["stopped"]:
+            write_report(out_dir, summary)
+            return summary
     progress = RoundProgress(cfg.rounds, first, [s.name for s in cfg.sites])
     live = getattr(grid, "live", None)  # a LiveGrid: the bar shows each site's state
     if live is not None:
@@ -156,16 +164,6 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                             f"(round {known[-1]['round']} model)")
         progress.round_done()
 
-    if first == 1 and cfg.data_check.enabled:
-        history.data_check = run_data_check(grid, cfg, timeout=cfg.strategy.round_timeout,
-                                            expected=len(cfg.sites), grace=site_grace)
-        if history.data_check["stopped"]:
-            log.error("data check: %d flag(s) and data_check.on_flag is stop: round 1 not "
-                      "started", len(history.data_check["flags"]))
-            progress.close()
-            summary = history.write_summary()
-            write_report(out_dir, summary)
-            return summary
     round_config = RoundConfig.for_run(cfg)
     try:
         final_arrays = run_rounds(

@@ -104,7 +104,6 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
     result = json.loads(summary.read_text())
     check = result.get("data_check") or {}
     if check.get("stopped"):
-        raise FedscanError(f"data check: {len(check['flags'])} flag(s) ("
-                           f"{'; '.join(f['reason'] for f in check['flags'])}) and "
-                           "data_check.on_flag is stop: round 1 not started")
+        raise FedscanError(f"the data check flagged {len(check['flags'])} problem(s) (above "
+                           f"and in {summary}) and data_check.on_flag is stop: no round run")
     return result
