@@ -5,7 +5,8 @@ data-stats``; each answers with aggregate statistics
 (:class:`~fedscan.shared.data_stats.SiteStats`) or a reason it keeps them
 (``client/data_stats_reply.py``). A malformed reply is dropped with one warning line. Each
 site is then compared with the consortium without it (leave-one-out, so a bad site does not
-pull the reference towards itself) and flagged, one line per reason with its number:
+pull the reference towards itself; at least :data:`MIN_OTHERS` other sites, since one other
+site cannot tell which of the two is off) and flagged, one line per reason with its number:
 
 - intensity: Jensen-Shannon distance of its histogram to the mean of the others' above
   ``data_check.max_js``;
@@ -50,6 +51,9 @@ log = logging.getLogger("fedscan.server")
 #: site's cases below which it is flagged for lacking it.
 ORIENTATION_MAJORITY = 0.8
 ORIENTATION_MINORITY = 0.2
+#: Other sites a site's statistics are compared with at least (the empty-label check, which
+#: needs no comparison, runs for every site).
+MIN_OTHERS = 2
 #: Reasons a site may give for keeping its statistics (anything else is malformed).
 WITHHELD_REASONS = {"policy": "its policy keeps them", "few-cases": "too few cases"}
 
@@ -67,15 +71,21 @@ def compare_sites(stats: Mapping[str, SiteStats], check: DataCheckConfig,
         Flags ``{"site", "check", "value", "threshold", "reason"}``, in site order.
     """
     flags: list[dict[str, Any]] = []
-    if len(stats) < 2:
-        return flags
 
     def flag(site: str, what: str, value: float, threshold: float, reason: str) -> None:
         flags.append({"site": site, "check": what, "value": round(float(value), 4),
                       "threshold": threshold, "reason": f"{site}: {reason}"})
 
     for site, mine in stats.items():
+        if mine.empty_cases != SUPPRESSED:
+            empty = mine.empty_cases / mine.sampled
+            if empty > check.max_empty_fraction:
+                flag(site, "empty-labels", empty, check.max_empty_fraction,
+                     f"{100 * empty:.0f} % of labels empty (> "
+                     f"{100 * check.max_empty_fraction:g} %)")
         others = [s for name, s in stats.items() if name != site]
+        if len(others) < MIN_OTHERS:
+            continue  # one other site is no consensus: it cannot tell which of two is off
         if all(len(s.histograms) == len(mine.histograms) for s in others):
             reference = np.mean([s.intensity() for s in others], axis=0)
             js = js_distance(mine.intensity(), reference)
@@ -94,12 +104,6 @@ def compare_sites(stats: Mapping[str, SiteStats], check: DataCheckConfig,
                      f"spacing {' x '.join(f'{v:g}' for v in mine.spacing)} mm is "
                      f"{ratios[axis]:.1f}x the others' median on axis {'RAS'[axis]} "
                      f"({' x '.join(f'{v:g}' for v in median)} mm)")
-        if mine.empty_cases != SUPPRESSED:
-            empty = mine.empty_cases / mine.sampled
-            if empty > check.max_empty_fraction:
-                flag(site, "empty-labels", empty, check.max_empty_fraction,
-                     f"{100 * empty:.0f} % of labels empty (> "
-                     f"{100 * check.max_empty_fraction:g} %)")
         _classes(site, mine, others, check, classes, flag)
     return flags
 
@@ -218,8 +222,9 @@ def run_data_check(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
              + (f"; {', '.join(f'{s} ({why})' for s, why in withheld.items())} sent no "
                 "statistics" if withheld else "")]
     lines += [f"  {f['reason']}" for f in flags]
-    if len(stats) < 2:
-        lines.append("  fewer than two sites sent statistics: nothing to compare")
+    if len(stats) <= MIN_OTHERS:
+        lines.append(f"  fewer than {MIN_OTHERS + 1} sites sent statistics: only empty labels "
+                     "were checked (no consensus to compare a site with)")
     if stopped:
         lines.append("  round 1 not started (data_check.on_flag: stop)")
     print("\n".join(lines), flush=True)

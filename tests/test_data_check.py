@@ -189,12 +189,16 @@ def test_comparison_flags_empty_labels_missing_class_and_spacing():
                           DataCheckConfig(), ["background", "left", "right"])
     reasons = [f["reason"] for f in flags]
     assert reasons == [
+        "odd: 40 % of labels empty (> 20 %)",
         "odd: orientation LPI, the others' cases are 100 % RAS (check the affines)",
         "odd: spacing 1 x 1 x 3 mm is 3.0x the others' median on axis S (1 x 1 x 1 mm)",
-        "odd: 40 % of labels empty (> 20 %)",
         "odd: class 2 (right) missing",
     ], reasons
     assert compare_sites(honest, DataCheckConfig(), ["background", "a", "b"]) == []
+    # Two sites: no consensus to compare with, so only the empty labels are flagged.
+    pair = {"h0": honest["h0"], "odd": stats(spacing=[1.0, 1.0, 3.0], empty_cases=4)}
+    assert [f["check"] for f in compare_sites(pair, DataCheckConfig(), ["b", "x", "y"])] == [
+        "empty-labels"]
 
 
 def test_client_check_data_stats_prints_what_would_be_sent(sites, tmp_path, capsys):
