@@ -224,7 +224,11 @@ def main(grid: Grid, context: Context) -> None:
     admission = (None if bool(run_config.get("insecure", False))
                  else Admission(nodes, settings.site_keys))
     with live_run(grid, settings.federation, run_dir, node_names) as live_grid:
-        run_federation(live_grid, settings.federation, run_dir,
-                       resume=bool(run_config.get("resume", False)),
-                       site_grace=settings.server.site_grace, node_names=node_names,
-                       admission=admission)
+        summary = run_federation(live_grid, settings.federation, run_dir,
+                                 resume=bool(run_config.get("resume", False)),
+                                 site_grace=settings.server.site_grace, node_names=node_names,
+                                 admission=admission)
+    if (summary.get("data_check") or {}).get("stopped"):
+        log.error("the data check flagged %d problem(s) (in %s) and data_check.on_flag is "
+                  "stop: no round run", len(summary["data_check"]["flags"]),
+                  run_dir / "summary.json")

@@ -192,7 +192,8 @@ def test_broken_data_reaches_the_server_as_a_code_only(tmp_path):
         audit = [json.loads(line) for line in
                  (out / "site-state" / site / "audit.log").read_text().splitlines()]
         accepted = [(a["round"], a["phase"]) for a in audit if a["event"] == "task-accepted"]
-        assert accepted == [(1, "train"), (2, "train"), (2, "evaluate")], site
+        # The data check's query before round 1 carries the same task config.
+        assert accepted == [(0, "query"), (1, "train"), (2, "train"), (2, "evaluate")], site
         assert {a["sha256"] for a in audit} == {digest}
 
 
