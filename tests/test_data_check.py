@@ -1,6 +1,7 @@
 """The federated data check before round 1, ``fedscan client check --data-stats`` and
 ``fedscan client drift``, on tiny phantom sites (real NIfTI files, the real ClientApp)."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -242,3 +243,30 @@ def test_drift_exit_codes(sites, tmp_path, capsys):
     assert "DRIFT: 4 of 4 scans have intensities unlike this site's" in out
     assert main([*base, "--data", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_report_and_status_page_show_the_flags(tmp_path):
+    from fedscan.shared.report import write_report
+    from fedscan.shared.status.view import build_view
+
+    flag = {"site": "site-d", "check": "intensity", "value": 0.74, "threshold": 0.6,
+            "reason": "site-d: intensity histogram far from the others (JS 0.74 > 0.6)"}
+    stats = SiteStats(cases=40, sampled=24, min_cases=5, orientation={"RAS": 24},
+                      spacing=[4.0, 4.0, 4.0], size=[48.0, 56.0, 52.0],
+                      histograms=[[1.0 / BINS] * BINS], class_fractions=[0.85, 0.15],
+                      class_cases=[24, 24], empty_cases=SUPPRESSED)
+    summary = {"mode": "federated", "sites": ["site-d"], "rounds": [], "final": {},
+               "data_check": {"on_flag": "stop", "compared": ["site-d"], "flags": [flag],
+                              "withheld": {"site-e": "its policy keeps them"},
+                              "stopped": True,
+                              "sites": {"site-d": dataclasses.asdict(stats)}}}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    report = write_report(tmp_path, summary).read_text()
+    assert "## Data check before round 1" in report
+    assert f"- **{flag['reason']}**" in report and "Round 1 was not started" in report
+    assert "`site-e` sent no statistics (its policy keeps them)" in report
+    assert "| site-d | 40 | 24 | RAS 24 | 4 x 4 x 4 | 15.00 % | <5 |" in report
+    assert "JS 0.74" in (tmp_path / "report.html").read_text()
+    faults = build_view(tmp_path)["faults"]
+    assert faults == [{"round": "before 1", "kind": "flagged", "site": "site-d",
+                       "phase": "data check", "reason": flag["reason"]}]
