@@ -241,6 +241,13 @@ def test_drift_exit_codes(sites, tmp_path, capsys):
     assert main([*base, "--data", str(inverted), "--no-model-check"]) == 1
     out = capsys.readouterr().out
     assert "DRIFT: 4 of 4 scans have intensities unlike this site's" in out
+    # Without labels (a folder of images): predict's uncertainty instead of Dice.
+    images = own / "imagesTr"
+    assert main([*base, "--data", str(images), "--json", str(report)]) in (0, 1)
+    assert "uncertainty: " in capsys.readouterr().out
+    result = json.loads(report.read_text())
+    assert result["scans"] == 4 and result["dice_new"] is None
+    assert 0.0 <= result["uncertainty_new"] <= 1.0
     assert main([*base, "--data", str(tmp_path / "missing")]) == 2
     assert "not a folder" in capsys.readouterr().err
 
