@@ -8,7 +8,8 @@ site is then compared with the consortium without it (leave-one-out, so a bad si
 pull the reference towards itself; at least :data:`MIN_OTHERS` other sites, since one other
 site cannot tell which of the two is off) and flagged, one line per reason with its number:
 
-- intensity: Jensen-Shannon distance of its histogram to the mean of the others' above
+- intensity: Jensen-Shannon distance of its histogram to the others' (their mean; with three or
+  more, their per-bin median, so one dishonest member cannot move it far) above
   ``data_check.max_js``;
 - orientation: the others agree on one orientation code (≥ 80 % of their cases) that fewer
   than 20 % of this site's cases have (preprocessing reorients every case, so this points at
@@ -58,6 +59,16 @@ MIN_OTHERS = 2
 WITHHELD_REASONS = {"policy": "its policy keeps them", "few-cases": "too few cases"}
 
 
+def consensus(histograms: list[np.ndarray]) -> np.ndarray:
+    """The others' histogram: their mean, or with three or more their per-bin median
+    (renormalised), so one member's invented statistics cannot move it far."""
+    stacked = np.stack(histograms)
+    if len(stacked) < 3:
+        return stacked.mean(axis=0)
+    median = np.median(stacked, axis=0)
+    return median / max(median.sum(), 1e-12)
+
+
 def compare_sites(stats: Mapping[str, SiteStats], check: DataCheckConfig,
                   classes: list[str]) -> list[dict[str, Any]]:
     """Flag each site whose statistics are far from the others' (leave-one-out).
@@ -87,7 +98,7 @@ def compare_sites(stats: Mapping[str, SiteStats], check: DataCheckConfig,
         if len(others) < MIN_OTHERS:
             continue  # one other site is no consensus: it cannot tell which of two is off
         if all(len(s.histograms) == len(mine.histograms) for s in others):
-            reference = np.mean([s.intensity() for s in others], axis=0)
+            reference = consensus([s.intensity() for s in others])
             js = js_distance(mine.intensity(), reference)
             if js > check.max_js:
                 flag(site, "intensity", js, check.max_js,
