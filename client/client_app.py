@@ -18,6 +18,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedscan.client.data_stats_reply import answer_data_query
 from fedscan.client.error_replies import make_error_mod
 from fedscan.client.privacy import (
     load_ledger,
@@ -35,6 +36,9 @@ from fedscan.shared.data import SiteData, read_site, site_data_config
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
+    ASK,
+    CONFIG,
+    DATA_STATS,
     EVALUATION,
     METRICS,
     NUM_EXAMPLES,
@@ -248,6 +252,12 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:
+        question = msg.content.config_records.get(CONFIG)
+        if question is not None and question.get(ASK) == DATA_STATS:
+            # The data check before round 1: aggregate statistics, if the site's policy
+            # allows (client/data_stats_reply.py).
+            configure_console()
+            return answer_data_query(msg, resolve_site(context), echo)
         # The server asks which site a node is (to sample sites by name): the name only,
         # which every other reply carries too.
         return Message(RecordDict({SITE: site_record(resolve_site(context).name)}),

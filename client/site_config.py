@@ -19,6 +19,8 @@ policy:                           # limits the server cannot loosen (optional; n
   max_local_steps: 200            # more are clamped to this
   max_rounds: 100
   max_patch_voxels: 262144        # 64^3
+  share_data_stats: true          # answer the data check before round 1 (default: not with DP)
+  data_stats_min_cases: 5         # smallest group of cases a shared statistic describes
 ```
 
 Relative paths are resolved against the file's folder.

@@ -79,6 +79,10 @@ def _client_start(args: argparse.Namespace) -> int:
 
 
 def _client_check(args: argparse.Namespace) -> int:
+    if args.data_stats:
+        from fedscan.client.site_check import print_site_stats
+
+        return print_site_stats(args.config, model=args.model)
     from fedscan.client.preflight import run_checks
 
     checks = run_checks(args.config, insecure=args.insecure)
@@ -88,6 +92,23 @@ def _client_check(args: argparse.Namespace) -> int:
     print(f"{len(failed)} check(s) failed" if failed else "all checks passed",
           file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
+
+
+def _client_drift(args: argparse.Namespace) -> int:
+    from fedscan.client.drift import DriftThresholds, detect_drift, format_drift, write_json
+    from fedscan.client.site_config import load_site_settings
+
+    site = load_site_settings(args.config).site
+    thresholds = DriftThresholds()
+    try:
+        result = detect_drift(site, args.model, args.data, thresholds,
+                              use_model=not args.no_model_check)
+    except ValueError as exc:
+        raise FedscanError(str(exc)) from None
+    print(format_drift(result, thresholds), flush=True)
+    if args.json:
+        write_json(result, args.json)
+    return 1 if result.drifted else 0
 
 
 def _client_status(args: argparse.Namespace) -> int:
@@ -169,7 +190,23 @@ def add_deployment_commands(sub: argparse._SubParsersAction) -> None:
     p = asub.add_parser("check", help="preflight: data, server, certificate, key, resources")
     p.add_argument("--config", required=True, help="site.yaml")
     p.add_argument("--insecure", action="store_true", help="skip the TLS and key checks")
+    p.add_argument("--data-stats", action="store_true",
+                   help="only compute this site's data statistics and show what the data "
+                        "check before round 1 would send (nothing is sent)")
+    p.add_argument("--model", help="--data-stats: preprocess as this model file does "
+                                   "(default: the data defaults and dataset.json)")
     p.set_defaults(func=_client_check)
+    p = asub.add_parser("drift", help="have new scans drifted from this site's data? (exit 0: "
+                                      "no, 1: drift, 2: error; nothing is sent)")
+    p.add_argument("--config", required=True, help="site.yaml")
+    p.add_argument("--model", required=True, help="the model the site uses (.pt)")
+    p.add_argument("--data", required=True,
+                   help="the new scans: an MSD folder (dataset.json, labels: Dice is "
+                        "compared) or a folder of NIfTI images (uncertainty is compared)")
+    p.add_argument("--no-model-check", action="store_true",
+                   help="compare intensities only (skip the model's Dice / uncertainty)")
+    p.add_argument("--json", help="also write the numbers to this JSON file")
+    p.set_defaults(func=_client_drift)
     p = asub.add_parser("status", help="what ran on this site's data: runs accepted and "
                                        "refused, rounds, epsilon, what was sent (local only)")
     p.add_argument("--config", required=True, help="site.yaml")

@@ -73,6 +73,9 @@ class LiveGrid:
         messages = list(messages)
         if not messages:
             return []
+        if messages[0].metadata.message_type == MessageType.QUERY:
+            # Site names and the data check before round 1: no round's phase on the page.
+            return self._grid.send_and_receive(messages, timeout=timeout)
         rnd = _round_of(messages[0])
         train = messages[0].metadata.message_type == MessageType.TRAIN
         if train:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.admission import Admission, AdmittedGrid
+from fedscan.server.data_check import run_data_check
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
 from fedscan.server.rounds import (
@@ -138,6 +139,14 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
         log.warning("resuming %s after round %d of %d", out_dir, last, cfg.rounds)
     elif resume:
         log.warning("nothing to resume in %s: starting at round 1", out_dir)
+    if first == 1 and cfg.data_check.enabled:
+        # Before round 1 (a resumed run keeps the check it had): flags are printed once.
+        history.data_check = run_data_check(grid, cfg, timeout=cfg.strategy.round_timeout,
+                                            expected=len(cfg.sites), grace=site_grace)
+        summary = history.write_summary()
+        if history.data_check["stopped"]:
+            write_report(out_dir, summary)
+            return summary
     progress = RoundProgress(cfg.rounds, first, [s.name for s in cfg.sites])
     live = getattr(grid, "live", None)  # a LiveGrid: the bar shows each site's state
     if live is not None:
@@ -215,7 +224,11 @@ def main(grid: Grid, context: Context) -> None:
     admission = (None if bool(run_config.get("insecure", False))
                  else Admission(nodes, settings.site_keys))
     with live_run(grid, settings.federation, run_dir, node_names) as live_grid:
-        run_federation(live_grid, settings.federation, run_dir,
-                       resume=bool(run_config.get("resume", False)),
-                       site_grace=settings.server.site_grace, node_names=node_names,
-                       admission=admission)
+        summary = run_federation(live_grid, settings.federation, run_dir,
+                                 resume=bool(run_config.get("resume", False)),
+                                 site_grace=settings.server.site_grace, node_names=node_names,
+                                 admission=admission)
+    if (summary.get("data_check") or {}).get("stopped"):
+        log.error("the data check flagged %d problem(s) (in %s) and data_check.on_flag is "
+                  "stop: no round run", len(summary["data_check"]["flags"]),
+                  run_dir / "summary.json")

@@ -59,6 +59,11 @@ class SitePolicy:
     max_rounds: int | None = None
     #: Cap on the voxels of one training patch (memory and compute per step).
     max_patch_voxels: int | None = None
+    #: Answer the server's data check with aggregate statistics (docs/data_quality.md says
+    #: what they reveal). None: yes without DP, no when the site trains with DP.
+    share_data_stats: bool | None = None
+    #: Smallest group of cases a shared count, histogram bin or category may describe.
+    data_stats_min_cases: int = 5
 
 
 @dataclass
@@ -282,6 +287,26 @@ class HarmonisationConfig:
 
 
 @dataclass
+class DataCheckConfig:
+    """The federated data check before round 1 (docs/data_quality.md)."""
+
+    enabled: bool = True
+    #: ``warn``: print and record the flags, then train; ``stop``: refuse to start round 1.
+    on_flag: Literal["warn", "stop"] = "warn"
+    #: Most cases a site preprocesses for its statistics.
+    max_cases: int = 24
+    #: Jensen-Shannon distance of a site's intensity histogram to the others' above which
+    #: it is flagged.
+    max_js: float = 0.6
+    #: Largest ratio of a site's median spacing (any axis) to the others'.
+    max_spacing_ratio: float = 2.0
+    #: Largest fraction of a site's cases with an empty label.
+    max_empty_fraction: float = 0.2
+    #: Largest ratio of a class's voxel fraction at a site to the others' (either way).
+    max_class_ratio: float = 3.0
+
+
+@dataclass
 class SimulationConfig:
     """Where a simulation's virtual hospitals run (``fedscan simulate`` only).
 
@@ -360,6 +385,8 @@ class Config:
     consortium: ConsortiumConfig | None = None
     #: Where a simulation runs: a Ray cluster, resources per virtual hospital.
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    #: The federated data check before round 1.
+    data_check: DataCheckConfig = field(default_factory=DataCheckConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -515,6 +542,7 @@ def _check_values(cfg: Config) -> None:
     if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
         raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
     check_consortium(cfg.consortium, bad)
+    check_data_check(cfg.data_check, bad)
     sim = cfg.simulation
     if sim.cpus_per_site is not None and not sim.cpus_per_site > 0:
         raise bad("simulation.cpus_per_site", "must be > 0")
@@ -645,12 +673,27 @@ def check_privacy(p: PrivacyConfig | None, path: str, bad: Any) -> None:
         raise bad(f"{path}.noise_multiplier", "must be a positive number (omit it to calibrate)")
 
 
+def check_data_check(c: DataCheckConfig, bad: Any) -> None:
+    """Thresholds of the data check are in range."""
+    if c.max_cases < 2:
+        raise bad("data_check.max_cases", "must be >= 2")
+    if not 0.0 < c.max_js <= 1.0:
+        raise bad("data_check.max_js", "must be in (0, 1]")
+    if not 0.0 < c.max_empty_fraction <= 1.0:
+        raise bad("data_check.max_empty_fraction", "must be in (0, 1]")
+    for key in ("max_spacing_ratio", "max_class_ratio"):
+        if getattr(c, key) <= 1.0:
+            raise bad(f"data_check.{key}", "must be > 1")
+
+
 def check_policy(policy: SitePolicy, path: str, bad: Any) -> None:
     """Every limit set is >= 1, and the local-steps floor is not above the cap."""
     for f in dataclasses.fields(policy):
         value = getattr(policy, f.name)
-        if value is not None and value < 1:
+        if value is not None and not isinstance(value, bool) and value < 1:
             raise bad(f"{path}.{f.name}", "must be >= 1 (or omitted: no limit)")
+    if policy.data_stats_min_cases < 2:
+        raise bad(f"{path}.data_stats_min_cases", "must be >= 2 (one case's values would show)")
     low, high = policy.min_local_steps, policy.max_local_steps
     if low is not None and high is not None and low > high:
         raise bad(f"{path}.min_local_steps", f"{low} is above max_local_steps {high}")

@@ -94,6 +94,8 @@ class RunHistory:
         self.tracker = Tracker(self.out_dir, cfg, mode)
         #: Nodes that were online but whose keys the operator never admitted (not sampled).
         self.unadmitted_nodes: list[int] = []
+        #: The data check before round 1 (server/data_check.py), None if not run.
+        self.data_check: dict[str, Any] | None = None
 
     def _round(self, rnd: int) -> dict[str, Any]:
         for entry in self.rounds:
@@ -173,6 +175,7 @@ class RunHistory:
         self.rounds = [r for r in summary.get("rounds", []) if r["round"] <= last_round]
         self.resumed_after = [*summary.get("resumed_after", []), last_round]
         self.unadmitted_nodes = list(summary.get("unadmitted_nodes", []))
+        self.data_check = summary.get("data_check")
         self.started -= float(summary.get("seconds") or 0.0)
 
     def finish_round(self, rnd: int, state_dict: dict[str, torch.Tensor] | None) -> dict[str, Any]:
@@ -230,6 +233,7 @@ class RunHistory:
             "model_fp32_bytes": self.model_fp32_bytes,
             "resumed_after": self.resumed_after,
             "unadmitted_nodes": self.unadmitted_nodes,
+            "data_check": self.data_check,
             "config": self.cfg.to_dict(),
         }
         return _clean(out)

@@ -52,6 +52,15 @@ EVALUATE_RECEIVED = "evaluate-received"
 #: ConfigRecord of a train reply with the received model's validation metrics (a second
 #: MetricRecord would break Flower's one-MetricRecord-per-reply aggregation).
 EVALUATION = "evaluation"
+#: Query config key ``ask``: what the server asks a node (``site``: its name;
+#: :data:`DATA_STATS`: its data statistics before round 1).
+ASK = "ask"
+#: ConfigRecord of a query reply with the site's aggregate data statistics
+#: (:class:`~fedscan.shared.data_stats.SiteStats`).
+DATA_STATS = "data-stats"
+#: ConfigRecord of a query reply whose site keeps its statistics: ``reason`` is
+#: ``policy`` (the site's policy) or ``few-cases`` (fewer cases than its smallest group).
+DATA_STATS_WITHHELD = "data-stats-withheld"
 #: Keys of a train reply's ``metrics`` record (the server rejects any other).
 TRAIN_METRICS = ("loss", "steps", NUM_EXAMPLES, SAMPLES)
 #: Records a reply may carry (the server rejects a reply with any other).

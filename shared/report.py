@@ -908,6 +908,45 @@ def _participation_section(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _data_check_section(summary: Mapping[str, Any]) -> list[str]:
+    """The data check before round 1: the flags, and each site's headline statistics."""
+    check = _dict(summary.get("data_check"))
+    if not check:
+        return []
+    flags = check.get("flags") or []
+    lines = ["## Data check before round 1", ""]
+    compared = ", ".join(f"`{_md(s)}`" for s in check.get("compared") or []) or "none"
+    lines.append(f"Sites compared: {compared}; each against the others' statistics "
+                 f"(`data_check.on_flag: {_md(str(check.get('on_flag')))}`).")
+    for site, why in _dict(check.get("withheld")).items():
+        lines.append(f"\n`{_md(site)}` sent no statistics ({_md(str(why))}).")
+    lines.append("")
+    if flags:
+        lines += [f"- **{_md(str(f.get('reason')))}**" for f in flags]
+        if check.get("stopped"):
+            lines.append("\nRound 1 was not started (`data_check.on_flag: stop`).")
+    else:
+        lines.append("No site was flagged.")
+    lines.append("")
+    sites = _dict(check.get("sites"))
+    if sites:
+        rows = []
+        for site, st in sites.items():
+            st = _dict(st)
+            fractions = st.get("class_fractions") or []
+            empty = st.get("empty_cases")
+            rows.append([_md(site), str(st.get("cases")), str(st.get("sampled")),
+                         ", ".join(f"{_md(str(c))} {n}" for c, n in
+                                   _dict(st.get("orientation")).items()) or "suppressed",
+                         " x ".join(f"{v:g}" for v in st.get("spacing") or []),
+                         ", ".join(f"{100 * f:.2f} %" for f in fractions[1:]),
+                         "<" + str(st.get("min_cases")) if empty == -1 else str(empty)])
+        lines.append(_table(["Site", "Cases", "Analysed", "Orientation", "Spacing (mm)",
+                             "Foreground classes", "Empty labels"], rows))
+        lines.append("")
+    return lines
+
+
 def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the plots and ``report.md`` for one run into ``out_dir``.
 
@@ -921,6 +960,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     plots = write_plots(out_dir, summary)
     lines = [f"# fedscan run report — {_md(_mode_title(summary))}", "", _overview(summary), ""]
+    lines += _data_check_section(summary)
     lines += _final_section(summary)
     lines += _test_set_section(summary)
     lines += _privacy_section(summary)

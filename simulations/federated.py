@@ -101,4 +101,9 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
     summary = out_dir / "summary.json"
     if not summary.is_file():
         raise FedscanError(f"federated run ended without writing {summary}; see the log above")
-    return json.loads(summary.read_text())
+    result = json.loads(summary.read_text())
+    check = result.get("data_check") or {}
+    if check.get("stopped"):
+        raise FedscanError(f"the data check flagged {len(check['flags'])} problem(s) (above "
+                           f"and in {summary}) and data_check.on_flag is stop: no round run")
+    return result

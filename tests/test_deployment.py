@@ -94,8 +94,10 @@ def scenario(tmp_path_factory):
             procs.start(site, ["client", "start", "--config", f"{site}.yaml"])
         # site-c dies while it trains in round 1 (its ClientApp was just approved).
         audit_c = root / ".fedscan-site-c" / "audit.log"
-        wait_for("site-c to start training", lambda: audit_c.is_file(), 180, procs,
-                 ["server", "site-c"])
+        # (Its first audit line is the data check's query before round 1: wait for train.)
+        wait_for("site-c to start training",
+                 lambda: audit_c.is_file() and '"phase": "train"' in audit_c.read_text(),
+                 180, procs, ["server", "site-c"])
         kill9(procs.procs["site-c"].pid)
         out["site-c-killed"] = time.monotonic()
         wait_for("round 1", lambda: completed_rounds(out["run"]) == [1], 240, procs,

@@ -38,7 +38,10 @@ class ScriptedGrid:
             node = msg.metadata.dst_node_id
             step = 0.01 * (node - 10)
             content = RecordDict({"site": site_record(self.declared[node])})
-            if msg.metadata.message_type == MessageType.TRAIN:
+            if msg.metadata.message_type == MessageType.QUERY:
+                # The data check before round 1: these sites keep their statistics.
+                content["data-stats-withheld"] = ConfigRecord({"reason": "policy"})
+            elif msg.metadata.message_type == MessageType.TRAIN:
                 rnd = int(msg.content["config"]["server-round"])
                 self.train_rounds.append(rnd)
                 state = msg.content["arrays"].to_torch_state_dict()

@@ -45,11 +45,14 @@ class NamedGrid(ScriptedGrid):
         others = [m for m in messages if m not in queries]
         replies = []
         for msg in queries:
-            self.queries += 1
             self._n += 1
             msg.metadata.__dict__["_message_id"] = f"q{self._n}"
-            reply = Message(RecordDict({"site": site_record(self.nodes[msg.metadata.dst_node_id])}),
-                            reply_to=msg)
+            content = RecordDict({"site": site_record(self.nodes[msg.metadata.dst_node_id])})
+            if msg.content["config"]["ask"] == "site":
+                self.queries += 1
+            else:  # the data check before round 1: these sites keep their statistics
+                content["data-stats-withheld"] = ConfigRecord({"reason": "policy"})
+            reply = Message(content, reply_to=msg)
             replies.append(reply)
         for msg in others:
             if msg.metadata.message_type == MessageType.TRAIN:

@@ -79,7 +79,9 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
         make_site(root / "data", PROFILES[name], n, n_val, seed)
     cfg = root / "tiny.yaml"
     cfg.write_text(
-        "sites:\n  - {name: site-a, data: data/site-a}\n  - {name: site-b, data: data/site-b}\n"
+        "sites:\n  - {name: site-a, data: data/site-a}\n"
+        # site-b's 4 cases are below the default smallest group of 5: its policy lowers it.
+        "  - {name: site-b, data: data/site-b, policy: {data_stats_min_cases: 3}}\n"
         "test_sets:\n  - {name: heldout, data: data/heldout}\n"
         "rounds: 2\n"
         "data: {spacing: [8, 8, 8], in_channels: 2, num_classes: 4}\n"
@@ -141,6 +143,13 @@ def test_federated_run_writes_complete_outputs(tiny_run):
     for c in CLASSES[1:]:
         assert f"dice/{c}" in report and f"hd95/{c} (mm)" in report
     assert (out / summary["model"]).is_file()
+    # The data check before round 1: both sites compared, 2 channels, 4 classes; none flagged.
+    check = summary["data_check"]
+    assert check["compared"] == ["site-a", "site-b"] and check["flags"] == []
+    assert check["sites"]["site-b"]["min_cases"] == 3
+    assert len(check["sites"]["site-a"]["histograms"]) == 2
+    assert check["sites"]["site-a"]["class_cases"] == [5, 5, 5, 5]
+    assert "## Data check before round 1" in report and "No site was flagged." in report
     for name in ("report.md", "dice.png", "loss.png", "config.yaml",
                  "checkpoints/round_001.pt", "checkpoints/round_002.pt"):
         assert (out / name).is_file(), name
@@ -201,6 +210,7 @@ def test_console_prints_each_line_once_without_debug(tiny_run):
     assert "federated rounds" in text and re.search(r"round 2: (site-[ab] (done|training)"
                                                     r"(, )?)+", text), text[-3000:]
     assert "[site-a] round" not in text  # the sites' step lines are in their own logs
+    assert text.index("data check: 2 site(s) compared, 0 flag(s)") < text.index("round 1")
     log = (out / "site-state" / "site-a" / "site.log").read_text()
     assert "[site-a] round 2 step 4/4 loss" in log
     # The closing block names every output and how to open it.

@@ -24,7 +24,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from flwr.app import Array
+from flwr.app import Array, MessageType
 from flwr.app.message.arraychunk import ArrayChunk
 from flwr.common.serde import message_to_proto
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
@@ -61,10 +61,13 @@ class RecordingGrid:
         return self.inner.get_node_ids()
 
     def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
         replies = list(self.inner.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             reason = reply.error.reason if reply.has_error() else None
             self.replies.append((reply.has_error(), reason, wire_bytes(reply)))
+        if messages and messages[0].metadata.message_type == MessageType.QUERY:
+            return replies  # the data check before round 1 is no round's exchange
         self.exchanges += 1
         if self.after is not None:
             self.after(self.exchanges)
@@ -172,7 +175,9 @@ def test_broken_data_reaches_the_server_as_a_code_only(tmp_path):
     assert errors == {(1, site_b, "data-error"), (2, site_b, "data-error"),
                       (2, "site-c", "data-error")}
     assert sum(is_error for is_error, _, _ in grid.replies) == 3
-    assert len(grid.replies) == 3 * 3  # two train exchanges and the final evaluation
+    # The data check's query (3-case sites keep their statistics: "few-cases"), two train
+    # exchanges and the final evaluation.
+    assert len(grid.replies) == 3 * 4
     assert "data-error" in (out / "report.md").read_text()
     assert_nothing_leaked(tmp_path, grid, summary, out)
     # The sites kept the full story: file, label value, traceback.
@@ -192,7 +197,8 @@ def test_broken_data_reaches_the_server_as_a_code_only(tmp_path):
         audit = [json.loads(line) for line in
                  (out / "site-state" / site / "audit.log").read_text().splitlines()]
         accepted = [(a["round"], a["phase"]) for a in audit if a["event"] == "task-accepted"]
-        assert accepted == [(1, "train"), (2, "train"), (2, "evaluate")], site
+        # The data check's query before round 1 carries the same task config.
+        assert accepted == [(0, "query"), (1, "train"), (2, "train"), (2, "evaluate")], site
         assert {a["sha256"] for a in audit} == {digest}
 
 
@@ -205,7 +211,8 @@ def test_wrong_in_channels_from_the_server_reaches_it_as_a_code_only(tmp_path):
     assert outcome.startswith("round 1: no update aggregated")
     (r1,) = summary["rounds"]
     assert [e["reason"].split(":")[0] for e in r1["errors"]] == ["data-error"] * 3
-    assert [reason for _, reason, _ in grid.replies] == ["data-error"] * 3
+    # The data check's query and round 1's training: dataset.json disagrees with both.
+    assert [reason for _, reason, _ in grid.replies] == ["data-error"] * 6
     assert_nothing_leaked(tmp_path, grid, summary, out)
     for site in SITES:
         log = (out / "site-state" / site / "site.log").read_text()

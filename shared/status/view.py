@@ -137,7 +137,10 @@ def _round_rows(summary: Mapping[str, Any], sites: list[str],
 
 
 def _faults(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
-    out = []
+    # The data check's flags come first: they were raised before round 1.
+    out = [{"round": "before 1", "kind": "flagged", "site": str(_dict(f).get("site")),
+            "phase": "data check", "reason": str(_dict(f).get("reason"))}
+           for f in _dict(summary.get("data_check")).get("flags") or []]
     for r in _rounds(summary):
         for kind, part in (("error", "errors"), ("rejected", "rejected")):
             for fault in r.get(part) or []:

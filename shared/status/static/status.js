@@ -102,9 +102,10 @@ function renderCards(view) {
     flight.append(el("div", `${n.replied} of ${sent} replied${failed}`, {class: "muted"}));
   }
   document.getElementById("eta").textContent = r.eta_seconds === null ? "—" : duration(r.eta_seconds);
-  const errors = view.faults.filter((f) => f.kind === "error").length;
+  const faults = view.faults.filter((f) => f.kind !== "flagged");  // data-check flags: below
+  const errors = faults.filter((f) => f.kind === "error").length;
   document.getElementById("fault-count").textContent =
-    `${errors} / ${view.faults.length - errors}`;
+    `${errors} / ${faults.length - errors}`;
 }
 
 function headline(view) {
