@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client.error_replies import make_error_mod
@@ -27,7 +27,7 @@ from fedscan.client.privacy import (
 )
 from fedscan.client.sent_log import make_sent_log_mod
 from fedscan.client.site_log import say
-from fedscan.client.task_policy import accept_task
+from fedscan.client.task_policy import PolicyRefused, accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.console import configure_console
@@ -35,8 +35,10 @@ from fedscan.shared.data import SiteData, read_site, site_data_config
 from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
+    CROSS_SITE_ACTION,
     EVALUATION,
     METRICS,
+    MODEL_PREFIX,
     NUM_EXAMPLES,
     PRIVACY,
     SAMPLES,
@@ -74,9 +76,16 @@ def _load_global(cfg: Config, msg: Message, context: Context,
         FedscanError: the received arrays are not exactly the weights the task shares, or
             the task is not a built-in one (unless ``allow_task_import``: simulation only).
     """
+    return _load_model(cfg, msg.content[ARRAYS], context, allow_task_import)
+
+
+def _load_model(cfg: Config, arrays: ArrayRecord, context: Context,
+                allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
+    """The task and its model: ``arrays`` (the weights the task shares) plus this site's
+    local ones (see :func:`_load_global`)."""
     task = build_task(cfg, allow_import=allow_task_import)
     model = task.build_model()
-    received = msg.content[ARRAYS].to_torch_state_dict()
+    received = arrays.to_torch_state_dict()
     shared = set(task.shared_keys(model))
     if set(received) != shared:
         odd = sorted(set(received) ^ shared)
@@ -201,6 +210,52 @@ def evaluate(msg: Message, context: Context, site: SiteConfig,
     return Message(content=content, reply_to=msg)
 
 
+def fine_tune(msg: Message, context: Context, site: SiteConfig,
+              allow_task_import: bool = False, echo: bool = True,
+              replayable: bool = False) -> Message:
+    """Cross-site evaluation, step 1: fine-tune the final global model on this site's data
+    (the server's task config sets the steps) and send it back: this site's "local model".
+
+    It is training like any round's: a DP site spends ε on it through its ledger, or
+    declines when its budget cannot cover it. Weights the task keeps at the site (FedBN's
+    norms) stay those of the federated model: the fine-tuned ones are not kept.
+
+    Raises:
+        PolicyRefused: the site's ``policy.share_local_model`` is false; it neither trains
+            nor sends anything (the error mod replies ``policy-refused`` only).
+    """
+    if not site.policy.share_local_model:
+        raise PolicyRefused("cross-site evaluation: this site does not share its local model "
+                            "(policy.share_local_model: false)")
+    kept = context.state.array_records.get(LOCAL_WEIGHTS)
+    try:
+        return train(msg, context, site, allow_task_import, echo, replayable)
+    finally:
+        if kept is not None:
+            context.state[LOCAL_WEIGHTS] = kept
+        elif LOCAL_WEIGHTS in context.state.array_records:
+            del context.state[LOCAL_WEIGHTS]
+
+
+def evaluate_models(msg: Message, context: Context, site: SiteConfig,
+                    allow_task_import: bool = False) -> Message:
+    """Cross-site evaluation, step 2: evaluate every model the message carries (ArrayRecords
+    named ``model:<name>``) on this site's validation cases.
+
+    The reply holds one MetricRecord per model, under the same name: the task's aggregate
+    metrics and the case count, nothing per case.
+    """
+    cfg, _ = accept_task(msg, site)
+    cfg, data = _site_data(cfg, site)
+    content = RecordDict({SITE: site_record(site.name)})
+    for name, arrays in msg.content.array_records.items():
+        if not name.startswith(MODEL_PREFIX):
+            raise FedscanError(f"cross-site evaluation: unexpected record {name[:40]!r}")
+        model, task = _load_model(cfg, arrays, context, allow_task_import)
+        content[name] = MetricRecord(_metric_values(task.evaluate(model, data.validation)))
+    return Message(content=content, reply_to=msg)
+
+
 def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task: Task,
                      server_round: int, echo: bool = True) -> None:
     """Write ``<state_dir>/site_model.pt``: the received model with this site's own weights.
@@ -245,6 +300,17 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
     def _evaluate(msg: Message, context: Context) -> Message:
         configure_console()
         return evaluate(msg, context, resolve_site(context), allow_task_import, echo)
+
+    @app.train(CROSS_SITE_ACTION)
+    def _fine_tune(msg: Message, context: Context) -> Message:
+        configure_console()
+        return fine_tune(msg, context, resolve_site(context), allow_task_import, echo,
+                         replayable)
+
+    @app.evaluate(CROSS_SITE_ACTION)
+    def _evaluate_models(msg: Message, context: Context) -> Message:
+        configure_console()
+        return evaluate_models(msg, context, resolve_site(context), allow_task_import)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.admission import Admission, AdmittedGrid
+from fedscan.server.cross_site import add_to_summary, run_cross_site
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
 from fedscan.server.rounds import (
@@ -28,12 +29,13 @@ from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
 from fedscan.shared.config import Config
 from fedscan.shared.console import configure_console
+from fedscan.shared.cross_site import format_matrix
 from fedscan.shared.data import case_id, read_site_test_set
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
-from fedscan.shared.tasks.base import resolve_device
+from fedscan.shared.tasks.base import Task, resolve_device
 from fedscan.shared.tracking import PREVIEWS, Tracker
 
 log = logging.getLogger("fedscan.server")
@@ -71,6 +73,21 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
                 tracker.preview(test_set.name, case_id(case), task.preview(model, case),
                                 step=cfg.rounds)
     return results
+
+
+def cross_site_stage(grid: Grid, cfg: Config, final_state: dict[str, torch.Tensor],
+                     task: Task, validator: UpdateValidator,
+                     node_names: dict[int, str] | None) -> dict[str, Any]:
+    """The cross-site matrix of the final model (:mod:`fedscan.server.cross_site`), printed;
+    a failure is recorded and logged, never losing the run's other outputs."""
+    try:
+        cross = run_cross_site(grid, cfg, final_state, list(task.metrics), validator,
+                               node_names)
+    except Exception as exc:  # the trained model and its evaluation are already safe
+        log.warning("cross-site evaluation failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    print(format_matrix(cross), flush=True)
+    return cross
 
 
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
@@ -171,8 +188,12 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
             live.listeners.remove(progress.sites_changed)
     final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     model_path = history.save_final_model(final_state)
+    cross = (cross_site_stage(grid, cfg, final_state, task, validator, node_names)
+             if cfg.cross_site.enabled else None)
     final = {"test_sets": evaluate_test_sets(cfg, final_state, history.tracker)}
     summary = history.write_summary(final=final, model=model_path)
+    if cross is not None:
+        summary = add_to_summary(out_dir, summary, cross)
     write_report(out_dir, summary)
     history.finish_tracking(summary)
     return summary

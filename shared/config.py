@@ -59,6 +59,10 @@ class SitePolicy:
     max_rounds: int | None = None
     #: Cap on the voxels of one training patch (memory and compute per step).
     max_patch_voxels: int | None = None
+    #: Cross-site evaluation: send this site's locally fine-tuned model (weights) to the
+    #: server, which passes it to the other sites to evaluate. False: the site neither
+    #: fine-tunes nor sends it (it still evaluates the others' models on its own data).
+    share_local_model: bool = True
 
 
 @dataclass
@@ -333,6 +337,21 @@ class ConsortiumConfig:
 
 
 @dataclass
+class CrossSiteConfig:
+    """Cross-site evaluation at the end of a federated run (see docs/cross_site.md).
+
+    Every site fine-tunes the final global model for ``fine_tune_steps`` local steps (its
+    "local model"; a site whose ``policy.share_local_model`` is false keeps it to itself),
+    then every site evaluates the global model and each shared local model on its own
+    validation cases; only aggregate metrics come back.
+    """
+
+    enabled: bool = False
+    #: Local steps each site fine-tunes the final global model for.
+    fine_tune_steps: int = 50
+
+
+@dataclass
 class Config:
     """A fedscan run: who takes part, what is trained, for how long."""
 
@@ -360,6 +379,8 @@ class Config:
     consortium: ConsortiumConfig | None = None
     #: Where a simulation runs: a Ray cluster, resources per virtual hospital.
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    #: The cross-site matrix after the last round (the server's side only; never sent).
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -515,6 +536,8 @@ def _check_values(cfg: Config) -> None:
     if cfg.strategy.min_sites is not None and not 1 <= cfg.strategy.min_sites <= len(cfg.sites):
         raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
     check_consortium(cfg.consortium, bad)
+    if cfg.cross_site.fine_tune_steps < 1:
+        raise bad("cross_site.fine_tune_steps", "must be >= 1")
     sim = cfg.simulation
     if sim.cpus_per_site is not None and not sim.cpus_per_site > 0:
         raise bad("simulation.cpus_per_site", "must be > 0")
@@ -649,7 +672,7 @@ def check_policy(policy: SitePolicy, path: str, bad: Any) -> None:
     """Every limit set is >= 1, and the local-steps floor is not above the cap."""
     for f in dataclasses.fields(policy):
         value = getattr(policy, f.name)
-        if value is not None and value < 1:
+        if value is not None and not isinstance(value, bool) and value < 1:
             raise bad(f"{path}.{f.name}", "must be >= 1 (or omitted: no limit)")
     low, high = policy.min_local_steps, policy.max_local_steps
     if low is not None and high is not None and low > high:
