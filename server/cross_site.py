@@ -66,25 +66,34 @@ class _Exchange:
         self.grid = grid
         self.timeout = timeout
         self.names = dict(node_names)
-        #: (site, phase, reason) of every reply dropped or refused.
-        self.dropped: list[dict[str, str]] = []
+        self._dropped: list[tuple[int, str, str]] = []
 
     def site(self, node: int, reply: Message | None = None) -> str:
-        """The node's registered name, else the one its reply declares (never another
-        node's)."""
+        """The node's registered name, else the one a reply of it declared (never another
+        node's), else ``node-<id>``."""
         if node in self.names:
             return self.names[node]
-        name = reply_site(reply) if reply is not None else f"node-{node}"
+        if reply is None:  # an error reply names no site: a later reply may
+            return f"node-{node}"
+        name = reply_site(reply)
         if name in self.names.values():
             name = f"node-{node}"
         self.names[node] = name
         return name
 
     def drop(self, node: int, phase: str, reason: str) -> None:
-        site = self.site(node)
-        log.warning("cross-site: dropped a %s reply from %s (node %s): %s", phase, site, node,
-                    reason)
-        self.dropped.append({"site": site, "phase": phase, "reason": reason})
+        log.warning("cross-site: dropped a %s reply from %s (node %s): %s", phase,
+                    self.site(node), node, reason)
+        self.record(node, phase, reason)
+
+    def record(self, node: int, phase: str, reason: str) -> None:
+        self._dropped.append((node, phase, reason))
+
+    @property
+    def dropped(self) -> list[dict[str, str]]:
+        """Every reply or record dropped, with its site's name as finally known."""
+        return [{"site": self.site(node), "phase": phase, "reason": reason}
+                for node, phase, reason in self._dropped]
 
     def run(self, phase: str, messages: list[Message]) -> list[tuple[int, Message]]:
         """``(node, reply)`` for each node that answered its message exactly once."""
@@ -107,32 +116,31 @@ class _Exchange:
             self.drop(node, phase, "answered more than once; none of its replies is used")
         kept = [(node, reply) for node, reply in kept if counts[node] == 1]
         for node in {int(m.metadata.dst_node_id) for m in messages} - {n for n, _ in kept}:
-            self.dropped.append({"site": self.site(node), "phase": phase,
-                                 "reason": f"no valid reply within {self.timeout:.0f}s"})
+            self.record(node, phase, f"no valid reply within {self.timeout:.0f}s")
         return kept
 
 
 def collect_local_models(exchange: _Exchange, nodes: Iterable[int], global_arrays: ArrayRecord,
                          cfg: Config, validator: UpdateValidator
-                         ) -> tuple[dict[str, ArrayRecord], dict[str, str]]:
+                         ) -> tuple[dict[str, ArrayRecord], dict[int, str]]:
     """Step 1: ask each node to fine-tune the global model; the valid local models by site,
-    and why each other site has none (refused, declined, rejected, failed)."""
+    and by node why each other one has none (refused, declined, rejected, failed)."""
     config = fine_tune_config(cfg).to_record()
     messages = [Message(RecordDict({ARRAYS: global_arrays, CONFIG: config}),
                         dst_node_id=node, message_type=CROSS_SITE_TRAIN) for node in nodes]
     local: dict[str, ArrayRecord] = {}
-    missing: dict[str, str] = {}
+    missing: dict[int, str] = {}
     for node, reply in exchange.run("fine_tune", messages):
         if reply.has_error():
-            missing[exchange.site(node)] = describe_error(reply.error.code, reply.error.reason)
+            missing[node] = describe_error(reply.error.code, reply.error.reason)
             continue
         site = exchange.site(node, reply)
         reason = validator.check_reply(reply, train=True, evaluation_expected=False)
         if reason:
             exchange.drop(node, "fine_tune", reason)
-            missing[site] = f"rejected: {reason}"
+            missing[node] = f"rejected: {reason}"
         elif declined_reply(reply):
-            missing[site] = "declined (privacy budget)"
+            missing[node] = "declined (privacy budget)"
         else:
             local[site] = reply.content[ARRAYS]
     return local, missing
@@ -151,9 +159,8 @@ def evaluate_everywhere(exchange: _Exchange, nodes: Iterable[int],
     matrix: dict[str, dict[str, dict[str, float]]] = {name: {} for name in models}
     for node, reply in exchange.run("cross_evaluate", messages):
         if reply.has_error():
-            exchange.dropped.append({"site": exchange.site(node), "phase": "cross_evaluate",
-                                     "reason": describe_error(reply.error.code,
-                                                              reply.error.reason)})
+            exchange.record(node, "cross_evaluate",
+                            describe_error(reply.error.code, reply.error.reason))
             continue
         site = exchange.site(node, reply)
         extra = [k for k in reply.content if k != SITE and k not in content]
@@ -201,8 +208,9 @@ def run_cross_site(grid: Grid, cfg: Config, global_state: Mapping[str, torch.Ten
     log.info("cross-site: %d sites evaluate %d models", len(nodes), len(models))
     matrix = evaluate_everywhere(exchange, nodes, models, cfg, specs, validator)
     sites = sorted({site for row in matrix.values() for site in row})
+    not_shared = {exchange.site(node): why for node, why in missing.items()}
     return summarise(matrix, sites, specs, fine_tune_steps=cfg.cross_site.fine_tune_steps,
-                     not_shared=missing, dropped=exchange.dropped)
+                     not_shared=not_shared, dropped=exchange.dropped)
 
 
 def add_to_summary(out_dir: Path, summary: dict[str, Any], cross_site: dict[str, Any]

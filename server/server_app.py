@@ -27,10 +27,12 @@ from fedscan.server.rounds import (
 from fedscan.server.sampling import SampledStrategy, sample_size, sampling_on
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
+from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
 from fedscan.shared.console import configure_console
 from fedscan.shared.cross_site import format_matrix
 from fedscan.shared.data import case_id, read_site_test_set
+from fedscan.shared.errors import FedscanError
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
@@ -197,6 +199,41 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
     write_report(out_dir, summary)
     history.finish_tracking(summary)
     return summary
+
+
+def rerun_cross_site(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The cross-site stage alone, on the final model of the finished run in ``out_dir``
+    (``fedscan cross-site``): its summary.json gains (or replaces) ``cross_site`` and its
+    report is rewritten.
+
+    Raises:
+        FedscanError: ``out_dir`` has no final_model.pt or summary.json.
+    """
+    _, state, _ = load_model(out_dir / "final_model.pt")
+    summary_path = out_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FedscanError(f"{summary_path} not found: not a finished run folder")
+    task = build_task(cfg, allow_import=True)
+    model = task.build_model()
+    shared = set(task.shared_keys(model))
+    state = {k: v for k, v in state.items() if k in shared}
+    validator = UpdateValidator.from_config(state, cfg, task.metrics)
+    cross = cross_site_stage(grid, cfg, state, task, validator, None)
+    summary = add_to_summary(out_dir, json.loads(summary_path.read_text()), cross)
+    write_report(out_dir, summary)
+    return summary
+
+
+def make_cross_site_app(cfg: Config, out_dir: str | Path) -> ServerApp:
+    """A ServerApp that runs only :func:`rerun_cross_site` on the run in ``out_dir``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        configure_console()
+        rerun_cross_site(grid, cfg, Path(out_dir))
+
+    return app
 
 
 def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False,

@@ -21,6 +21,24 @@ from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
 
 #: Row name of the federated model.
 GLOBAL = "global"
+#: ``--mode all`` rows: the pooled model, and each site's own model trained alone
+#: (``alone:<site>``), evaluated in the simulation (which holds every site's data).
+POOLED = "pooled"
+ALONE = "alone:"
+
+
+def home_site(model: str) -> str | None:
+    """The site a model was trained or fine-tuned on (None: the global and pooled models)."""
+    if model in (GLOBAL, POOLED):
+        return None
+    return model[len(ALONE):] if model.startswith(ALONE) else model
+
+
+def row_label(model: str) -> str:
+    """How a model's row is titled: ``global``, ``site-a (local)``, ``site-a (alone)``."""
+    if model in (GLOBAL, POOLED):
+        return model
+    return f"{home_site(model)} ({'alone' if model.startswith(ALONE) else 'local'})"
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -36,13 +54,14 @@ def cell(cs: Mapping[str, Any], model: str, site: str, key: str) -> float | None
 
 def compare(cs: Mapping[str, Any], key: str, higher_is_better: bool
             ) -> dict[str, dict[str, Any]]:
-    """Per local model: its off-diagonal mean of ``key`` and the global model's mean over the
-    same sites, and whether the global model is better there."""
+    """Per model other than the global one: its mean of ``key`` off its home site's diagonal
+    (a pooled model: over every site) and the global model's mean over the same sites, and
+    whether the global model is better there."""
     out = {}
     for model in cs.get("models", []):
         if model == GLOBAL:
             continue
-        others = [s for s in cs.get("sites", []) if s != model
+        others = [s for s in cs.get("sites", []) if s != home_site(model)
                   and cell(cs, model, s, key) is not None and cell(cs, GLOBAL, s, key) is not None]
         local = _mean([cell(cs, model, s, key) for s in others])
         glob = _mean([cell(cs, GLOBAL, s, key) for s in others])
@@ -93,12 +112,12 @@ def format_matrix(cs: Mapping[str, Any], key: str | None = None) -> str:
     if not key or not sites or not models:
         return "cross-site: no results"
     width = max(10, *(len(s) + 2 for s in sites))
-    label = max(12, *(len(m) + 8 for m in models))
+    label = max(12, *(len(row_label(m)) + 2 for m in models))
     lines = [f"cross-site {key} (rows: models, columns: sites' validation data; local models "
              f"fine-tuned {cs.get('fine_tune_steps')} steps)",
              "model".ljust(label) + "".join(s.rjust(width) for s in sites)]
     for model in models:
-        name = model if model == GLOBAL else f"{model} (local)"
+        name = row_label(model)
         row = [cell(cs, model, s, key) for s in sites]
         lines.append(name.ljust(label) + "".join(
             ("-" if v is None else f"{v:.4f}").rjust(width) for v in row))
@@ -108,8 +127,9 @@ def format_matrix(cs: Mapping[str, Any], key: str | None = None) -> str:
         for model, c in (cs.get("comparison") or {}).items():
             if c["global_better"] is None:
                 continue
-            verdict = "global better" if c["global_better"] else "LOCAL BETTER"
-            lines.append(f"{model} local model on the other sites: {key} "
+            verdict = "global better" if c["global_better"] else f"{row_label(model)} better"
+            where = "every site" if home_site(model) is None else "the other sites"
+            lines.append(f"{row_label(model)} on {where}: {key} "
                          f"{c['local_off_diagonal']:.4f}; global there "
                          f"{c['global_same_sites']:.4f} ({verdict})")
     return "\n".join(lines)
@@ -140,8 +160,7 @@ def plot_heatmaps(out_dir: Path, cs: Mapping[str, Any], specs: Sequence[MetricSp
         image = ax.imshow(data, cmap="RdYlGn" if spec.higher_is_better else "RdYlGn_r",
                           vmin=low, vmax=high if high > low else low + 1, aspect="auto")
         ax.set_xticks(range(len(sites)), sites, rotation=30, ha="right")
-        ax.set_yticks(range(len(models)),
-                      [m if m == GLOBAL else f"{m} (local)" for m in models])
+        ax.set_yticks(range(len(models)), [row_label(m) for m in models])
         ax.set_xlabel("validation data of site")
         ax.set_title(f"cross-site {spec.label}")
         for i, row in enumerate(values):

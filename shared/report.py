@@ -33,10 +33,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedscan.shared.cross_site import GLOBAL, plot_heatmaps
 from fedscan.shared.cross_site import cell as cross_site_cell
+from fedscan.shared.cross_site import home_site as cross_site_home
+from fedscan.shared.cross_site import plot_heatmaps
+from fedscan.shared.cross_site import row_label as cross_site_row
 from fedscan.shared.report_html import write_html_report
-from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
+from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys, metric_spec
 
 #: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
 MISSING = "—"
@@ -925,16 +927,19 @@ def _cross_site_section(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
               "shared local model on its own validation cases and sent only aggregate "
               "metrics. Rows: models; columns: the sites whose data evaluated them.", ""]
     for key in cs.get("metrics", []):
-        rows = [[_md(m if m == GLOBAL else f"{m} (local)"),
+        rows = [[_md(cross_site_row(m)),
                  *(_fmt(cross_site_cell(cs, m, s, key)) for s in sites)] for m in models]
-        lines += [f"**{_md(_key_label(specs, key))}**", "", _table(["model", *sites], rows), ""]
+        label = _key_label(specs, key) if metric_spec(specs, key) else key
+        lines += [f"**{_md(label)}**", "", _table(["model", *sites], rows), ""]
     for model, c in (cs.get("comparison") or {}).items():
         if c.get("global_better") is None:
             continue
-        lines.append(f"- {_md(model)}'s local model on the other sites: "
+        where = "every site" if cross_site_home(model) is None else "the other sites"
+        lines.append(f"- {_md(cross_site_row(model))} on {where}: "
                      f"{_fmt(c['local_off_diagonal'])}; the global model there: "
                      f"{_fmt(c['global_same_sites'])} "
-                     f"({'global better' if c['global_better'] else 'local better'})")
+                     f"({'global' if c['global_better'] else _md(cross_site_row(model))} "
+                     "better)")
     for site, reason in (cs.get("not_shared") or {}).items():
         lines.append(f"- {_md(site)}: no local model ({_md(str(reason))})")
     for entry in cs.get("dropped") or []:

@@ -171,3 +171,37 @@ def test_a_tampered_local_model_is_rejected(config):
     cs, _ = stage(config, ClientAppGrid(config, {13: nan_weights}))
     assert "site-c" not in cs["models"]
     assert "non-finite" in cs["not_shared"]["site-c"]
+
+
+def test_mode_all_adds_models_trained_alone_and_pooled(config, tmp_path):
+    """``--mode all``: the local (alone) and pooled baselines' models join the matrix."""
+    import json
+
+    from fedscan.server.cross_site import add_to_summary
+    from fedscan.shared.checkpoint import save_model
+    from fedscan.simulations.baselines import add_baselines_to_cross_site
+
+    cs, task = stage(config, ClientAppGrid(config))
+    federated, local, pooled = (tmp_path / m for m in ("federated", "local", "pooled"))
+    for folder in (federated, local, pooled):
+        folder.mkdir()
+    metrics = [spec.to_dict() for spec in task.metrics]
+    (federated / "summary.json").write_text(json.dumps({"mode": "federated", "rounds": [],
+                                                       "final": {}, "metrics": metrics}))
+    add_to_summary(federated, json.loads((federated / "summary.json").read_text()), cs)
+    torch.manual_seed(1)
+    for path in [*(local / f"final_model_{s.name}.pt" for s in config.sites),
+                 pooled / "final_model.pt"]:
+        save_model(path, config=config, state_dict=task.build_model().state_dict())
+    summary = add_baselines_to_cross_site(config, federated, local, pooled)
+    cs = json.loads((federated / "summary.json").read_text())["cross_site"]
+    assert summary["cross_site"] == cs
+    sites = ["site-a", "site-b", "site-c"]
+    assert cs["models"] == [GLOBAL, *sites, *(f"alone:{s}" for s in sites), "pooled"]
+    for model in cs["models"]:
+        assert all(0.0 <= cs["matrix"][model][s]["dice"] <= 1.0 for s in sites)
+    assert cs["comparison"]["alone:site-a"]["sites"] == ["site-b", "site-c"]
+    assert cs["comparison"]["pooled"]["sites"] == sites
+    report = (federated / "report.md").read_text()
+    assert "| site-a (alone) |" in report and "| pooled |" in report
+    assert (federated / "cross_site_dice.png").is_file()
