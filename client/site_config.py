@@ -19,6 +19,7 @@ policy:                           # limits the server cannot loosen (optional; n
   max_local_steps: 200            # more are clamped to this
   max_rounds: 100
   max_patch_voxels: 262144        # 64^3
+  share_local_model: true         # cross-site evaluation: send the fine-tuned local model
 ```
 
 Relative paths are resolved against the file's folder.

@@ -107,7 +107,10 @@ def test_matrix_of_global_and_local_models_on_every_site(config, tmp_path):
         assert c["local_off_diagonal"] == pytest.approx(
             sum(cs["matrix"][site][s]["dice"] for s in c["sites"]) / 2)
     text = format_matrix(cs)
-    assert text.count("(local)") == 3 and "global" in text
+    rows = text.splitlines()[2:6]
+    assert [r.split("  ")[0] for r in rows] == ["global", *(f"{s} (local)" for s in sites)]
+    for model, row in zip(cs["models"], rows, strict=True):
+        assert row.split()[-3:] == [f"{cs['matrix'][model][s]['dice']:.4f}" for s in sites]
     paths = plot_heatmaps(tmp_path, cs, task.metrics)
     assert [p.name for p in paths] == ["cross_site_dice.png"]
 
