@@ -189,6 +189,35 @@ def test_cross_site_matrix_in_summary_report_and_heatmap(tiny_run):
 
 
 @pytest.mark.slow
+def test_cross_site_on_demand_for_a_finished_run(tiny_run, tmp_path):
+    """``fedscan cross-site --run DIR`` computes the matrix again from the run's final model
+    (a copy of the run, so the other tests read the original)."""
+    import shutil
+
+    _, out = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = json.loads((run / "summary.json").read_text())
+    (run / "cross_site_dice.png").unlink()
+    proc = subprocess.run([sys.executable, "-m", "fedscan", "cross-site", "--run", str(run),
+                           "--fine-tune-steps", "1"], capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((run / "summary.json").read_text())
+    cs = after["cross_site"]
+    assert cs["fine_tune_steps"] == 1 and cs["models"] == ["global", "site-a"]
+    assert after["rounds"] == before["rounds"] and after["final"] == before["final"]
+    # The global model is the same final model: its cells are the run's own values.
+    for site in ("site-a", "site-b"):
+        assert cs["matrix"]["global"][site] == before["cross_site"]["matrix"]["global"][site]
+    assert (run / "cross_site_dice.png").is_file()
+    assert "local models fine-tuned 1 steps" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "fedscan", "cross-site", "--run",
+                          str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no config.yaml and final_model.pt" in bad.stderr
+
+
+@pytest.mark.slow
 def test_predict_matches_reported_case_dice(tiny_run):
     """predict --label prints the per-class Dice the run reported for that held-out case."""
     root, out = tiny_run
