@@ -36,6 +36,7 @@ from fedscan.shared.errors import FedscanError
 from fedscan.shared.messages import (
     ARRAYS,
     CROSS_SITE_ACTION,
+    CROSS_SITE_TRAIN,
     EVALUATION,
     METRICS,
     MODEL_PREFIX,
@@ -139,10 +140,12 @@ def train(msg: Message, context: Context, site: SiteConfig,
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
+    what = ("cross-site fine-tuning" if msg.metadata.message_type == CROSS_SITE_TRAIN
+            else f"round {server_round}")
+
     def on_step(step: int, total: int, loss: float) -> None:
         if step % every == 0 or step == total:
-            say(site, f"[{site.name}] round {server_round} step {step}/{total} loss {loss:.4f}",
-                echo)
+            say(site, f"[{site.name}] {what} step {step}/{total} loss {loss:.4f}", echo)
 
     privacy = effective_privacy(site.privacy)
     if privacy is None:
@@ -162,7 +165,7 @@ def train(msg: Message, context: Context, site: SiteConfig,
             # Saved even if training failed half-way: steps taken count, released or not.
             save_ledger(ledger, context.state, site.state_dir)
         privacy_record = ledger.record(done.status, done.result.steps if done.result else 0)
-        say(site, f"[{site.name}] round {server_round} privacy {done.status}: "
+        say(site, f"[{site.name}] {what} privacy {done.status}: "
                   f"epsilon {privacy_record['epsilon']:.4f} of {privacy.epsilon:g} after "
                   f"{ledger.steps} steps (sigma {ledger.noise_multiplier:.4f}, "
                   f"q {ledger.sample_rate:.4f})", echo)

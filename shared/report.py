@@ -926,7 +926,11 @@ def _cross_site_section(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
               "local steps (its local model); every site evaluated the global model and each "
               "shared local model on its own validation cases and sent only aggregate "
               "metrics. Rows: models; columns: the sites whose data evaluated them.", ""]
-    for key in cs.get("metrics", []):
+    keys = list(cs.get("metrics", []))
+    for key in keys:
+        base = key.split("/", 1)[0]
+        if "/" in key and sum(k.startswith(f"{base}/") for k in keys) == 1:
+            continue  # one foreground class: its table would repeat the metric's own
         rows = [[_md(cross_site_row(m)),
                  *(_fmt(cross_site_cell(cs, m, s, key)) for s in sites)] for m in models]
         label = _key_label(specs, key) if metric_spec(specs, key) else key

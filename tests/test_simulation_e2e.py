@@ -186,6 +186,8 @@ def test_cross_site_matrix_in_summary_report_and_heatmap(tiny_run):
     assert set(evaluated[0]["records"]) == {"model:global", "model:site-a", "site"}
     console = (root / "console.txt").read_text()
     assert "cross-site dice" in console and "site-a (local)" in console
+    log = (out / "site-state" / "site-a" / "site.log").read_text()
+    assert "[site-a] cross-site fine-tuning step 2/2 loss" in log
 
 
 @pytest.mark.slow
