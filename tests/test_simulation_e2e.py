@@ -333,7 +333,11 @@ def test_mlflow_run_and_model_version_name_config_and_data(tiny_run):
     # The config hash is the one every site recorded in its audit log for this run.
     audit = [json.loads(line) for line in
              (out / "site-state" / "site-a" / "audit.log").read_text().splitlines()]
-    assert {a["sha256"] for a in audit} == {version.tags["config_sha256"]}
+    rounds = [a for a in audit if not a["phase"].endswith(".cross_site")]
+    assert {a["sha256"] for a in rounds} == {version.tags["config_sha256"]}
+    # Cross-site fine-tuning ran another config (local_steps = fine_tune_steps): its own hash.
+    (tuned,) = [a for a in audit if a["phase"] == "train.cross_site"]
+    assert tuned["sha256"] != version.tags["config_sha256"]
     cfg = load_config(root / "tiny.yaml")
     for site in cfg.sites:
         expected = data_fingerprint(read_site(site, cfg.data, check=False))
