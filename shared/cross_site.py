@@ -104,28 +104,33 @@ def summarise(matrix: Mapping[str, Mapping[str, Mapping[str, float]]], sites: li
     return cs
 
 
-def format_matrix(cs: Mapping[str, Any], key: str | None = None) -> str:
+def format_matrix(cs: Mapping[str, Any], key: str | None = None,
+                  rows: Sequence[str] | None = None) -> str:
     """The matrix of one metric (default: the headline) as a console table, then the
-    comparison lines."""
+    comparison lines; ``rows``: only these models (the rows added to a printed matrix)."""
     key = key or cs.get("headline")
-    sites, models = cs.get("sites", []), cs.get("models", [])
+    sites, models = cs.get("sites", []), [m for m in cs.get("models", [])
+                                          if rows is None or m in rows]
     if not key or not sites or not models:
         return "cross-site: no results"
     width = max(10, *(len(s) + 2 for s in sites))
     label = max(12, *(len(row_label(m)) + 2 for m in models))
-    lines = [f"cross-site {key} (rows: models, columns: sites' validation data; local models "
-             f"fine-tuned {cs.get('fine_tune_steps')} steps)",
-             "model".ljust(label) + "".join(s.rjust(width) for s in sites)]
+    title = (f"cross-site {key} (rows: models, columns: sites' validation data; local models "
+             f"fine-tuned {cs.get('fine_tune_steps')} steps)" if rows is None else
+             f"cross-site {key}, more rows (models trained alone, pooled)")
+    lines = [title,
+             ("model" if rows is None else "more models").ljust(label)
+             + "".join(s.rjust(width) for s in sites)]
     for model in models:
         name = row_label(model)
         row = [cell(cs, model, s, key) for s in sites]
         lines.append(name.ljust(label) + "".join(
             ("-" if v is None else f"{v:.4f}").rjust(width) for v in row))
-    for site, reason in (cs.get("not_shared") or {}).items():
+    for site, reason in (cs.get("not_shared") or {}).items() if rows is None else ():
         lines.append(f"{site}: no local model ({reason})")
     if key == cs.get("headline"):
         for model, c in (cs.get("comparison") or {}).items():
-            if c["global_better"] is None:
+            if c["global_better"] is None or model not in models:
                 continue
             verdict = "global better" if c["global_better"] else f"{row_label(model)} better"
             where = "every site" if home_site(model) is None else "the other sites"

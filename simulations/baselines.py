@@ -130,5 +130,5 @@ def add_baselines_to_cross_site(cfg: Config, federated_dir: Path, local_dir: Pat
 
     summary = add_to_summary(federated_dir, summary, cs)
     write_report(federated_dir, summary)
-    print(format_matrix(cs), flush=True)
+    print(format_matrix(cs, rows=list(files)), flush=True)  # the rest was printed
     return summary
