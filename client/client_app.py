@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedscan.client.data_stats_reply import answer_data_query
@@ -28,7 +28,7 @@ from fedscan.client.privacy import (
 )
 from fedscan.client.sent_log import make_sent_log_mod
 from fedscan.client.site_log import say
-from fedscan.client.task_policy import accept_task
+from fedscan.client.task_policy import PolicyRefused, accept_task
 from fedscan.shared.checkpoint import SITE_MODEL, save_model
 from fedscan.shared.config import Config, SiteConfig, effective_privacy
 from fedscan.shared.console import configure_console
@@ -38,9 +38,12 @@ from fedscan.shared.messages import (
     ARRAYS,
     ASK,
     CONFIG,
+    CROSS_SITE_ACTION,
+    CROSS_SITE_TRAIN,
     DATA_STATS,
     EVALUATION,
     METRICS,
+    MODEL_PREFIX,
     NUM_EXAMPLES,
     PRIVACY,
     SAMPLES,
@@ -78,9 +81,16 @@ def _load_global(cfg: Config, msg: Message, context: Context,
         FedscanError: the received arrays are not exactly the weights the task shares, or
             the task is not a built-in one (unless ``allow_task_import``: simulation only).
     """
+    return _load_model(cfg, msg.content[ARRAYS], context, allow_task_import)
+
+
+def _load_model(cfg: Config, arrays: ArrayRecord, context: Context,
+                allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
+    """The task and its model: ``arrays`` (the weights the task shares) plus this site's
+    local ones (see :func:`_load_global`)."""
     task = build_task(cfg, allow_import=allow_task_import)
     model = task.build_model()
-    received = msg.content[ARRAYS].to_torch_state_dict()
+    received = arrays.to_torch_state_dict()
     shared = set(task.shared_keys(model))
     if set(received) != shared:
         odd = sorted(set(received) ^ shared)
@@ -134,10 +144,12 @@ def train(msg: Message, context: Context, site: SiteConfig,
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
+    what = ("cross-site fine-tuning" if msg.metadata.message_type == CROSS_SITE_TRAIN
+            else f"round {server_round}")
+
     def on_step(step: int, total: int, loss: float) -> None:
         if step % every == 0 or step == total:
-            say(site, f"[{site.name}] round {server_round} step {step}/{total} loss {loss:.4f}",
-                echo)
+            say(site, f"[{site.name}] {what} step {step}/{total} loss {loss:.4f}", echo)
 
     privacy = effective_privacy(site.privacy)
     if privacy is None:
@@ -157,7 +169,7 @@ def train(msg: Message, context: Context, site: SiteConfig,
             # Saved even if training failed half-way: steps taken count, released or not.
             save_ledger(ledger, context.state, site.state_dir)
         privacy_record = ledger.record(done.status, done.result.steps if done.result else 0)
-        say(site, f"[{site.name}] round {server_round} privacy {done.status}: "
+        say(site, f"[{site.name}] {what} privacy {done.status}: "
                   f"epsilon {privacy_record['epsilon']:.4f} of {privacy.epsilon:g} after "
                   f"{ledger.steps} steps (sigma {ledger.noise_multiplier:.4f}, "
                   f"q {ledger.sample_rate:.4f})", echo)
@@ -205,6 +217,52 @@ def evaluate(msg: Message, context: Context, site: SiteConfig,
     return Message(content=content, reply_to=msg)
 
 
+def fine_tune(msg: Message, context: Context, site: SiteConfig,
+              allow_task_import: bool = False, echo: bool = True,
+              replayable: bool = False) -> Message:
+    """Cross-site evaluation, step 1: fine-tune the final global model on this site's data
+    (the server's task config sets the steps) and send it back: this site's "local model".
+
+    It is training like any round's: a DP site spends ε on it through its ledger, or
+    declines when its budget cannot cover it. Weights the task keeps at the site (FedBN's
+    norms) stay those of the federated model: the fine-tuned ones are not kept.
+
+    Raises:
+        PolicyRefused: the site's ``policy.share_local_model`` is false; it neither trains
+            nor sends anything (the error mod replies ``policy-refused`` only).
+    """
+    if not site.policy.share_local_model:
+        raise PolicyRefused("cross-site evaluation: this site does not share its local model "
+                            "(policy.share_local_model: false)")
+    kept = context.state.array_records.get(LOCAL_WEIGHTS)
+    try:
+        return train(msg, context, site, allow_task_import, echo, replayable)
+    finally:
+        if kept is not None:
+            context.state[LOCAL_WEIGHTS] = kept
+        elif LOCAL_WEIGHTS in context.state.array_records:
+            del context.state[LOCAL_WEIGHTS]
+
+
+def evaluate_models(msg: Message, context: Context, site: SiteConfig,
+                    allow_task_import: bool = False) -> Message:
+    """Cross-site evaluation, step 2: evaluate every model the message carries (ArrayRecords
+    named ``model:<name>``) on this site's validation cases.
+
+    The reply holds one MetricRecord per model, under the same name: the task's aggregate
+    metrics and the case count, nothing per case.
+    """
+    cfg, _ = accept_task(msg, site)
+    cfg, data = _site_data(cfg, site)
+    content = RecordDict({SITE: site_record(site.name)})
+    for name, arrays in msg.content.array_records.items():
+        if not name.startswith(MODEL_PREFIX):
+            raise FedscanError(f"cross-site evaluation: unexpected record {name[:40]!r}")
+        model, task = _load_model(cfg, arrays, context, allow_task_import)
+        content[name] = MetricRecord(_metric_values(task.evaluate(model, data.validation)))
+    return Message(content=content, reply_to=msg)
+
+
 def _save_site_model(cfg: Config, site: SiteConfig, model: torch.nn.Module, task: Task,
                      server_round: int, echo: bool = True) -> None:
     """Write ``<state_dir>/site_model.pt``: the received model with this site's own weights.
@@ -249,6 +307,17 @@ def make_client_app(resolve_site: SiteResolver, allow_task_import: bool = False,
     def _evaluate(msg: Message, context: Context) -> Message:
         configure_console()
         return evaluate(msg, context, resolve_site(context), allow_task_import, echo)
+
+    @app.train(CROSS_SITE_ACTION)
+    def _fine_tune(msg: Message, context: Context) -> Message:
+        configure_console()
+        return fine_tune(msg, context, resolve_site(context), allow_task_import, echo,
+                         replayable)
+
+    @app.evaluate(CROSS_SITE_ACTION)
+    def _evaluate_models(msg: Message, context: Context) -> Message:
+        configure_console()
+        return evaluate_models(msg, context, resolve_site(context), allow_task_import)
 
     @app.query()
     def _query(msg: Message, context: Context) -> Message:

@@ -52,7 +52,8 @@ def check_reference(settings: SiteSettings) -> Check:
     """The harmonisation reference folder, when the site names one, and the site's policy."""
     from fedscan.shared.data import read_dataset
 
-    limits = {k: v for k, v in vars(settings.policy).items() if v is not None}
+    # share_local_model is shown only when it keeps the local model (true is the default).
+    limits = {k: v for k, v in vars(settings.policy).items() if v is not None and v is not True}
     policy = ", ".join(f"{k} {v}" for k, v in limits.items()) or "no limits"
     if settings.harmonisation_reference is None:
         return Check("OK", "tasks", f"policy: {policy}; no harmonisation_reference "

@@ -21,6 +21,7 @@ policy:                           # limits the server cannot loosen (optional; n
   max_patch_voxels: 262144        # 64^3
   share_data_stats: true          # answer the data check before round 1 (default: not with DP)
   data_stats_min_cases: 5         # smallest group of cases a shared statistic describes
+  share_local_model: true         # cross-site evaluation: send the fine-tuned local model
 ```
 
 Relative paths are resolved against the file's folder.

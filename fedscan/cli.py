@@ -27,6 +27,16 @@ def _simulate(args: argparse.Namespace) -> int:
              status=_status_options(args), resume=Path(args.resume) if args.resume else None)
 
 
+def _cross_site(args: argparse.Namespace) -> int:
+    from fedscan.simulations.run import cross_site
+
+    if args.fine_tune_steps is not None and args.fine_tune_steps < 1:
+        print("fedscan: error: --fine-tune-steps must be >= 1", file=sys.stderr)
+        return 2
+    cross_site(Path(args.run), args.fine_tune_steps)
+    return 0
+
+
 def _status_options(args: argparse.Namespace):
     """The status page's options from ``--status``/``--status-host``/``--status-port``, or
     None when none of them was given."""
@@ -212,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show Flower's log (INFO and DEBUG, deprecation notices) and every "
                         "site's step lines (default: one progress display)")
     p.set_defaults(func=_simulate)
+
+    p = sub.add_parser("cross-site", help="cross-site matrix of a finished simulated "
+                                          "federated run (global and local models x sites)")
+    p.add_argument("--run", required=True, metavar="DIR",
+                   help="the run folder (config.yaml, final_model.pt, summary.json)")
+    p.add_argument("--fine-tune-steps", type=int, default=None,
+                   help="local steps each site fine-tunes the global model for (default: the "
+                        "run's cross_site.fine_tune_steps)")
+    p.set_defaults(func=_cross_site)
 
     p = sub.add_parser("dashboard", help="serve the status page of a run folder (live or "
                                          "finished)")

@@ -14,6 +14,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedscan.server.admission import Admission, AdmittedGrid
+from fedscan.server.cross_site import add_to_summary, run_cross_site
 from fedscan.server.data_check import run_data_check
 from fedscan.server.live_grid import live_run
 from fedscan.server.progress import RoundProgress
@@ -27,14 +28,17 @@ from fedscan.server.rounds import (
 from fedscan.server.sampling import SampledStrategy, sample_size, sampling_on
 from fedscan.server.strategies import RecordingStrategy, build_strategy
 from fedscan.server.validation import UpdateValidator
+from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
 from fedscan.shared.console import configure_console
+from fedscan.shared.cross_site import format_matrix
 from fedscan.shared.data import case_id, read_site_test_set
+from fedscan.shared.errors import FedscanError
 from fedscan.shared.history import RunHistory
 from fedscan.shared.messages import RoundConfig, to_arrays
 from fedscan.shared.report import write_report
 from fedscan.shared.tasks import build_task
-from fedscan.shared.tasks.base import resolve_device
+from fedscan.shared.tasks.base import Task, resolve_device
 from fedscan.shared.tracking import PREVIEWS, Tracker
 
 log = logging.getLogger("fedscan.server")
@@ -72,6 +76,21 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
                 tracker.preview(test_set.name, case_id(case), task.preview(model, case),
                                 step=cfg.rounds)
     return results
+
+
+def cross_site_stage(grid: Grid, cfg: Config, final_state: dict[str, torch.Tensor],
+                     task: Task, validator: UpdateValidator,
+                     node_names: dict[int, str] | None) -> dict[str, Any]:
+    """The cross-site matrix of the final model (:mod:`fedscan.server.cross_site`), printed;
+    a failure is recorded and logged, never losing the run's other outputs."""
+    try:
+        cross = run_cross_site(grid, cfg, final_state, list(task.metrics), validator,
+                               node_names)
+    except Exception as exc:  # the trained model and its evaluation are already safe
+        log.warning("cross-site evaluation failed: %s: %s", type(exc).__name__, exc)
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    print(format_matrix(cross), flush=True)
+    return cross
 
 
 def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
@@ -180,11 +199,50 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
             live.listeners.remove(progress.sites_changed)
     final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     model_path = history.save_final_model(final_state)
+    cross = (cross_site_stage(grid, cfg, final_state, task, validator, node_names)
+             if cfg.cross_site.enabled else None)
     final = {"test_sets": evaluate_test_sets(cfg, final_state, history.tracker)}
     summary = history.write_summary(final=final, model=model_path)
+    if cross is not None:
+        summary = add_to_summary(out_dir, summary, cross)
     write_report(out_dir, summary)
     history.finish_tracking(summary)
     return summary
+
+
+def rerun_cross_site(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """The cross-site stage alone, on the final model of the finished run in ``out_dir``
+    (``fedscan cross-site``): its summary.json gains (or replaces) ``cross_site`` and its
+    report is rewritten.
+
+    Raises:
+        FedscanError: ``out_dir`` has no final_model.pt or summary.json.
+    """
+    _, state, _ = load_model(out_dir / "final_model.pt")
+    summary_path = out_dir / "summary.json"
+    if not summary_path.is_file():
+        raise FedscanError(f"{summary_path} not found: not a finished run folder")
+    task = build_task(cfg, allow_import=True)
+    model = task.build_model()
+    shared = set(task.shared_keys(model))
+    state = {k: v for k, v in state.items() if k in shared}
+    validator = UpdateValidator.from_config(state, cfg, task.metrics)
+    cross = cross_site_stage(grid, cfg, state, task, validator, None)
+    summary = add_to_summary(out_dir, json.loads(summary_path.read_text()), cross)
+    write_report(out_dir, summary)
+    return summary
+
+
+def make_cross_site_app(cfg: Config, out_dir: str | Path) -> ServerApp:
+    """A ServerApp that runs only :func:`rerun_cross_site` on the run in ``out_dir``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        configure_console()
+        rerun_cross_site(grid, cfg, Path(out_dir))
+
+    return app
 
 
 def make_server_app(cfg: Config, out_dir: str | Path, resume: bool = False,

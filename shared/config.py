@@ -64,6 +64,10 @@ class SitePolicy:
     share_data_stats: bool | None = None
     #: Smallest group of cases a shared count, histogram bin or category may describe.
     data_stats_min_cases: int = 5
+    #: Cross-site evaluation: send this site's locally fine-tuned model (weights) to the
+    #: server, which passes it to the other sites to evaluate. False: the site neither
+    #: fine-tunes nor sends it (it still evaluates the others' models on its own data).
+    share_local_model: bool = True
 
 
 @dataclass
@@ -358,6 +362,21 @@ class ConsortiumConfig:
 
 
 @dataclass
+class CrossSiteConfig:
+    """Cross-site evaluation at the end of a federated run (see docs/cross_site.md).
+
+    Every site fine-tunes the final global model for ``fine_tune_steps`` local steps (its
+    "local model"; a site whose ``policy.share_local_model`` is false keeps it to itself),
+    then every site evaluates the global model and each shared local model on its own
+    validation cases; only aggregate metrics come back.
+    """
+
+    enabled: bool = False
+    #: Local steps each site fine-tunes the final global model for.
+    fine_tune_steps: int = 50
+
+
+@dataclass
 class Config:
     """A fedscan run: who takes part, what is trained, for how long."""
 
@@ -387,6 +406,8 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     #: The federated data check before round 1.
     data_check: DataCheckConfig = field(default_factory=DataCheckConfig)
+    #: The cross-site matrix after the last round (the server's side only; never sent).
+    cross_site: CrossSiteConfig = field(default_factory=CrossSiteConfig)
 
     def site_privacy(self, site: SiteConfig) -> PrivacyConfig | None:
         """The privacy a site trains under: its own block, else the top-level one.
@@ -543,6 +564,8 @@ def _check_values(cfg: Config) -> None:
         raise bad("strategy.min_sites", f"must be between 1 and the {len(cfg.sites)} sites")
     check_consortium(cfg.consortium, bad)
     check_data_check(cfg.data_check, bad)
+    if cfg.cross_site.fine_tune_steps < 1:
+        raise bad("cross_site.fine_tune_steps", "must be >= 1")
     sim = cfg.simulation
     if sim.cpus_per_site is not None and not sim.cpus_per_site > 0:
         raise bad("simulation.cpus_per_site", "must be > 0")

@@ -66,6 +66,14 @@ TRAIN_METRICS = ("loss", "steps", NUM_EXAMPLES, SAMPLES)
 #: Records a reply may carry (the server rejects a reply with any other).
 TRAIN_REPLY_RECORDS = (ARRAYS, METRICS, SITE, PRIVACY, EVALUATION)
 EVALUATE_REPLY_RECORDS = (METRICS, SITE)
+#: Cross-site evaluation's action: ``train.cross_site`` asks a site to fine-tune the final
+#: global model and send it back (its local model; only if its policy shares it);
+#: ``evaluate.cross_site`` carries several models, each an ArrayRecord named
+#: ``model:<name>``, and the reply one MetricRecord of aggregate metrics under each name.
+CROSS_SITE_ACTION = "cross_site"
+CROSS_SITE_TRAIN = f"train.{CROSS_SITE_ACTION}"
+CROSS_SITE_EVALUATE = f"evaluate.{CROSS_SITE_ACTION}"
+MODEL_PREFIX = "model:"
 
 
 
@@ -89,7 +97,7 @@ SITE_ONLY_KEYS = ("sites", "test_sets", "privacy")
 #: Run-config keys for the server's side only: not sent to sites. ``strategy`` is how the
 #: server samples and aggregates (FedProx's mu travels as its own field); its checks that
 #: count the federation's sites would fail on a site, which sees itself as the only one.
-SERVER_ONLY_KEYS = ("tracking", "consortium", "simulation", "strategy")
+SERVER_ONLY_KEYS = ("tracking", "consortium", "simulation", "strategy", "cross_site")
 
 
 class SchemaMismatch(FedscanError):

@@ -33,8 +33,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedscan.shared.cross_site import cell as cross_site_cell
+from fedscan.shared.cross_site import home_site as cross_site_home
+from fedscan.shared.cross_site import plot_heatmaps
+from fedscan.shared.cross_site import row_label as cross_site_row
 from fedscan.shared.report_html import write_html_report
-from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys
+from fedscan.shared.tasks.base import MetricSpec, headline, metric_keys, metric_spec
 
 #: Shown in tables wherever a value is missing (site failed, metric not computed, ...).
 MISSING = "—"
@@ -947,6 +951,49 @@ def _data_check_section(summary: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _cross_site_section(out_dir: Path, summary: Mapping[str, Any]) -> list[str]:
+    """The cross-site matrix (models x sites) of each metric, its heatmaps and comparison."""
+    cs = summary.get("cross_site")
+    if not isinstance(cs, Mapping):
+        return []
+    lines = ["## Cross-site evaluation", ""]
+    if cs.get("error"):
+        return [*lines, f"Cross-site evaluation failed: {_md(str(cs['error']))}", ""]
+    specs = metric_specs(summary)
+    sites, models = list(cs.get("sites", [])), list(cs.get("models", []))
+    lines += [f"Each site fine-tuned the final global model for {cs.get('fine_tune_steps')} "
+              "local steps (its local model); every site evaluated the global model and each "
+              "shared local model on its own validation cases and sent only aggregate "
+              "metrics. Rows: models; columns: the sites whose data evaluated them.", ""]
+    keys = list(cs.get("metrics", []))
+    for key in keys:
+        base = key.split("/", 1)[0]
+        if "/" in key and sum(k.startswith(f"{base}/") for k in keys) == 1:
+            continue  # one foreground class: its table would repeat the metric's own
+        rows = [[_md(cross_site_row(m)),
+                 *(_fmt(cross_site_cell(cs, m, s, key)) for s in sites)] for m in models]
+        label = _key_label(specs, key) if metric_spec(specs, key) else key
+        lines += [f"**{_md(label)}**", "", _table(["model", *sites], rows), ""]
+    for model, c in (cs.get("comparison") or {}).items():
+        if c.get("global_better") is None:
+            continue
+        where = "every site" if cross_site_home(model) is None else "the other sites"
+        lines.append(f"- {_md(cross_site_row(model))} on {where}: "
+                     f"{_fmt(c['local_off_diagonal'])}; the global model there: "
+                     f"{_fmt(c['global_same_sites'])} "
+                     f"({'global' if c['global_better'] else _md(cross_site_row(model))} "
+                     "better)")
+    for site, reason in (cs.get("not_shared") or {}).items():
+        lines.append(f"- {_md(site)}: no local model ({_md(str(reason))})")
+    for entry in cs.get("dropped") or []:
+        lines.append(f"- dropped {_md(entry.get('phase', ''))} reply of "
+                     f"{_md(entry.get('site', ''))}: {_md(entry.get('reason', ''))}")
+    lines.append("")
+    for path in plot_heatmaps(out_dir, cs, specs):
+        lines += [f"![cross-site {path.stem[len('cross_site_'):]}]({path.name})", ""]
+    return lines
+
+
 def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     """Write the plots and ``report.md`` for one run into ``out_dir``.
 
@@ -964,6 +1011,7 @@ def write_report(out_dir: Path, summary: dict[str, Any]) -> Path:
     lines += _final_section(summary)
     lines += _test_set_section(summary)
     lines += _privacy_section(summary)
+    lines += _cross_site_section(out_dir, summary)
     lines += ["## Plots", ""]
     captions = {"loss.png": "Training loss per round", "epsilon.png": "Privacy spent (ε) per round",
                 **{plot_name(s): f"Validation {s.label} per round" for s in metric_specs(summary)}}

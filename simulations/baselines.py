@@ -89,3 +89,46 @@ def run_pooled(cfg: Config, out_dir: Path) -> dict[str, Any]:
     write_report(out_dir, summary)
     history.finish_tracking(summary)
     return summary
+
+
+def add_baselines_to_cross_site(cfg: Config, federated_dir: Path, local_dir: Path | None,
+                                pooled_dir: Path | None) -> dict[str, Any] | None:
+    """``--mode all``: each site's model trained alone (``alone:<site>``) and the pooled model
+    join the federated run's cross-site matrix, evaluated here on every site's validation
+    cases (a simulation holds every site's data; a deployment has no such models). The
+    federated summary.json and report are rewritten; returns the summary (None when the
+    federated run has no matrix)."""
+    import json
+
+    from fedscan.shared.checkpoint import load_model
+    from fedscan.shared.cross_site import ALONE, POOLED, summarise
+
+    summary = json.loads((federated_dir / "summary.json").read_text())
+    cs = summary.get("cross_site")
+    if not isinstance(cs, dict) or "matrix" not in cs:
+        return None
+    task = build_task(cfg, allow_import=True)  # the researcher's own config
+    device = resolve_device(cfg.device)
+    sites = [s for s in _read_sites(cfg) if s.name in cs["sites"]]
+    files = {}
+    if local_dir is not None:
+        files.update({f"{ALONE}{s.name}": local_dir / f"final_model_{s.name}.pt" for s in sites})
+    if pooled_dir is not None:
+        files[POOLED] = pooled_dir / "final_model.pt"
+    matrix = {model: dict(row) for model, row in cs["matrix"].items()}
+    for name, path in files.items():
+        if not path.is_file():
+            continue
+        model = task.build_model()
+        model.load_state_dict(load_model(path)[1])
+        model.to(device)
+        matrix[name] = {s.name: _metrics(task.evaluate(model, s.validation)) for s in sites}
+    cs = summarise(matrix, cs["sites"], task.metrics, fine_tune_steps=cs["fine_tune_steps"],
+                   not_shared=cs.get("not_shared", {}), dropped=cs.get("dropped", []))
+    from fedscan.server.cross_site import add_to_summary
+    from fedscan.shared.cross_site import format_matrix
+
+    summary = add_to_summary(federated_dir, summary, cs)
+    write_report(federated_dir, summary)
+    print(format_matrix(cs, rows=list(files)), flush=True)  # the rest was printed
+    return summary

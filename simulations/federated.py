@@ -107,3 +107,31 @@ def run_federated(cfg: Config, out_dir: Path, resume: bool = False,
         raise FedscanError(f"the data check flagged {len(check['flags'])} problem(s) (above "
                            f"and in {summary}) and data_check.on_flag is stop: no round run")
     return result
+
+
+def run_cross_site_only(cfg: Config, out_dir: Path) -> dict[str, Any]:
+    """``fedscan cross-site``: the cross-site stage alone, on the final model of the finished
+    run in ``out_dir``, with the same virtual hospitals (and their state folders: a DP site's
+    ledger continues, so fine-tuning again spends ε again). Returns the updated summary.
+
+    Weights a task keeps at the sites (FedBN's norms) are not in final_model.pt and not kept
+    between processes: such a re-run evaluates them at their initial values.
+    """
+    from flwr.simulation import run_simulation
+
+    from fedscan.client.client_app import make_client_app
+    from fedscan.server.server_app import make_cross_site_app
+    from fedscan.shared.console import configure_console, verbose
+
+    sites = [site_for_client(cfg, s, out_dir) for s in cfg.sites]
+    client_app = make_client_app(lambda ctx: sites[int(ctx.node_config["partition-id"])],
+                                 allow_task_import=True, echo=False, replayable=True)
+    configure_console()
+    run_simulation(server_app=make_cross_site_app(cfg, out_dir), client_app=client_app,
+                   num_supernodes=len(sites), backend_config=simulation_backend(cfg),
+                   verbose_logging=verbose())
+    summary = json.loads((out_dir / "summary.json").read_text())
+    if "cross_site" not in summary:
+        raise FedscanError(f"cross-site evaluation wrote nothing to {out_dir}/summary.json; "
+                           "see the log above")
+    return summary

@@ -145,6 +145,34 @@ def resume_config(run_dir: Path, rounds: int | None) -> Config:
     return cfg
 
 
+def cross_site(run_dir: Path, fine_tune_steps: int | None = None) -> dict[str, Any]:
+    """``fedscan cross-site --run DIR``: the cross-site matrix of a finished federated run,
+    computed again in simulation from its final model and config (see docs/cross_site.md).
+
+    Raises:
+        FedscanError: ``run_dir`` holds no finished federated run.
+    """
+    from fedscan.simulations.federated import run_cross_site_only
+
+    quiet_flower()
+    configure_console()
+    path = run_dir / "config.yaml"
+    if not path.is_file() or not (run_dir / "final_model.pt").is_file():
+        raise FedscanError(f"--run {run_dir}: no config.yaml and final_model.pt there (the "
+                           "folder a finished federated `fedscan simulate --out` wrote)")
+    data = read_yaml(path)
+    if not isinstance(data, dict) or data.get("mode") != "federated":
+        raise FedscanError(f"--run {run_dir}: cross-site evaluation needs a federated run")
+    cfg = parse_config(data)
+    cfg.cross_site.enabled = True
+    if fine_tune_steps is not None:
+        cfg.cross_site.fine_tune_steps = fine_tune_steps
+    check_data(cfg)
+    summary = run_cross_site_only(cfg, run_dir)
+    print(format_outputs(run_dir, [run_dir], cfg), flush=True)
+    return summary
+
+
 def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
              rounds: int | None = None, status: StatusOptions | None = None,
              resume: Path | None = None) -> dict[str, dict[str, Any]]:
@@ -185,6 +213,11 @@ def simulate(config: str | Path | None, modes: list[str] | None, out: Path,
             page.stop()
             print(f"fedscan: status page stopped; to view the run again: fedscan dashboard "
                   f"{current[0]}", flush=True)
+    if "federated" in modes and len(modes) > 1 and cfg.cross_site.enabled:
+        from fedscan.simulations.baselines import add_baselines_to_cross_site
+
+        add_baselines_to_cross_site(cfg, targets["federated"], targets.get("local"),
+                                    targets.get("pooled"))
     if len(modes) > 1:
         from fedscan.shared.report import format_comparison, write_comparison
 

@@ -81,12 +81,14 @@ def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
     cfg.write_text(
         "sites:\n  - {name: site-a, data: data/site-a}\n"
         # site-b's 4 cases are below the default smallest group of 5: its policy lowers it.
-        "  - {name: site-b, data: data/site-b, policy: {data_stats_min_cases: 3}}\n"
+        "  - {name: site-b, data: data/site-b, policy: {data_stats_min_cases: 3, "
+        "share_local_model: false}}\n"
         "test_sets:\n  - {name: heldout, data: data/heldout}\n"
         "rounds: 2\n"
         "data: {spacing: [8, 8, 8], in_channels: 2, num_classes: 4}\n"
         "model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}\n"
         "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 4}\n"
+        "cross_site: {enabled: true, fine_tune_steps: 2}\n"
         + (MLFLOW if HAS_MLFLOW else "")
     )
     out = root / "run"
@@ -158,6 +160,72 @@ def test_federated_run_writes_complete_outputs(tiny_run):
     r1 = torch.load(out / "checkpoints/round_001.pt", weights_only=True)["state_dict"]
     r2 = torch.load(out / "checkpoints/round_002.pt", weights_only=True)["state_dict"]
     assert any(not torch.equal(r1[k], r2[k]) for k in r1)
+
+
+@pytest.mark.slow
+def test_cross_site_matrix_in_summary_report_and_heatmap(tiny_run):
+    """site-a shares its fine-tuned model; site-b's policy keeps its own, so no weights of
+    it leave the site (its sent.log), yet it evaluates the global and site-a's models."""
+    root, out = tiny_run
+    cs = json.loads((out / "summary.json").read_text())["cross_site"]
+    assert cs["models"] == ["global", "site-a"] and cs["sites"] == ["site-a", "site-b"]
+    assert cs["fine_tune_steps"] == 2 and cs["dropped"] == []
+    assert "refused" in cs["not_shared"]["site-b"]
+    for model in cs["models"]:
+        for site in cs["sites"]:
+            cell = cs["matrix"][model][site]
+            assert cell["num_examples"] == {"site-a": 2, "site-b": 1}[site]
+            for key in ["dice", *(f"dice/{c}" for c in CLASSES[1:])]:
+                assert 0.0 <= cell[key] <= 1.0
+    assert set(cs["comparison"]) == {"site-a"}
+    assert cs["comparison"]["site-a"]["sites"] == ["site-b"]
+    assert (out / "cross_site_dice.png").is_file() and (out / "cross_site_hd95.png").is_file()
+    report = (out / "report.md").read_text()
+    section = report[report.index("## Cross-site evaluation"):]
+    assert "| global |" in section and "| site-a (local) |" in section
+    dice = cs["matrix"]["global"]["site-b"]["dice"]
+    assert f"{dice:.4f}" in section and "cross_site_dice.png" in section
+    sent = [json.loads(line) for line in
+            (out / "site-state" / "site-b" / "sent.log").read_text().splitlines()]
+    fine_tune = [e for e in sent if e["phase"] == "train.cross_site"]
+    assert fine_tune == [{**fine_tune[0], "error": "policy-refused"}]
+    assert "arrays" not in fine_tune[0]
+    evaluated = [e for e in sent if e["phase"] == "evaluate.cross_site"]
+    assert len(evaluated) == 1 and evaluated[0]["arrays"] == {}
+    assert set(evaluated[0]["records"]) == {"model:global", "model:site-a", "site"}
+    console = (root / "console.txt").read_text()
+    assert "cross-site dice" in console and "site-a (local)" in console
+    log = (out / "site-state" / "site-a" / "site.log").read_text()
+    assert "[site-a] cross-site fine-tuning step 2/2 loss" in log
+
+
+@pytest.mark.slow
+def test_cross_site_on_demand_for_a_finished_run(tiny_run, tmp_path):
+    """``fedscan cross-site --run DIR`` computes the matrix again from the run's final model
+    (a copy of the run, so the other tests read the original)."""
+    import shutil
+
+    _, out = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    before = json.loads((run / "summary.json").read_text())
+    (run / "cross_site_dice.png").unlink()
+    proc = subprocess.run([sys.executable, "-m", "fedscan", "cross-site", "--run", str(run),
+                           "--fine-tune-steps", "1"], capture_output=True, text=True,
+                          timeout=170)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = json.loads((run / "summary.json").read_text())
+    cs = after["cross_site"]
+    assert cs["fine_tune_steps"] == 1 and cs["models"] == ["global", "site-a"]
+    assert after["rounds"] == before["rounds"] and after["final"] == before["final"]
+    # The global model is the same final model: its cells are the run's own values.
+    for site in ("site-a", "site-b"):
+        assert cs["matrix"]["global"][site] == before["cross_site"]["matrix"]["global"][site]
+    assert (run / "cross_site_dice.png").is_file()
+    assert "local models fine-tuned 1 steps" in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "fedscan", "cross-site", "--run",
+                          str(tmp_path / "nothing")], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no config.yaml and final_model.pt" in bad.stderr
 
 
 @pytest.mark.slow
@@ -275,7 +343,11 @@ def test_mlflow_run_and_model_version_name_config_and_data(tiny_run):
     # The config hash is the one every site recorded in its audit log for this run.
     audit = [json.loads(line) for line in
              (out / "site-state" / "site-a" / "audit.log").read_text().splitlines()]
-    assert {a["sha256"] for a in audit} == {version.tags["config_sha256"]}
+    rounds = [a for a in audit if not a["phase"].endswith(".cross_site")]
+    assert {a["sha256"] for a in rounds} == {version.tags["config_sha256"]}
+    # Cross-site fine-tuning ran another config (local_steps = fine_tune_steps): its own hash.
+    (tuned,) = [a for a in audit if a["phase"] == "train.cross_site"]
+    assert tuned["sha256"] != version.tags["config_sha256"]
     cfg = load_config(root / "tiny.yaml")
     for site in cfg.sites:
         expected = data_fingerprint(read_site(site, cfg.data, check=False))
