@@ -22,6 +22,7 @@ site-rounds it is the overhead per site-round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -108,6 +109,19 @@ def _tree_memory(pid: int) -> tuple[int, int, int]:
     return rss, pss, len(procs)
 
 
+def _kill_tree(pid: int) -> None:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+
+
 def run_size(root: Path, n: int, timeout: float) -> dict[str, Any]:
     """One size: generate the sites, run the child while sampling its tree's memory."""
     sites = write_sites(root / "data", n)
@@ -141,7 +155,8 @@ def run_size(root: Path, n: int, timeout: float) -> dict[str, Any]:
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_tree(proc.pid)  # Ray's processes too, not only the child
+        proc.wait()
         code = None
     wall = time.perf_counter() - started
     stop.set()
@@ -152,7 +167,10 @@ def run_size(root: Path, n: int, timeout: float) -> dict[str, Any]:
                               "peak_pss_mb": peak["pss"] / 2**20, "peak_processes": peak["procs"]}
     summary_path = out / "summary.json"
     if code != 0 or not summary_path.is_file():
-        result["error"] = f"run failed (exit {code}); see {root / f'run-{n}.log'}"
+        why = f"stopped after {timeout:.0f} s" if code is None else f"exit {code}"
+        result["error"] = (f"run failed ({why}); peak memory of the process tree until then "
+                           f"{result['peak_pss_mb']:.0f} MB PSS ({result['peak_rss_mb']:.0f} MB "
+                           f"RSS); see {root / f'run-{n}.log'}")
         return result
     summary = json.loads(summary_path.read_text())
     times = [json.loads(line) for line in (out / TIMES_FILE).read_text().splitlines()]
@@ -172,7 +190,7 @@ def run_size(root: Path, n: int, timeout: float) -> dict[str, Any]:
     return result
 
 
-def scale(out: Path, sizes: list[int], timeout: float = 3600.0) -> list[dict[str, Any]]:
+def scale(out: Path, sizes: list[int], timeout: float = 4 * 3600.0) -> list[dict[str, Any]]:
     """Run every size in turn (smallest first) and write ``scale.json`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results = []
