@@ -286,3 +286,46 @@ def test_report_html_opens_from_a_file_with_every_plot(tmp_path, browser):
     widths = page.evaluate("() => [...document.images].map((i) => i.naturalWidth)")
     assert len(widths) == len(list(tmp_path.glob("*.png"))) and all(w > 100 for w in widths)
     assert not errors, errors
+
+
+def test_cross_site_matrix_renders_what_summary_json_holds(tmp_path, browser):
+    """The cross-site matrix on the page: each cell is summary.json's headline value for that
+    model and site; a dropped cell shows as missing; a site's refusal is named."""
+    from fedscan.shared.status.serve import StatusOptions, StatusServer
+
+    evil = '<img src=x onerror="window.pwned=1">'
+    sites = ["site-a", "site-b", evil]
+    matrix = {"global": {s: {"dice": 0.9 - 0.01 * i} for i, s in enumerate(sites)},
+              "site-a": {"site-a": {"dice": 0.95}, "site-b": {"dice": 0.7},
+                         evil: {"dice": 0.8}}}
+    matrix["site-a"]["site-b"] = {}  # dropped by the server's checks
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "sites": sites, "config": {"rounds": 1}, "rounds": [],
+        "cross_site": {"models": ["global", "site-a"], "sites": sites, "metrics": ["dice"],
+                       "headline": "dice", "matrix": matrix,
+                       "not_shared": {"site-b": "policy-refused"},
+                       "comparison": {"site-a": {"local_off_diagonal": 0.8,
+                                                 "global_same_sites": 0.885}}}}))
+    server = StatusServer(tmp_path, StatusOptions(port=0)).start()
+    try:
+        page, errors = open_page(browser, server.url)
+        page.wait_for_function("() => document.body.dataset.updated", timeout=20_000)
+        assert page.is_visible("#cross-site")
+        shown = page.evaluate("""() => [...document.querySelectorAll('#cross-site tbody tr')]
+            .map((tr) => ({model: tr.dataset.model, cells: [...tr.querySelectorAll(
+              'td[data-site]')].map((td) => [td.dataset.site, td.dataset.value ?? null]),
+              off: tr.querySelector('td[data-key=off_diagonal]').dataset.value ?? null}))""")
+        assert [r["model"] for r in shown] == ["global", "site-a (local)"]
+        for row, model in zip(shown, ["global", "site-a"], strict=True):
+            for site, value in row["cells"]:
+                expected = matrix[model][site].get("dice")
+                assert (value is None) == (expected is None), (model, site)
+                if expected is not None:
+                    assert float(value) == pytest.approx(expected)
+        assert shown[1]["off"] is not None and float(shown[1]["off"]) == pytest.approx(0.8)
+        assert "site-b: policy-refused" in page.inner_text("#cross-site-not-shared")
+        assert evil in page.inner_text("#cross-site thead")
+        assert page.evaluate("() => window.pwned") is None
+        assert not errors, errors
+    finally:
+        server.stop()

@@ -206,3 +206,22 @@ def test_non_finite_and_odd_values_keep_the_answer_valid_json(tmp_path):
     row = view["per_round"][0]["sites"]["a"]
     assert row["loss"] is None and row["epsilon"] is None and row["status"] is None
     assert view["rounds"]["in_flight"] is None and view["sites"][0]["online"] is False
+
+
+def test_cross_site_matrix_in_the_view(tmp_path):
+    """The view carries the headline metric's matrix, the comparison and refusals; a run
+    without the stage has none."""
+    assert build_view(write_run(tmp_path, SUMMARY))["cross_site"] is None
+    cs = {"models": ["global", "a"], "sites": ["a", "b"], "metrics": ["dice", "hd95"],
+          "headline": "dice",
+          "matrix": {"global": {"a": {"dice": 0.9, "hd95": 2.0}, "b": {"dice": float("nan")}},
+                     "a": {"a": {"dice": 0.95}, "b": {"dice": 0.6}}},
+          "comparison": {"a": {"local_off_diagonal": 0.6, "global_same_sites": None}},
+          "not_shared": {"b": "policy-refused"}}
+    view = build_view(write_run(tmp_path, {**SUMMARY, "cross_site": cs}))["cross_site"]
+    assert view["metric"] == "dice" and view["sites"] == ["a", "b"]
+    assert [r["model"] for r in view["rows"]] == ["global", "a (local)"]
+    assert view["rows"][0]["values"] == [0.9, None]  # NaN: missing, not NaN in the JSON
+    assert view["rows"][1]["values"] == [0.95, 0.6] and view["rows"][1]["off_diagonal"] == 0.6
+    assert view["not_shared"] == {"b": "policy-refused"}
+    json.dumps(view, allow_nan=False)

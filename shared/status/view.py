@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fedscan.shared.cross_site import cell, row_label
 from fedscan.shared.live import HEARTBEAT_SECONDS, HOLD_FILE, read_live
 
 #: A running run whose live.json is older than this is shown as not responding.
@@ -216,6 +217,26 @@ def _eta(live: Mapping[str, Any], rows: list[dict[str, Any]], total: int, done: 
     return max(0.0, mean * (total - done) - elapsed)
 
 
+def _cross_site(summary: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The cross-site matrix of the headline metric (rows: models, columns: sites), with the
+    global model's comparison per local model; None before the stage has run."""
+    cs = _dict(summary.get("cross_site"))
+    key = _scalar(cs.get("headline"))
+    if not cs or not key:
+        return None
+    sites = [str(s) for s in cs.get("sites") or []]
+    models = [str(m) for m in cs.get("models") or []]
+    comparison = _dict(cs.get("comparison"))
+    return {
+        "metric": key, "sites": sites,
+        "rows": [{"model": row_label(m), "values": [cell(cs, m, s, key) for s in sites],
+                  "off_diagonal": _num(_dict(comparison.get(m)).get("local_off_diagonal")),
+                  "global_there": _num(_dict(comparison.get(m)).get("global_same_sites"))}
+                 for m in models],
+        "not_shared": {str(k): str(v) for k, v in _dict(cs.get("not_shared")).items()},
+    }
+
+
 def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     """The status page's data for ``run_dir`` (see the module docstring).
 
@@ -226,7 +247,8 @@ def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
     Returns:
         ``run`` (state, mode, task, hold), ``rounds`` (total, done, in flight, ETA),
         ``metrics`` (keys shown, in order), ``sites`` (one row per site), ``per_round``
-        (every round's per-site values and aggregate) and ``faults`` (errors, rejections).
+        (every round's per-site values and aggregate), ``faults`` (errors, rejections,
+        data-check flags) and ``cross_site`` (the matrix of the headline metric, or None).
     """
     run_dir = Path(run_dir)
     now = time.time() if now is None else now
@@ -270,4 +292,5 @@ def build_view(run_dir: str | Path, now: float | None = None) -> dict[str, Any]:
         "sites": _site_rows(summary, live, sites, rows, live_now, in_flight is not None),
         "per_round": rows,
         "faults": _faults(summary),
+        "cross_site": _cross_site(summary),
     }

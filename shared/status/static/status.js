@@ -206,6 +206,29 @@ function renderFaults(view) {
   replaceBody(document.getElementById("faults"), rows);
 }
 
+function renderCrossSite(view) {
+  const cs = view.cross_site;
+  document.getElementById("cross-site-section").hidden = !cs;
+  if (!cs) return;
+  document.getElementById("cross-site-metric").textContent = cs.metric;
+  const table = document.getElementById("cross-site");
+  const head = el("tr");
+  head.append(el("th", "model"), ...cs.sites.map((s) => el("th", s)),
+              el("th", "off-diagonal"), el("th", "global there"));
+  table.tHead.replaceChildren(head);
+  replaceBody(table, cs.rows.map((r) => {
+    const tr = el("tr", null, {"data-model": r.model});
+    tr.append(el("th", r.model),
+              ...r.values.map((v, i) => numCell(v, 4, {"data-site": cs.sites[i]})),
+              numCell(r.off_diagonal, 4, {"data-key": "off_diagonal"}),
+              numCell(r.global_there, 4, {"data-key": "global_there"}));
+    return tr;
+  }));
+  const refused = Object.entries(cs.not_shared).map(([s, why]) => `${s}: ${why}`);
+  document.getElementById("cross-site-not-shared").textContent =
+    refused.length ? `No local model from ${refused.join("; ")}.` : "";
+}
+
 function chartDiv(container, key) {
   let div = container.querySelector(`[data-chart="${CSS.escape(key)}"]`);
   if (!div) {
@@ -280,6 +303,7 @@ async function refresh() {
     renderSites(view);
     renderPerRound(view);
     renderFaults(view);
+    renderCrossSite(view);
     renderCharts(view);
     document.body.dataset.updated = String(view.now);
   } catch (error) {
