@@ -43,6 +43,7 @@ from fedscan.shared.messages import (
     DATA_STATS,
     DATA_STATS_WITHHELD,
     RoundConfig,
+    message_bytes,
     reply_site,
 )
 
@@ -173,11 +174,15 @@ def _decode(reply: Message, num_classes: int) -> tuple[str, SiteStats | str]:
 
 
 def request_stats(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
-                  grace: float = 0.0) -> tuple[dict[str, SiteStats], dict[str, str], list[str]]:
+                  grace: float = 0.0
+                  ) -> tuple[dict[str, SiteStats], dict[str, str], list[str],
+                             dict[str, dict[str, int]]]:
     """Ask every online node for its statistics.
 
     Returns:
-        (site -> statistics, site -> why it kept them, one line per dropped reply).
+        (site -> statistics, site -> why it kept them, one line per dropped reply,
+        site -> bytes of its query and reply, ``query_down`` / ``query_up``, counted like a
+        round's).
     """
     deadline = time.monotonic() + grace
     while len(list(grid.get_node_ids())) < expected and time.monotonic() < deadline:
@@ -193,6 +198,8 @@ def request_stats(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
     withheld: dict[str, str] = {}
     dropped: list[str] = []
     answered: set[int] = set()
+    down = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+    sizes: dict[str, dict[str, int]] = {}
     for reply in replies:
         node = asked.get(reply.metadata.reply_to_message_id)
         if node is None or node in answered:
@@ -207,11 +214,13 @@ def request_stats(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
             continue
         if site in stats or site in withheld:
             dropped.append(f"{site}: answered twice (node {node}); second reply dropped")
-        elif isinstance(found, str):
+            continue
+        sizes[site] = {"query_down": down[node], "query_up": message_bytes(reply)}
+        if isinstance(found, str):
             withheld[site] = found
         else:
             stats[site] = found
-    return stats, withheld, dropped
+    return stats, withheld, dropped, sizes
 
 
 def run_data_check(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
@@ -220,11 +229,12 @@ def run_data_check(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
 
     Returns:
         summary.json's ``data_check``: the sites compared, those that kept their
-        statistics, dropped replies, the flags, each site's statistics, and ``stopped``
-        (flags with ``data_check.on_flag: stop``).
+        statistics, dropped replies, the flags, each site's statistics, ``stopped``
+        (flags with ``data_check.on_flag: stop``) and ``bytes`` (per site, the query and
+        its reply).
     """
     check = cfg.data_check
-    stats, withheld, dropped = request_stats(grid, cfg, timeout, expected, grace)
+    stats, withheld, dropped, sizes = request_stats(grid, cfg, timeout, expected, grace)
     for line in dropped:
         log.warning("data check: %s", line)
     flags = compare_sites(stats, check, class_names(cfg.data))
@@ -244,6 +254,7 @@ def run_data_check(grid: Grid, cfg: Config, timeout: float, expected: int = 0,
         "withheld": withheld, "dropped": dropped, "flags": flags, "stopped": stopped,
         "thresholds": dataclasses.asdict(check),
         "sites": {name: _stats_dict(s) for name, s in stats.items()},
+        "bytes": sizes,
     }
 
 

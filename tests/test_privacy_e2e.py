@@ -149,8 +149,10 @@ def test_client_status_shows_what_ran_on_the_sites_data(runs, tmp_path):
         assert run["accepted"] == sum(a["event"] == "task-accepted" for a in mine)
         assert run["refused"] == sum(a["event"] == "task-refused" for a in mine)
     one, two, refused = status["runs"]
+    # Run one: the data check's query (answered "policy": a DP site keeps its statistics),
+    # two rounds' train and the final evaluate.
     assert (one["accepted"], one["refused"], refused["accepted"], refused["refused"]) == \
-        (3, 0, 0, 1)
+        (4, 0, 0, 1)
     assert one["rounds_trained"] == [1, 2] and two["rounds_declined"] == [1]
     assert one["epsilon_before"] == 0.0 and one["epsilon_after"] == exact
     assert two["epsilon_before"] == two["epsilon_after"] == exact  # declined: no step
@@ -161,6 +163,7 @@ def test_client_status_shows_what_ran_on_the_sites_data(runs, tmp_path):
     for run, summary in ((one, first), (two, second)):
         counted = sum(n for r in summary["rounds"] for k, n in r["bytes"]["site-a"].items()
                       if k.endswith("_up"))
+        counted += summary["data_check"]["bytes"]["site-a"]["query_up"]  # before round 1
         assert run["bytes_sent"] == pytest.approx(counted, abs=64 * run["replies"])
     assert {"epsilon", "status", "steps"} <= set(status["sent_names"]["privacy"])
     assert {"loss", "steps", "num-examples"} <= set(status["sent_names"]["metrics"])
