@@ -178,7 +178,9 @@ def test_page_shows_what_summary_json_holds_before_and_after_rounds(tmp_path, br
         "rounds: 3\n"
         "data: {spacing: [8, 8, 8]}\n"
         "model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}\n"
-        "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 2}\n"
+        # 20 steps: a round lasts longer than the page's 2 s refresh even with the ClientApp
+        # actor already warm (the data check's query starts it before round 1).
+        "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 20}\n"
         "evaluate: {hd95: false}\n")
     run = tmp_path / "run"
     run.mkdir()
