@@ -14,8 +14,8 @@ site cannot tell which of the two is off) and flagged, one line per reason with 
 - orientation: the others agree on one orientation code (≥ 80 % of their cases) that fewer
   than 20 % of this site's cases have (preprocessing reorients every case, so this points at
   a wrong affine rather than a problem by itself);
-- spacing: its median spacing is more than ``max_spacing_ratio`` times off the median of the
-  others' on any axis;
+- spacing: its median voxel size (the geometric mean of the spacing, so thick slices along
+  different axes are alike) is more than ``max_spacing_ratio`` times off the others' median;
 - labels: more than ``max_empty_fraction`` of its cases have an empty label; a class the
   others have is in none of its cases; a class's voxel fraction is more than
   ``max_class_ratio`` times off the others' mean.
@@ -107,17 +107,23 @@ def compare_sites(stats: Mapping[str, SiteStats], check: DataCheckConfig,
         _orientation(site, mine, others, flag)
         same_dims = [s for s in others if len(s.spacing) == len(mine.spacing)]
         if same_dims:
-            median = np.median([s.spacing for s in same_dims], axis=0)
-            own = np.asarray(mine.spacing)
-            ratios = np.maximum(own / median, median / own)
-            axis = int(np.argmax(ratios))
-            if ratios[axis] > check.max_spacing_ratio:
-                flag(site, "spacing", ratios[axis], check.max_spacing_ratio,
-                     f"spacing {' x '.join(f'{v:g}' for v in mine.spacing)} mm is "
-                     f"{ratios[axis]:.1f}x the others' median on axis {'RAS'[axis]} "
-                     f"({' x '.join(f'{v:g}' for v in median)} mm)")
+            # Voxel size, not each axis: thick slices along different axes (1 x 1 x 5 mm
+            # sagittal here, axial there) are ordinary clinical data; a header in the wrong
+            # unit or a far coarser scanner changes the voxel's volume.
+            median = float(np.median([voxel_size(s.spacing) for s in same_dims]))
+            own = voxel_size(mine.spacing)
+            ratio = max(own / median, median / own)
+            if ratio > check.max_spacing_ratio:
+                flag(site, "spacing", ratio, check.max_spacing_ratio,
+                     f"voxel size {own:.3g} mm ({' x '.join(f'{v:g}' for v in mine.spacing)} "
+                     f"mm) is {ratio:.1f}x the others' median ({median:.3g} mm)")
         _classes(site, mine, others, check, classes, flag)
     return flags
+
+
+def voxel_size(spacing: Any) -> float:
+    """A voxel's size as one length: the geometric mean of its spacing (mm)."""
+    return float(np.exp(np.mean(np.log(np.asarray(spacing, dtype=float)))))
 
 
 def _orientation(site: str, mine: SiteStats, others: list[SiteStats], flag: Any) -> None:

@@ -302,7 +302,8 @@ class DataCheckConfig:
     #: Jensen-Shannon distance of a site's intensity histogram to the others' above which
     #: it is flagged.
     max_js: float = 0.6
-    #: Largest ratio of a site's median spacing (any axis) to the others'.
+    #: Largest ratio of a site's median voxel size (geometric mean of the spacing) to the
+    #: others'.
     max_spacing_ratio: float = 2.0
     #: Largest fraction of a site's cases with an empty label.
     max_empty_fraction: float = 0.2

@@ -183,7 +183,7 @@ def test_comparison_flags_empty_labels_missing_class_and_spacing():
         return SiteStats(**{**base, **kw})
 
     honest = {f"h{i}": stats() for i in range(3)}
-    flags = compare_sites({**honest, "odd": stats(spacing=[1.0, 1.0, 3.0], empty_cases=4,
+    flags = compare_sites({**honest, "odd": stats(spacing=[3.0, 3.0, 3.0], empty_cases=4,
                                                   class_cases=[10, 6, 0],
                                                   class_fractions=[0.9, 0.1, 0.0],
                                                   orientation={"LPI": 10})},
@@ -192,10 +192,14 @@ def test_comparison_flags_empty_labels_missing_class_and_spacing():
     assert reasons == [
         "odd: 40 % of labels empty (> 20 %)",
         "odd: orientation LPI, the others' cases are 100 % RAS (check the affines)",
-        "odd: spacing 1 x 1 x 3 mm is 3.0x the others' median on axis S (1 x 1 x 1 mm)",
+        "odd: voxel size 3 mm (3 x 3 x 3 mm) is 3.0x the others' median (1 mm)",
         "odd: class 2 (right) missing",
     ], reasons
     assert compare_sites(honest, DataCheckConfig(), ["background", "a", "b"]) == []
+    # Thick slices along a different axis at every site (sagittal, coronal, axial): alike.
+    thick = {"a": stats(spacing=[5.0, 0.9, 0.9]), "b": stats(spacing=[1.2, 3.0, 1.2]),
+             "c": stats(spacing=[1.5, 1.5, 1.5])}
+    assert compare_sites(thick, DataCheckConfig(), ["background", "a", "b"]) == []
     # Two sites: no consensus to compare with, so only the empty labels are flagged.
     pair = {"h0": honest["h0"], "odd": stats(spacing=[1.0, 1.0, 3.0], empty_cases=4)}
     assert [f["check"] for f in compare_sites(pair, DataCheckConfig(), ["b", "x", "y"])] == [
