@@ -149,6 +149,14 @@ def test_view_outcomes_privacy_bytes_and_faults(tmp_path):
         (1, "rejected", "c"), (2, "error", "b")]
 
 
+def test_unadmitted_nodes_are_listed_as_refused_not_as_sites(tmp_path):
+    view = build_view(write_run(tmp_path, {**SUMMARY, "unadmitted_nodes": [77, "<b>x</b>"]}))
+    refused = [f for f in view["faults"] if f["kind"] == "refused"]
+    assert [(f["site"], f["phase"]) for f in refused] == [("node 77", "admission"),
+                                                          ("node <b>x</b>", "admission")]
+    assert all("node" not in s["name"] for s in view["sites"])
+
+
 def test_metric_keys_follow_the_task_specs_else_the_data():
     fallback = [m["key"] for m in metric_keys(SUMMARY)]
     assert fallback == ["dice", "hd95", "dice/tumour"]

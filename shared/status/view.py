@@ -142,6 +142,13 @@ def _faults(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = [{"round": "before 1", "kind": "flagged", "site": str(_dict(f).get("site")),
             "phase": "data check", "reason": str(_dict(f).get("reason"))}
            for f in _dict(summary.get("data_check")).get("flags") or []]
+    # Nodes that connected with a key the operator never admitted (deployment): an outsider
+    # or a misconfigured hospital; they are never sampled, and what they send is dropped.
+    unadmitted = summary.get("unadmitted_nodes")
+    out += [{"round": "—", "kind": "refused", "site": f"node {_scalar(node)}",
+             "phase": "admission", "reason": "online with a key that was not admitted: "
+             "never sampled, its replies dropped"}
+            for node in (unadmitted if isinstance(unadmitted, list) else [])]
     for r in _rounds(summary):
         for kind, part in (("error", "errors"), ("rejected", "rejected")):
             for fault in r.get(part) or []:
