@@ -170,7 +170,7 @@ def _bench(args: argparse.Namespace) -> int:
     if args.what == "status-overhead":
         from fedscan.simulations import bench_status
 
-        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 3,
+        result = bench_status.status_overhead(Path(args.out), rounds=args.rounds or 2,
                                               repeats=args.repeats or 3)
         print(bench_status.format_status_overhead(result))
     elif args.what == "scale":
@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "scale"],
                    help="dp-overhead: DP vs plain step time per Opacus mode; dp-utility: the "
                         "default federation at epsilon 1, 3, 8 and inf; status-overhead: the "
-                        "same small federation without and with the status page; attacks: four "
+                        "default demo (2 rounds) without and with the status page; attacks: four "
                         "hospitals, one of which lies (10^9 cases, NaN samples, a 5x "
                         "sign-flipped update, Dice 1e9), against the honest run; scale: "
                         "wall time per round, peak memory of the process tree and framework "
