@@ -73,21 +73,37 @@ def _site_data(cfg: Config, site: SiteConfig) -> tuple[Config, SiteData]:
 LOCAL_WEIGHTS = "local-weights"
 
 
-def _load_global(cfg: Config, msg: Message, context: Context,
-                 allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
+#: Folder of ``state_dir`` holding each run's local weights, one file per run id, so that a
+#: restarted site (or a resumed simulation) continues with them.
+LOCAL_WEIGHTS_DIR = "local-weights"
+
+
+def _local_file(site: SiteConfig, run_uid: str) -> Path | None:
+    """Where the site keeps this run's local weights across restarts (its own state folder;
+    a resumed run has the same id, another run never reads them), or None without either.
+    ``run_uid`` was checked to be 32 hex digits when the message was decoded."""
+    if site.state_dir is None or not run_uid:
+        return None
+    return Path(site.state_dir) / LOCAL_WEIGHTS_DIR / f"{run_uid}.pt"
+
+
+def _load_global(cfg: Config, msg: Message, context: Context, allow_task_import: bool = False,
+                 local_file: Path | None = None) -> tuple[torch.nn.Module, Task]:
     """The task and its model: the received global weights plus this site's local ones.
 
     Raises:
         FedscanError: the received arrays are not exactly the weights the task shares, or
             the task is not a built-in one (unless ``allow_task_import``: simulation only).
     """
-    return _load_model(cfg, msg.content[ARRAYS], context, allow_task_import)
+    return _load_model(cfg, msg.content[ARRAYS], context, allow_task_import, local_file)
 
 
 def _load_model(cfg: Config, arrays: ArrayRecord, context: Context,
-                allow_task_import: bool = False) -> tuple[torch.nn.Module, Task]:
+                allow_task_import: bool = False, local_file: Path | None = None
+                ) -> tuple[torch.nn.Module, Task]:
     """The task and its model: ``arrays`` (the weights the task shares) plus this site's
-    local ones (see :func:`_load_global`)."""
+    local ones, from the context state, else from ``local_file`` after a restart (see
+    :func:`_load_global`)."""
     task = build_task(cfg, allow_import=allow_task_import)
     model = task.build_model()
     received = arrays.to_torch_state_dict()
@@ -101,14 +117,34 @@ def _load_model(cfg: Config, arrays: ArrayRecord, context: Context,
     state.update(received)
     if LOCAL_WEIGHTS in context.state.array_records:  # kept from this site's earlier rounds
         state.update(context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict())
+    elif local_file is not None and local_file.is_file():  # a restart: this run's, on disk
+        state.update(_read_local(local_file, set(state) - shared))
     model.load_state_dict(state)
     return model.to(resolve_device(cfg.device)), task
 
 
-def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[str]) -> None:
+def _read_local(path: Path, keys: set[str]) -> dict[str, torch.Tensor]:
+    try:
+        local = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is one error line
+        raise FedscanError(f"{path}: this run's local weights are unreadable "
+                           f"({type(exc).__name__})") from None
+    if not isinstance(local, dict) or set(local) != keys:
+        raise FedscanError(f"{path}: this run's local weights do not fit its model")
+    return local
+
+
+def _keep_local(context: Context, weights: dict[str, torch.Tensor], shared: set[str],
+                local_file: Path | None = None) -> None:
     local = {k: v for k, v in weights.items() if k not in shared}
-    if local:
-        context.state[LOCAL_WEIGHTS] = to_arrays(local)
+    if not local:
+        return
+    context.state[LOCAL_WEIGHTS] = to_arrays(local)
+    if local_file is not None:
+        local_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local_file.with_suffix(".tmp")
+        torch.save({k: v.detach().cpu() for k, v in local.items()}, tmp)
+        tmp.replace(local_file)  # atomic: a crash leaves the previous round's file
 
 
 def site_round_seed(seed: int, site: str, server_round: int) -> int:
@@ -132,7 +168,8 @@ def train(msg: Message, context: Context, site: SiteConfig,
     cfg, instruction = accept_task(msg, site)
     server_round = instruction.server_round
     cfg, data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context, allow_task_import)
+    local_file = _local_file(site, instruction.run_uid)
+    model, task = _load_global(cfg, msg, context, allow_task_import, local_file)
     evaluation = None
     if instruction.evaluate_received:
         # The previous round's model, evaluated here instead of in an evaluate message that
@@ -182,7 +219,10 @@ def train(msg: Message, context: Context, site: SiteConfig,
             # covers: it stays on the site's console and is not sent.
             loss, taken, examples = float("nan"), done.result.steps, done.result.num_examples
     shared = set(task.shared_keys(model))
-    _keep_local(context, weights, shared)
+    # Cross-site fine-tuning keeps the run's local weights as they were (its caller restores
+    # the context state): the file is not rewritten.
+    fine_tune = msg.metadata.message_type == CROSS_SITE_TRAIN
+    _keep_local(context, weights, shared, None if fine_tune else local_file)
     weights = {k: v for k, v in weights.items() if k in shared}
     metrics = MetricRecord({"loss": float(loss), "steps": int(taken),
                             NUM_EXAMPLES: int(examples),
@@ -209,7 +249,8 @@ def evaluate(msg: Message, context: Context, site: SiteConfig,
     """Evaluate the received global model on the site's validation cases."""
     cfg, instruction = accept_task(msg, site)
     cfg, data = _site_data(cfg, site)
-    model, task = _load_global(cfg, msg, context, allow_task_import)
+    model, task = _load_global(cfg, msg, context, allow_task_import,
+                               _local_file(site, instruction.run_uid))
     _save_site_model(cfg, site, model, task, instruction.server_round, echo)
     result = task.evaluate(model, data.validation)
     content = RecordDict({METRICS: MetricRecord(_metric_values(result)),
@@ -252,13 +293,14 @@ def evaluate_models(msg: Message, context: Context, site: SiteConfig,
     The reply holds one MetricRecord per model, under the same name: the task's aggregate
     metrics and the case count, nothing per case.
     """
-    cfg, _ = accept_task(msg, site)
+    cfg, instruction = accept_task(msg, site)
     cfg, data = _site_data(cfg, site)
+    local_file = _local_file(site, instruction.run_uid)
     content = RecordDict({SITE: site_record(site.name)})
     for name, arrays in msg.content.array_records.items():
         if not name.startswith(MODEL_PREFIX):
             raise FedscanError(f"cross-site evaluation: unexpected record {name[:40]!r}")
-        model, task = _load_model(cfg, arrays, context, allow_task_import)
+        model, task = _load_model(cfg, arrays, context, allow_task_import, local_file)
         content[name] = MetricRecord(_metric_values(task.evaluate(model, data.validation)))
     return Message(content=content, reply_to=msg)
 

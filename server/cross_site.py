@@ -51,12 +51,12 @@ from fedscan.shared.tasks.base import MetricSpec
 log = logging.getLogger("fedscan.server")
 
 
-def fine_tune_config(cfg: Config) -> RoundConfig:
+def fine_tune_config(cfg: Config, run_uid: str = "") -> RoundConfig:
     """The message config of step 1: the run's task config with ``fine_tune_steps`` local
     steps, as round ``cfg.rounds`` (a site's ``policy.max_rounds`` accepted the run)."""
     tuned = dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, local_steps=cfg.cross_site.fine_tune_steps, local_epochs=None))
-    return dataclasses.replace(RoundConfig.for_run(tuned), server_round=cfg.rounds)
+    return dataclasses.replace(RoundConfig.for_run(tuned, run_uid), server_round=cfg.rounds)
 
 
 class _Exchange:
@@ -121,11 +121,11 @@ class _Exchange:
 
 
 def collect_local_models(exchange: _Exchange, nodes: Iterable[int], global_arrays: ArrayRecord,
-                         cfg: Config, validator: UpdateValidator
+                         cfg: Config, validator: UpdateValidator, run_uid: str = ""
                          ) -> tuple[dict[str, ArrayRecord], dict[int, str]]:
     """Step 1: ask each node to fine-tune the global model; the valid local models by site,
     and by node why each other one has none (refused, declined, rejected, failed)."""
-    config = fine_tune_config(cfg).to_record()
+    config = fine_tune_config(cfg, run_uid).to_record()
     messages = [Message(RecordDict({ARRAYS: global_arrays, CONFIG: config}),
                         dst_node_id=node, message_type=CROSS_SITE_TRAIN) for node in nodes]
     local: dict[str, ArrayRecord] = {}
@@ -148,11 +148,12 @@ def collect_local_models(exchange: _Exchange, nodes: Iterable[int], global_array
 
 def evaluate_everywhere(exchange: _Exchange, nodes: Iterable[int],
                         models: Mapping[str, ArrayRecord], cfg: Config,
-                        specs: list[MetricSpec], validator: UpdateValidator
+                        specs: list[MetricSpec], validator: UpdateValidator, run_uid: str = ""
                         ) -> dict[str, dict[str, dict[str, float]]]:
     """Step 2: every node evaluates every model; ``{model: {site: metrics}}`` of the records
     that pass the checks of a round's evaluation (others are dropped, reason recorded)."""
-    config = dataclasses.replace(RoundConfig.for_run(cfg), server_round=cfg.rounds).to_record()
+    config = dataclasses.replace(RoundConfig.for_run(cfg, run_uid),
+                                 server_round=cfg.rounds).to_record()
     content = {f"{MODEL_PREFIX}{name}": arrays for name, arrays in models.items()}
     messages = [Message(RecordDict({**content, CONFIG: config}), dst_node_id=node,
                         message_type=CROSS_SITE_EVALUATE) for node in nodes]
@@ -187,7 +188,8 @@ def evaluate_everywhere(exchange: _Exchange, nodes: Iterable[int],
 
 def run_cross_site(grid: Grid, cfg: Config, global_state: Mapping[str, torch.Tensor],
                    specs: list[MetricSpec], validator: UpdateValidator,
-                   node_names: Mapping[int, str] | None = None) -> dict[str, Any]:
+                   node_names: Mapping[int, str] | None = None, run_uid: str = ""
+                   ) -> dict[str, Any]:
     """Both steps on the nodes online now; returns summary.json's ``cross_site`` entry.
 
     Args:
@@ -197,16 +199,18 @@ def run_cross_site(grid: Grid, cfg: Config, global_state: Mapping[str, torch.Ten
         specs: the task's metrics (their ranges validate every value).
         validator: the run's update validator (the fine-tuned models' checks).
         node_names: node id -> registered site name (deployment).
+        run_uid: the run's id (sites read the run's local weights by it).
     """
     exchange = _Exchange(grid, cfg.strategy.round_timeout, node_names or {})
     nodes = sorted(int(n) for n in grid.get_node_ids())
     global_arrays = to_arrays(dict(global_state))
     log.info("cross-site: %d sites fine-tune the global model for %d steps", len(nodes),
              cfg.cross_site.fine_tune_steps)
-    local, missing = collect_local_models(exchange, nodes, global_arrays, cfg, validator)
+    local, missing = collect_local_models(exchange, nodes, global_arrays, cfg, validator,
+                                          run_uid)
     models = {GLOBAL: global_arrays, **{site: local[site] for site in sorted(local)}}
     log.info("cross-site: %d sites evaluate %d models", len(nodes), len(models))
-    matrix = evaluate_everywhere(exchange, nodes, models, cfg, specs, validator)
+    matrix = evaluate_everywhere(exchange, nodes, models, cfg, specs, validator, run_uid)
     sites = sorted({site for row in matrix.values() for site in row})
     not_shared = {exchange.site(node): why for node, why in missing.items()}
     return summarise(matrix, sites, specs, fine_tune_steps=cfg.cross_site.fine_tune_steps,

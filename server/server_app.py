@@ -80,12 +80,12 @@ def evaluate_test_sets(cfg: Config, state_dict: dict[str, torch.Tensor],
 
 def cross_site_stage(grid: Grid, cfg: Config, final_state: dict[str, torch.Tensor],
                      task: Task, validator: UpdateValidator,
-                     node_names: dict[int, str] | None) -> dict[str, Any]:
+                     node_names: dict[int, str] | None, run_uid: str = "") -> dict[str, Any]:
     """The cross-site matrix of the final model (:mod:`fedscan.server.cross_site`), printed;
     a failure is recorded and logged, never losing the run's other outputs."""
     try:
         cross = run_cross_site(grid, cfg, final_state, list(task.metrics), validator,
-                               node_names)
+                               node_names, run_uid)
     except Exception as exc:  # the trained model and its evaluation are already safe
         log.warning("cross-site evaluation failed: %s: %s", type(exc).__name__, exc)
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -183,7 +183,7 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
                             f"(round {known[-1]['round']} model)")
         progress.round_done()
 
-    round_config = RoundConfig.for_run(cfg)
+    round_config = RoundConfig.for_run(cfg, history.run_uid)
     try:
         final_arrays = run_rounds(
             strategy, grid, arrays, range(first, cfg.rounds + 1),
@@ -199,7 +199,8 @@ def run_federation(grid: Grid, cfg: Config, out_dir: Path, resume: bool = False,
             live.listeners.remove(progress.sites_changed)
     final_state = final_arrays.to_torch_state_dict() if len(final_arrays) else initial
     model_path = history.save_final_model(final_state)
-    cross = (cross_site_stage(grid, cfg, final_state, task, validator, node_names)
+    cross = (cross_site_stage(grid, cfg, final_state, task, validator, node_names,
+                              history.run_uid)
              if cfg.cross_site.enabled else None)
     final = {"test_sets": evaluate_test_sets(cfg, final_state, history.tracker)}
     summary = history.write_summary(final=final, model=model_path)
@@ -227,8 +228,10 @@ def rerun_cross_site(grid: Grid, cfg: Config, out_dir: Path) -> dict[str, Any]:
     shared = set(task.shared_keys(model))
     state = {k: v for k, v in state.items() if k in shared}
     validator = UpdateValidator.from_config(state, cfg, task.metrics)
-    cross = cross_site_stage(grid, cfg, state, task, validator, None)
-    summary = add_to_summary(out_dir, json.loads(summary_path.read_text()), cross)
+    summary = json.loads(summary_path.read_text())
+    cross = cross_site_stage(grid, cfg, state, task, validator, None,
+                             str(summary.get("run_uid") or ""))
+    summary = add_to_summary(out_dir, summary, cross)
     write_report(out_dir, summary)
     return summary
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import secrets
 import statistics
 import time
 from collections.abc import Sequence
@@ -90,6 +91,8 @@ class RunHistory:
         self.model_fp32_bytes: int | None = None
         #: Rounds after which the run was resumed (a restart after a crash).
         self.resumed_after: list[int] = []
+        #: The run's id, kept by a resume: sites file the run's local weights under it.
+        self.run_uid = secrets.token_hex(16)
         #: TensorBoard (and MLflow when configured) get every summary this writes.
         self.tracker = Tracker(self.out_dir, cfg, mode)
         #: Nodes that were online but whose keys the operator never admitted (not sampled).
@@ -174,6 +177,7 @@ class RunHistory:
         """Continue a run: keep the recorded rounds up to ``last_round`` from its summary."""
         self.rounds = [r for r in summary.get("rounds", []) if r["round"] <= last_round]
         self.resumed_after = [*summary.get("resumed_after", []), last_round]
+        self.run_uid = str(summary.get("run_uid") or self.run_uid)
         self.unadmitted_nodes = list(summary.get("unadmitted_nodes", []))
         self.data_check = summary.get("data_check")
         self.started -= float(summary.get("seconds") or 0.0)
@@ -232,6 +236,7 @@ class RunHistory:
             "seconds": round(time.time() - self.started, 3),
             "model_fp32_bytes": self.model_fp32_bytes,
             "resumed_after": self.resumed_after,
+            "run_uid": self.run_uid,
             "unadmitted_nodes": self.unadmitted_nodes,
             "data_check": self.data_check,
             "config": self.cfg.to_dict(),

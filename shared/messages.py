@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,12 @@ def message_bytes(msg: Message) -> int:
 
 
 #: The version of :class:`RoundConfig`; bump it when its meaning changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = "schema-version"
+#: The run's id (32 hex digits, the same after a resume): where a site keeps the run's local
+#: weights. Empty in messages outside a run's rounds (the data check).
+RUN_UID = "run-uid"
+_RUN_UID_PATTERN = re.compile(r"[0-9a-f]{32}")
 #: Flower's FedAvg (and every strategy built on it) sets this key in the config it sends.
 SERVER_ROUND = "server-round"
 #: Flower's FedProx sets this key to its μ.
@@ -114,6 +119,7 @@ class RoundConfig:
         proximal_mu: FedProx's μ (Flower's FedProx sets it; 0 otherwise).
         evaluate_received: train messages: evaluate the received model (the previous
             round's aggregate) on the site's validation cases before training it.
+        run_uid: the run's id (:data:`RUN_UID`), "" when none.
         schema_version: :data:`SCHEMA_VERSION` of the sender.
     """
 
@@ -121,10 +127,11 @@ class RoundConfig:
     server_round: int = 0
     proximal_mu: float = 0.0
     evaluate_received: bool = False
+    run_uid: str = ""
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
-    def for_run(cls, cfg: Config) -> RoundConfig:
+    def for_run(cls, cfg: Config, run_uid: str = "") -> RoundConfig:
         """The config of a run's messages: what stays at the sites (their data, privacy) is
         left out, and no path travels (``harmonisation.reference`` comes from each site's
         own config), so the server can neither loosen a guarantee nor choose what a site
@@ -132,12 +139,12 @@ class RoundConfig:
         data = {k: v for k, v in cfg.to_dict().items()
                 if k not in SITE_ONLY_KEYS and k not in SERVER_ONLY_KEYS}
         data["harmonisation"]["reference"] = None
-        return cls(task_config=json.dumps(data))
+        return cls(task_config=json.dumps(data), run_uid=run_uid)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({SCHEMA: self.schema_version, TASK_CONFIG: self.task_config,
                              SERVER_ROUND: self.server_round, PROXIMAL_MU: self.proximal_mu,
-                             EVALUATE_RECEIVED: self.evaluate_received})
+                             EVALUATE_RECEIVED: self.evaluate_received, RUN_UID: self.run_uid})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> RoundConfig:
@@ -155,9 +162,13 @@ class RoundConfig:
             out = cls(task_config=_typed(record, TASK_CONFIG, str),
                       server_round=_typed(record, SERVER_ROUND, int, 0),
                       proximal_mu=float(_typed(record, PROXIMAL_MU, (int, float), 0.0)),
-                      evaluate_received=_typed(record, EVALUATE_RECEIVED, bool, False))
+                      evaluate_received=_typed(record, EVALUATE_RECEIVED, bool, False),
+                      run_uid=_typed(record, RUN_UID, str, ""))
         except (KeyError, TypeError) as exc:
             raise FedscanError(f"message config: {exc.args[0]}") from None
+        # A site names a file after it: nothing but an id may pass.
+        if out.run_uid and not _RUN_UID_PATTERN.fullmatch(out.run_uid):
+            raise FedscanError(f"message config: {RUN_UID!r} is not 32 hex digits")
         return out
 
     def site_config(self, site: SiteConfig) -> Config:

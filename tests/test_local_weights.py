@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from fedscan.client.client_app import LOCAL_WEIGHTS, make_client_app
+from fedscan.client.client_app import LOCAL_WEIGHTS, LOCAL_WEIGHTS_DIR, make_client_app
 from fedscan.shared.checkpoint import SITE_MODEL, load_model
 from fedscan.shared.config import SiteConfig, parse_config
 from fedscan.shared.messages import to_arrays
@@ -103,3 +103,44 @@ def test_no_site_model_when_everything_is_shared(fedbn, tmp_path):
         train_message(cfg, to_arrays(shared), 1, evaluate=True), client_context())
     assert not reply.has_error(), reply.error
     assert not (tmp_path / "state" / SITE_MODEL).exists()
+
+
+def test_a_restarted_site_continues_with_this_runs_local_weights(fedbn, tmp_path):
+    """A fresh process (a resumed simulation, a restarted hospital daemon) reads the run's
+    local weights from the site's state folder; a run with another id never does."""
+    cfg, site = fedbn
+    site = SiteConfig(site.name, site.data, state_dir=str(tmp_path / "state"))
+    shared, model = _shared(cfg)
+    app = make_client_app(lambda ctx: site)
+    run = "0123456789abcdef" * 2
+    reply1 = app(train_message(cfg, to_arrays(shared), 1, run_uid=run), client_context())
+    assert not reply1.has_error(), reply1.error
+    on_disk = torch.load(tmp_path / "state" / LOCAL_WEIGHTS_DIR / f"{run}.pt")
+    assert set(on_disk) == set(model.state_dict()) - set(shared)
+
+    # The site's final evaluation after a restart saves the model with round 1's norms.
+    reply = app(train_message(cfg, reply1.content["arrays"], 1, evaluate=True, run_uid=run),
+                client_context())
+    assert not reply.has_error(), reply.error
+    _, state, _ = load_model(tmp_path / "state" / SITE_MODEL)
+    assert all(torch.equal(state[k], on_disk[k]) for k in on_disk)
+    # Another run (another id) starts from the model's own norms, not this run's.
+    other = "f" * 32
+    reply = app(train_message(cfg, reply1.content["arrays"], 1, evaluate=True, run_uid=other),
+                client_context())
+    assert not reply.has_error(), reply.error
+    _, state, _ = load_model(tmp_path / "state" / SITE_MODEL)
+    assert all(torch.equal(state[k], model.state_dict()[k]) for k in on_disk)
+    assert not (tmp_path / "state" / LOCAL_WEIGHTS_DIR / f"{other}.pt").exists()
+
+
+@pytest.mark.parametrize("run_uid", ["../../etc/passwd", "0" * 31, "G" * 32, "0" * 33])
+def test_a_run_id_that_is_not_32_hex_digits_is_refused(fedbn, tmp_path, run_uid):
+    cfg, site = fedbn
+    site = SiteConfig(site.name, site.data, state_dir=str(tmp_path / "state"))
+    shared, _ = _shared(cfg)
+    reply = make_client_app(lambda ctx: site)(
+        train_message(cfg, to_arrays(shared), 1, run_uid=run_uid), client_context())
+    assert reply.has_error()
+    assert not (tmp_path / "state" / LOCAL_WEIGHTS_DIR).exists()
+    assert run_uid not in reply.error.reason

@@ -1,7 +1,8 @@
 """A real simulation (Ray) killed with SIGKILL after round 2 and continued with
 ``fedscan simulate --resume`` ends with the uninterrupted run's weights (1e-6) and every
 site's ε: DP sites, 2 of 3 sites sampled per round (FedAdam, so its moments must be
-restored too)."""
+restored too), FedBN (each site's own normalisation layers must be restored from its state
+folder: with them reset, the shared weights of rounds 3-4 differ)."""
 
 import json
 import subprocess
@@ -23,7 +24,7 @@ sites:
   - {name: site-c, data: data/site-c}
 rounds: 4
 data: {spacing: [8, 8, 8]}
-model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}
+model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0, local_norm: true}
 train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 2}
 evaluate: {hd95: false}
 strategy: {name: fedadam, fraction_train: 0.67, eta: 0.05}
@@ -88,6 +89,10 @@ def test_sigkilled_simulation_resumes_to_the_uninterrupted_result(tmp_path):
 
     summary = json.loads((split / "summary.json").read_text())
     assert summary["resumed_after"] == [2]
+    run_uid = summary["run_uid"]  # the same run id before and after the kill
+    assert sorted(p.parent.parent.name for p in split.glob("site-state/*/local-weights/*.pt")
+                  ) == ["site-a", "site-b", "site-c"]
+    assert {p.stem for p in split.glob("site-state/*/local-weights/*.pt")} == {run_uid}
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
     sampled = [r["sampled"] for r in summary["rounds"]]
     assert sampled == [r["sampled"] for r in full_summary["rounds"]]
