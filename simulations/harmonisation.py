@@ -10,7 +10,8 @@ else, for the built-in phantom hospitals, the phantom generator's
 1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
    and scores raw and harmonised images against the truth (PSNR, SSIM, same normalisation
    for all, on the model grid, on the scan's own grid and there inside the head), beside the
-   round-trip ceiling (the truth itself through the model's grid and back);
+   round-trip ceiling (the truth itself through the model's grid and back: the grid's share
+   of the gap);
 2. segments each site's scored cases with segmentation models trained on the reference
    domain (the consortium's public reference set, which has labels), once on the raw scans
    and once harmonised first: one model of the reference scanner alone, and one trained with
@@ -118,8 +119,8 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
     model on anisotropic or finer sites. ``head_*``: the native grid inside the head
     (:func:`~fedscan.simulations.truth.head_mask` of the truth), where the anatomy is.
     ``*_ceiling``: the truth itself through that round trip (the preprocessing and
-    inversion ``fedscan harmonize`` applies, with a perfect generator), the best a model on
-    this grid can score natively.
+    inversion ``fedscan harmonize`` applies): what a generator that output the truth exactly
+    on the model grid would score natively, the grid's share of the gap.
 
     Args:
         generator: the site-to-reference generator, in eval mode, on ``device``.
@@ -307,12 +308,15 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     return {"sites": sites, "most_shifted": most}
 
 
-def _middle_slice(image: str | Path | nib.Nifti1Image) -> np.ndarray:
-    """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]."""
+def _middle_slice(image: str | Path | nib.Nifti1Image, normalise: bool = True) -> np.ndarray:
+    """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]
+    (``normalise``; else as stored, for a mask)."""
     img = nib.as_closest_canonical(image if isinstance(image, nib.Nifti1Image)
                                    else nib.load(image))
     data = img.get_fdata(dtype=np.float32)
     data = data[..., 0] if data.ndim == 4 else data  # the first channel of a 4D image
+    if not normalise:
+        return np.rot90(data[:, :, data.shape[2] // 2])
     # Reorienting leaves negative strides, which torch (inside the scaling) refuses.
     data = normalise_intensity(np.ascontiguousarray(data))
     return np.rot90(data[:, :, data.shape[2] // 2])
@@ -337,11 +341,16 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]],
                   (_middle_slice(sites[site.name]["harmonised"][cid]),
                    f"harmonised\nPSNR {m['grid_psnr_harmonised']:.1f} dB, "
                    f"SSIM {m['grid_ssim_harmonised']:.3f}"),
-                  (_middle_slice(nib.Nifti1Image(truth, affine)), "reference-domain truth")]
+                  (_middle_slice(nib.Nifti1Image(truth, affine)),
+                   f"reference-domain truth, head outlined\nnative ceiling "
+                   f"{m['native_psnr_ceiling']:.1f} dB, SSIM {m['native_ssim_ceiling']:.3f}")]
         for col, (image, title) in enumerate(images):
             axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_title(title, fontsize=9)
             axes[row][col].axis("off")
+        mask = head_mask(channels_first(truth)).astype(np.float32)
+        axes[row][2].contour(_middle_slice(nib.Nifti1Image(mask, affine), normalise=False),
+                             levels=[0.5], colors="tab:orange", linewidths=0.8)
     fig.suptitle("Harmonisation, site means on the model grid over the scored cases (first "
                  "case shown)", fontsize=10)
     fig.tight_layout()
@@ -374,8 +383,10 @@ def format_study(study: dict[str, Any]) -> str:
              "scan's own grid, which also pays for resampling there and back (a blur the raw "
              "scan never had); inside the head: the same, scored only inside a head mask of the "
              "truth (the air around the head left out). Ceiling: the truth itself sent through "
-             "the model's grid and back, the best any harmoniser on that grid can score there; "
-             "the gap between it and a perfect score is the grid's, not the generator's.", ""]
+             "the model's grid and back, what a generator that output the truth exactly on "
+             "the model grid would score on the native grid; the gap between it and a perfect "
+             "score is the grid's, not the generator's (raw scans, which make no round trip, "
+             "can score above it).", ""]
     d = study.get("downstream")
     if d:
         most = d["most_shifted"]

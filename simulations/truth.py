@@ -43,7 +43,8 @@ def read_truth(site: SiteConfig, index: int, data: DataConfig) -> dict[str, str]
     """
     key = f"config key 'sites[{index}].truth'"
     try:
-        truth = read_dataset(site.truth, name=f"{site.name} truth", check=False, labelled=False)
+        truth = read_dataset(site.truth, name=f"{site.name} truth", check=False, labelled=False,
+                             in_channels=data.in_channels)
     except DataError as exc:
         raise ConfigError(f"{key}: {exc}") from None
     paths = {c["case"]: c["image"] for c in truth.cases}
