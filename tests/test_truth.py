@@ -207,6 +207,29 @@ def test_two_channel_truth_is_scored_per_channel(tmp_path):
     assert scores["native_ssim_raw"] < one["native_ssim_raw"]
 
 
+def test_two_channel_truth_folder_is_read_with_the_run_channels(tmp_path):
+    anatomy_rng, scanner_rng = P.case_rngs(0, "hosp", 0)
+    image, label, affine = P.render(P.sample_anatomy(anatomy_rng), PROFILE, scanner_rng)
+    truth, _ = P.reference_truth(0, "hosp", 0, PROFILE)
+    names = {"0": "T1", "1": "T2"}
+    for folder, array in (("data/hosp", np.stack([image, image], -1).astype(np.float32)),
+                          ("truth/hosp", np.stack([truth, truth], -1))):
+        root = tmp_path / folder
+        (root / "imagesTr").mkdir(parents=True)
+        (root / "labelsTr").mkdir()
+        _save(array, affine, root / "imagesTr" / "hosp_000.nii.gz")
+        P._save_nifti(label, affine, root / "labelsTr" / "hosp_000.nii.gz")
+        entry = {"image": "./imagesTr/hosp_000.nii.gz", "label": "./labelsTr/hosp_000.nii.gz"}
+        (root / "dataset.json").write_text(json.dumps(
+            {"channel_names": names, "training": [entry]}))
+    cfg = load_config_text(tmp_path, CONFIG.replace(
+        "data: {spacing: [8, 8, 8]}", "data: {spacing: [8, 8, 8], in_channels: 2}"))
+    assert list(read_truth(cfg.sites[0], 0, cfg.data)) == ["hosp_000"]
+    cfg = load_config_text(tmp_path, CONFIG)  # one channel: the truth's dataset.json says two
+    with pytest.raises(ConfigError, match=r"sites\[0\]\.truth.*channel"):
+        read_truth(cfg.sites[0], 0, cfg.data)
+
+
 def load_config_text(folder: Path, text: str):
     path = folder / "cfg.yaml"
     path.write_text(text)
