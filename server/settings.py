@@ -84,6 +84,10 @@ def load_server_settings(path: str | Path) -> ServerSettings:
                             raise ConfigError(
                                 f"sites[{i}].{key}: a hospital sets this in its own site.yaml; "
                                 "the server never sees it (remove it here)")
+                    if "truth" in site:
+                        raise ConfigError(
+                            f"sites[{i}].truth: the harmonisation study's paired truth is for "
+                            "simulations only; a deployment never reads it (remove it here)")
                     if site.get("public_key"):
                         keys[str(site.get("name"))] = str(base / site.pop("public_key"))
                     site.pop("public_key", None)

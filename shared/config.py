@@ -89,6 +89,11 @@ class SiteConfig:
     #: operator admitted it; a reply claiming more is rejected. None: not declared (the
     #: site's aggregation weight is then capped by ``strategy.max_weight_ratio``).
     max_examples: int | None = None
+    #: Simulation only: the harmonisation study's paired truth, an MSD folder with the same
+    #: case ids as ``data``, each image the case's anatomy through the reference scanner on
+    #: the case's own grid. No training or evaluation a site runs reads it, and it never
+    #: travels (the study scores against it on the researcher's machine).
+    truth: str | None = None
 
 
 @dataclass
@@ -508,6 +513,8 @@ def from_dict(cls: type, data: Any, path: str, base: Path | None) -> Any:
         if (obj.harmonisation_reference is not None
                 and not Path(obj.harmonisation_reference).is_absolute()):
             obj.harmonisation_reference = str((base / obj.harmonisation_reference).resolve())
+        if obj.truth is not None and not Path(obj.truth).is_absolute():
+            obj.truth = str((base / obj.truth).resolve())
     if (isinstance(obj, HarmonisationConfig) and base is not None and obj.reference is not None
             and not Path(obj.reference).is_absolute()):
         obj.reference = str((base / obj.reference).resolve())
@@ -576,12 +583,15 @@ def _check_values(cfg: Config) -> None:
     for i, site in enumerate(cfg.sites):
         check_privacy(site.privacy, f"sites[{i}].privacy", bad)
         check_policy(site.policy, f"sites[{i}].policy", bad)
+        if site.truth is not None and cfg.task != "harmonisation":
+            raise bad(f"sites[{i}].truth", "only the harmonisation study reads a paired truth "
+                      "(task: harmonisation)")
     for i, test_set in enumerate(cfg.test_sets):
         if (test_set.privacy is not None or test_set.state_dir is not None
                 or test_set.policy != SitePolicy() or test_set.harmonisation_reference
-                or test_set.max_examples is not None):
+                or test_set.max_examples is not None or test_set.truth is not None):
             raise bad(f"test_sets[{i}]", "a test set is evaluated on the server: no privacy, "
-                      "state_dir, policy, harmonisation_reference or max_examples")
+                      "state_dir, policy, harmonisation_reference, max_examples or truth")
     if cfg.model.norm == "group":
         bad_ch = [c for c in cfg.model.channels if c % 2]
         if bad_ch:

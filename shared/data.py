@@ -301,19 +301,23 @@ def _read_json(json_path: Path) -> dict[str, Any]:
     return spec
 
 
-def _parse_entries(json_path: Path, root: Path, key: str, entries: Any) -> list[Case]:
-    """Turn one dataset.json list into cases with absolute paths that exist."""
+def _parse_entries(json_path: Path, root: Path, key: str, entries: Any,
+                   labelled: bool = True) -> list[Case]:
+    """Turn one dataset.json list into cases with absolute paths that exist (``labelled``:
+    each with a label; otherwise only images are read, a label entry is ignored)."""
     if not isinstance(entries, list) or not entries:
         raise DataError(f"{json_path}: '{key}' must be a non-empty list")
+    keys = ("image", "label") if labelled else ("image",)
     cases = []
     for i, entry in enumerate(entries):
         where = f"{json_path}: '{key}'[{i}]"
         if not (isinstance(entry, dict) and all(
-            isinstance(entry.get(k), str) and entry[k].strip() for k in ("image", "label")
+            isinstance(entry.get(k), str) and entry[k].strip() for k in keys
         )):
-            raise DataError(f"{where} must be an object with 'image' and 'label' path strings")
+            raise DataError(f"{where} must be an object with "
+                            f"{' and '.join(repr(k) for k in keys)} path strings")
         paths = {}
-        for k in ("image", "label"):
+        for k in keys:
             rel = entry[k]
             if not rel.endswith(NIFTI_SUFFIXES):
                 raise DataError(f"{where}.{k}: expected a .nii or .nii.gz file, got {rel!r}")
@@ -323,8 +327,7 @@ def _parse_entries(json_path: Path, root: Path, key: str, entries: Any) -> list[
                 raise DataError(f"{path}: missing (referenced by '{key}'[{i}].{k} "
                                 f"in {json_path})")
             paths[k] = path
-        cases.append({"image": paths["image"], "label": paths["label"],
-                      "case": case_id(paths["image"])})
+        cases.append({**paths, "case": case_id(paths["image"])})
     return cases
 
 
@@ -521,6 +524,7 @@ def read_dataset(
     in_channels: int = 1,
     check: bool = True,
     contract: LabelContract = LabelContract(),
+    labelled: bool = True,
 ) -> SiteData:
     """Read a site's MSD-layout folder into training and validation cases.
 
@@ -538,6 +542,8 @@ def read_dataset(
         check: also read every file fully and validate it (:func:`check_case`).
         contract: the run config's class and channel names and mirror pairs, which
             dataset.json must agree with where it declares its own.
+        labelled: every case has a label. False: an image-only folder (a paired truth);
+            its cases have no ``label`` and ``check`` must be False.
 
     Returns:
         The site's cases, each list sorted by case id.
@@ -548,6 +554,8 @@ def read_dataset(
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if check and not labelled:
+        raise ValueError("check needs labelled cases")
     root = Path(os.path.abspath(os.path.expanduser(root)))
     if not root.exists():
         raise DataError(f"{root}: data folder not found")
@@ -560,9 +568,9 @@ def read_dataset(
         raise DataError(f"{json_path}: 'training' must be a non-empty list")
     class_names, channel_names, mirror_pairs, symmetric = _metadata(
         json_path, spec, num_classes, in_channels, contract)
-    train = _parse_entries(json_path, root, "training", spec["training"])
+    train = _parse_entries(json_path, root, "training", spec["training"], labelled)
     explicit = spec.get("validation")
-    validation = (_parse_entries(json_path, root, "validation", explicit)
+    validation = (_parse_entries(json_path, root, "validation", explicit, labelled)
                   if explicit not in (None, []) else [])
 
     seen: dict[str, str] = {}

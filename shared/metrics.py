@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from monai.metrics import PSNRMetric, SSIMMetric, compute_dice, compute_hausdorff_distance
+from monai.metrics.regression import compute_ssim_and_cs
 from monai.networks.utils import one_hot
 from nibabel.affines import voxel_sizes
 
@@ -178,23 +179,89 @@ def cycle_metrics(x: torch.Tensor, reconstructed: torch.Tensor, harmonised: torc
             "change": float((harmonised - x).abs().mean())}
 
 
+#: SSIM's Gaussian window (MONAI's defaults): 11 voxels wide, sigma 1.5.
+SSIM_WINDOW, SSIM_SIGMA = 11, 1.5
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray,
+                data_range: float = 1.0) -> float:
+    """PSNR in dB of ``a`` against ``b`` over the voxels of ``mask`` (``inf`` if equal
+    there, ``nan`` for an empty mask)."""
+    _same_shape("psnr", a, b)
+    _same_shape("psnr mask", a, mask)
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return float("nan")
+    mse = float(np.mean((np.asarray(a, np.float64)[mask] - np.asarray(b, np.float64)[mask]) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(data_range ** 2 / mse)
+
+
+def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray,
+                data_range: float = 1.0) -> float:
+    """Mean SSIM of the windows centred on ``mask``'s voxels (the same window and constants
+    as :func:`ssim`; windows must lie inside the image, so a band of half a window at the
+    border is left out as :func:`ssim` leaves it out). ``nan`` if no window is centred on
+    the mask."""
+    _same_shape("ssim", a, b)
+    _same_shape("ssim mask", a, mask)
+    dims = len(np.shape(a))
+    ssim_map, _ = compute_ssim_and_cs(_batched(a), _batched(b), spatial_dims=dims,
+                                      kernel_size=[SSIM_WINDOW] * dims,
+                                      kernel_sigma=[SSIM_SIGMA] * dims, data_range=data_range)
+    half = SSIM_WINDOW // 2
+    inner = np.asarray(mask, dtype=bool)[tuple(slice(half, n - half) for n in np.shape(a))]
+    if not inner.any():
+        return float("nan")
+    return float(ssim_map[0, 0].numpy()[inner].mean())
+
+
+def similarity(image: np.ndarray, truth: np.ndarray,
+               percentiles: tuple[float, float] | list[float] = (0.5, 99.5),
+               mask: np.ndarray | None = None) -> dict[str, float]:
+    """PSNR and SSIM of an image against its paired truth, both normalised alike
+    (:func:`normalise_intensity`, each channel on its own), averaged over channels.
+
+    Args:
+        image: 3D, or 4D channels first ``(C, X, Y, Z)``.
+        truth: the same shape.
+        percentiles: ``data.intensity_percentiles``.
+        mask: spatial boolean mask: score only there (the whole image normalised first,
+            so a region is judged on the same scale as the whole); None: everywhere.
+
+    Returns:
+        ``psnr`` and ``ssim``.
+    """
+    _same_shape("similarity", image, truth)
+    image, truth = np.asarray(image), np.asarray(truth)
+    if image.ndim < 4:
+        image, truth = image[None], truth[None]
+    scores = []
+    for a, t in zip(image, truth, strict=True):
+        a, t = normalise_intensity(a, percentiles), normalise_intensity(t, percentiles)
+        scores.append((psnr(a, t), ssim(a, t)) if mask is None
+                      else (masked_psnr(a, t, mask), masked_ssim(a, t, mask)))
+    return {"psnr": float(np.mean([p for p, _ in scores])),
+            "ssim": float(np.mean([s for _, s in scores]))}
+
+
 def truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
-                  percentiles: tuple[float, float] | list[float] = (0.5, 99.5)
-                  ) -> dict[str, float]:
+                  percentiles: tuple[float, float] | list[float] = (0.5, 99.5),
+                  mask: np.ndarray | None = None) -> dict[str, float]:
     """PSNR and SSIM against a paired ground truth, before and after harmonisation.
 
     All three images share one voxel grid and are normalised alike
-    (:func:`normalise_intensity`), so the gain measures contrast, bias and noise only.
+    (:func:`similarity`), so the gain measures contrast, bias and noise only.
 
     Args:
-        raw: the site's image as stored.
+        raw: the site's image as stored (3D, or 4D channels first).
         harmonised: the harmonised image on the same grid.
         truth: the same anatomy in the reference domain on the same grid.
         percentiles: ``data.intensity_percentiles``.
+        mask: score only inside it (spatial, boolean); None: the whole image.
 
     Returns:
         ``psnr_raw``, ``psnr_harmonised``, ``ssim_raw``, ``ssim_harmonised``.
     """
-    r, h, t = (normalise_intensity(np.squeeze(x), percentiles) for x in (raw, harmonised, truth))
-    return {"psnr_raw": psnr(r, t), "psnr_harmonised": psnr(h, t),
-            "ssim_raw": ssim(r, t), "ssim_harmonised": ssim(h, t)}
+    r, h = (similarity(x, truth, percentiles, mask) for x in (raw, harmonised))
+    return {"psnr_raw": r["psnr"], "psnr_harmonised": h["psnr"],
+            "ssim_raw": r["ssim"], "ssim_harmonised": h["ssim"]}

@@ -49,11 +49,12 @@ def site_for_client(cfg: Config, site: SiteConfig, out_dir: Path) -> SiteConfig:
     top-level one), a state folder ``out_dir/site-state/<site>`` for its ε ledger, audit and
     site log unless it names one (so a resumed run continues each site's ledger), and the
     site-side paths of the researcher's config (``harmonisation.reference`` unless the site
-    names its own): the server's task config carries no path, as in deployment."""
+    names its own): the server's task config carries no path, as in deployment. The
+    study's paired truth (``truth``) is the researcher's: the hospital never holds it."""
     state_dir = site.state_dir or str(Path(out_dir).resolve() / "site-state" / site.name)
     reference = site.harmonisation_reference or cfg.harmonisation.reference
     return dataclasses.replace(site, privacy=cfg.site_privacy(site), state_dir=state_dir,
-                               harmonisation_reference=reference)
+                               harmonisation_reference=reference, truth=None)
 
 
 def run_federated(cfg: Config, out_dir: Path, resume: bool = False,

@@ -1,12 +1,17 @@
-"""Does harmonisation help? The study a researcher runs on the phantom hospitals.
+"""Does harmonisation help? The study a researcher runs on hospitals with a paired truth.
 
-Phantoms can render the same head under every scanner, so each site's scan has a paired
-ground truth in the reference domain (:func:`~fedscan.simulations.phantoms.reference_truth`), used
-here for evaluation only. After a federated CycleGAN run (``task: harmonisation``) this:
+Each site's scans need a paired ground truth in the reference domain (the same anatomy
+through the reference scanner, on the scan's grid), used here for evaluation only: a site's
+``truth:`` folder (:mod:`~fedscan.simulations.truth`; real-anatomy federations write one),
+else, for the built-in phantom hospitals, the phantom generator's
+(:func:`~fedscan.simulations.phantoms.reference_truth`). After a federated CycleGAN run
+(``task: harmonisation``) this:
 
 1. harmonises each site's cases with its own site-to-reference generator (``site_model.pt``)
    and scores raw and harmonised images against the truth (PSNR, SSIM, same normalisation
-   for all, on the model grid and on the scan's own grid);
+   for all, on the model grid, on the scan's own grid and there inside the head), beside the
+   round-trip ceiling (the truth itself through the model's grid and back: the grid's share
+   of the gap);
 2. segments each site's scored cases with segmentation models trained on the reference
    domain (the consortium's public reference set, which has labels), once on the raw scans
    and once harmonised first: one model of the reference scanner alone, and one trained with
@@ -26,6 +31,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,17 +42,23 @@ from torch import nn
 
 from fedscan.shared.checkpoint import SITE_MODEL
 from fedscan.shared.config import Config, SiteConfig, parse_config
-from fedscan.shared.data import case_id, load_nifti, read_dataset, read_site
+from fedscan.shared.data import AFFINE_ATOL, case_id, load_nifti, read_dataset, read_site
 from fedscan.shared.errors import DataError
-from fedscan.shared.inference import harmonise_on_grids, load_cyclegan, preprocess_image
-from fedscan.shared.metrics import normalise_intensity, truth_metrics
+from fedscan.shared.inference import (
+    harmonise_on_grids,
+    load_cyclegan,
+    preprocess_image,
+    to_native,
+)
+from fedscan.shared.metrics import normalise_intensity, similarity, truth_metrics
 from fedscan.shared.report import _table
 from fedscan.shared.tasks.base import Case, resolve_device
 from fedscan.simulations.federated import site_for_client
 from fedscan.simulations.phantoms import SITE_PROFILES, profile_grid, reference_truth
+from fedscan.simulations.truth import channels_first, head_mask, load_truth, read_truth
 
-#: Row labels of the two scoring grids.
-_GRID_NAMES = {"grid": "model", "native": "native"}
+#: Row labels of the scoring grids (and the head region of the native grid).
+_GRID_NAMES = {"grid": "model", "native": "native", "head": "native, inside the head"}
 
 #: Case ids the phantom generator writes: ``<site>_<index>``.
 _CASE_ID = re.compile(r"^(?P<site>.+)_(?P<index>\d{3})$")
@@ -95,7 +107,8 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
                         truth_affine: np.ndarray, cfg: Config,
                         device: torch.device | str = "cpu"
                         ) -> tuple[dict[str, float], nib.Nifti1Image]:
-    """Raw and harmonised image against a paired ground truth, in two grids.
+    """Raw and harmonised image against a paired ground truth, in two grids, and the
+    round-trip ceiling.
 
     ``grid_*``: on the model's grid. The raw image, the truth and the generator's output all
     come out of the same preprocessing (resampling, percentile scaling), so the score
@@ -103,38 +116,50 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
     harmonised image as ``fedscan harmonize`` writes it against the stored raw image; for
     an input grid other than the model's this also charges the harmonised image for the
     resampling round trip (a blur the raw image never had), which caps the gain of any
-    model on anisotropic or finer sites.
+    model on anisotropic or finer sites. ``head_*``: the native grid inside the head
+    (:func:`~fedscan.simulations.truth.head_mask` of the truth), where the anatomy is.
+    ``*_ceiling``: the truth itself through that round trip (the preprocessing and
+    inversion ``fedscan harmonize`` applies): what a generator that output the truth exactly
+    on the model grid would score natively, the grid's share of the gap.
 
     Args:
         generator: the site-to-reference generator, in eval mode, on ``device``.
         image_path: the site's raw image.
-        truth: the same anatomy in the reference domain on the image's grid
-            (:func:`~fedscan.simulations.phantoms.reference_truth`).
+        truth: the same anatomy in the reference domain on the image's grid, as nibabel
+            orders it (channels last).
         truth_affine: its affine (the image's).
         cfg: the model's config.
         device: where the generator runs.
 
     Returns:
-        ``{grid,native}_{psnr,ssim}_{raw,harmonised}``, and the harmonised image (the input's
-        grid, as ``fedscan harmonize`` writes it).
+        ``{grid,native,head}_{psnr,ssim}_{raw,harmonised}``,
+        ``{native,head}_{psnr,ssim}_ceiling``, and the harmonised image (the input's grid,
+        as ``fedscan harmonize`` writes it).
     """
     img = load_nifti(image_path)
-    if not np.allclose(img.affine, truth_affine, atol=1e-4) or img.shape[:3] != truth.shape:
+    if (not np.allclose(img.affine, truth_affine, rtol=0.0, atol=AFFINE_ATOL)
+            or img.shape != truth.shape):
         raise ValueError(f"{image_path}: the truth is not on the image's grid")
+    truth_img = nib.Nifti1Image(np.asarray(truth, dtype=np.float32), truth_affine)
     with tempfile.TemporaryDirectory() as tmp:
         # The truth goes through exactly the pipeline's preprocessing, from a file like the
         # image, so both land on identical model grids.
-        truth_path = Path(tmp) / "truth.nii.gz"
-        nib.save(nib.Nifti1Image(np.asarray(truth, dtype=np.float32), truth_affine), truth_path)
-        t, _ = preprocess_image(truth_path, cfg)
+        truth_path = Path(tmp) / "truth.nii"
+        nib.save(truth_img, truth_path)
+        t, pre = preprocess_image(truth_path, cfg)
+    ceiling = to_native(t.as_tensor().clone(), t, pre, truth_img).numpy()
     x, on_grid, harmonised = harmonise_on_grids(generator, image_path, cfg, device)
     pct = cfg.data.intensity_percentiles
-    grid = truth_metrics(x.as_tensor()[0].numpy(), on_grid[0].numpy(),
-                         t.as_tensor()[0].numpy(), pct)
-    native = truth_metrics(np.asanyarray(img.dataobj), np.asarray(harmonised.dataobj), truth,
-                           pct)
-    out = {f"grid_{k}": v for k, v in grid.items()}
-    out.update({f"native_{k}": v for k, v in native.items()})
+    out = {f"grid_{k}": v for k, v in truth_metrics(x.as_tensor().numpy(), on_grid.numpy(),
+                                                     t.as_tensor().numpy(), pct).items()}
+    raw, moved, truth = (channels_first(a) for a in (np.asanyarray(img.dataobj),
+                                                     np.asarray(harmonised.dataobj), truth))
+    mask = head_mask(truth)
+    for region, within in (("native", None), ("head", mask)):
+        out.update({f"{region}_{k}": v
+                    for k, v in truth_metrics(raw, moved, truth, pct, within).items()})
+        best = similarity(ceiling, truth, pct, within)
+        out.update({f"{region}_{k}_ceiling": v for k, v in best.items()})
     return out, harmonised
 
 
@@ -145,19 +170,40 @@ def site_model_path(cfg: Config, site: SiteConfig, run_dir: Path) -> Path:
     return own if own.is_file() else run_dir / "final_model.pt"
 
 
+#: A site's paired truth: case id -> (truth as nibabel orders it, affine).
+TruthLoader = Callable[[str], tuple[np.ndarray, np.ndarray]]
+
+
+def site_truths(cfg: Config) -> dict[str, tuple[TruthLoader, str] | None]:
+    """Each site's paired truth and where it comes from: its ``truth:`` folder (checked,
+    :func:`~fedscan.simulations.truth.read_truth`), else the phantom generator's
+    :func:`~fedscan.simulations.phantoms.reference_truth` for a phantom hospital, else None."""
+    out: dict[str, tuple[TruthLoader, str] | None] = {}
+    for i, site in enumerate(cfg.sites):
+        if site.truth is not None:
+            paths = read_truth(site, i, cfg.data)
+            out[site.name] = (lambda cid, paths=paths: load_truth(paths[cid]), site.truth)
+            continue
+        seed = phantom_seed(site)
+        out[site.name] = None if seed is None else (
+            lambda cid, seed=seed, name=site.name: reference_truth(
+                seed, name, int(_CASE_ID.match(cid)["index"]), SITE_PROFILES[name]),
+            f"phantom seed {seed}")
+    return out
+
+
 def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
-                    seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Harmonise each phantom site's study cases and score them against the paired truth.
+                    truths: dict[str, TruthLoader]) -> dict[str, dict[str, Any]]:
+    """Harmonise each site's study cases and score them against the paired truth.
 
     Args:
-        cfg: the harmonisation run's config (its sites are phantom hospitals).
+        cfg: the harmonisation run's config.
         run_dir: the finished run (``final_model.pt``, ``site-state/<site>/site_model.pt``).
         out_dir: harmonised images go to ``out_dir/harmonised/<site>/<case>.nii.gz``.
-        seed: the phantom federation's seed.
+        truths: site name -> its paired truth (:func:`site_truths`).
 
     Returns:
-        Per site: means of ``{grid,native}_{psnr,ssim}_{raw,harmonised}``
-        (:func:`score_against_truth`), ``cases``, ``model``
+        Per site: means of :func:`score_against_truth`'s scores, ``cases``, ``model``
         (the file used) and ``harmonised`` (case id -> output file).
     """
     device = resolve_device(cfg.device)
@@ -171,8 +217,7 @@ def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
         scores, harmonised = [], {}
         for case in study_cases(cfg, site):
             cid = case_id(case)
-            index = int(_CASE_ID.match(cid)["index"])
-            truth, affine = reference_truth(seed, site.name, index, SITE_PROFILES[site.name])
+            truth, affine = truths[site.name](cid)
             score, out = score_against_truth(generator, case["image"], truth, affine,
                                              model_cfg, device)
             path = folder / f"{cid}.nii.gz"
@@ -182,8 +227,10 @@ def harmonise_sites(cfg: Config, run_dir: Path, out_dir: Path,
             print(f"[study] {site.name} {cid}: PSNR {score['grid_psnr_raw']:.2f} -> "
                   f"{score['grid_psnr_harmonised']:.2f} dB (model grid), "
                   f"{score['native_psnr_raw']:.2f} -> {score['native_psnr_harmonised']:.2f} dB "
-                  "(native grid)", flush=True)
-        means = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]}
+                  f"(native grid; round-trip ceiling {score['native_psnr_ceiling']:.2f})",
+                  flush=True)
+        # A plain mean: a perfect ceiling (PSNR inf) must stay inf, not drop out.
+        means = {k: float(np.mean([sc[k] for sc in scores])) for k in scores[0]}
         results[site.name] = {**means, "cases": len(scores), "model": str(model_path),
                               "harmonised": harmonised}
     return results
@@ -261,16 +308,22 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     return {"sites": sites, "most_shifted": most}
 
 
-def _middle_slice(image: str | Path | nib.Nifti1Image) -> np.ndarray:
-    """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]."""
+def _middle_slice(image: str | Path | nib.Nifti1Image, normalise: bool = True) -> np.ndarray:
+    """The middle axial slice of an image in RAS display orientation, normalised to [0, 1]
+    (``normalise``; else as stored, for a mask)."""
     img = nib.as_closest_canonical(image if isinstance(image, nib.Nifti1Image)
                                    else nib.load(image))
+    data = img.get_fdata(dtype=np.float32)
+    data = data[..., 0] if data.ndim == 4 else data  # the first channel of a 4D image
+    if not normalise:
+        return np.rot90(data[:, :, data.shape[2] // 2])
     # Reorienting leaves negative strides, which torch (inside the scaling) refuses.
-    data = normalise_intensity(np.ascontiguousarray(img.get_fdata(dtype=np.float32)))
+    data = normalise_intensity(np.ascontiguousarray(data))
     return np.rot90(data[:, :, data.shape[2] // 2])
 
 
-def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed: int = 0) -> Path:
+def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]],
+                truths: dict[str, TruthLoader]) -> Path:
     """Before/after panels: per site, its first case raw, harmonised and the truth."""
     import matplotlib
 
@@ -281,19 +334,23 @@ def plot_panels(path: Path, cfg: Config, sites: dict[str, dict[str, Any]], seed:
     for row, site in enumerate(cfg.sites):
         cid = sorted(sites[site.name]["harmonised"])[0]
         raw_path = next(c["image"] for c in _all_cases(cfg, site) if case_id(c) == cid)
-        truth, affine = reference_truth(seed, site.name, int(_CASE_ID.match(cid)["index"]),
-                                        SITE_PROFILES[site.name])
+        truth, affine = truths[site.name](cid)
         m = sites[site.name]
         images = [(_middle_slice(raw_path), f"{site.name} raw\nPSNR {m['grid_psnr_raw']:.1f} dB, "
                    f"SSIM {m['grid_ssim_raw']:.3f}"),
                   (_middle_slice(sites[site.name]["harmonised"][cid]),
                    f"harmonised\nPSNR {m['grid_psnr_harmonised']:.1f} dB, "
                    f"SSIM {m['grid_ssim_harmonised']:.3f}"),
-                  (_middle_slice(nib.Nifti1Image(truth, affine)), "reference-domain truth")]
+                  (_middle_slice(nib.Nifti1Image(truth, affine)),
+                   f"reference-domain truth, head outlined\nnative ceiling "
+                   f"{m['native_psnr_ceiling']:.1f} dB, SSIM {m['native_ssim_ceiling']:.3f}")]
         for col, (image, title) in enumerate(images):
             axes[row][col].imshow(image, cmap="gray", vmin=0, vmax=1)
             axes[row][col].set_title(title, fontsize=9)
             axes[row][col].axis("off")
+        mask = head_mask(channels_first(truth)).astype(np.float32)
+        axes[row][2].contour(_middle_slice(nib.Nifti1Image(mask, affine), normalise=False),
+                             levels=[0.5], colors="tab:orange", linewidths=0.8)
     fig.suptitle("Harmonisation, site means on the model grid over the scored cases (first "
                  "case shown)", fontsize=10)
     fig.tight_layout()
@@ -313,15 +370,23 @@ def format_study(study: dict[str, Any]) -> str:
         for grid, label in _GRID_NAMES.items():
             pr, ph, sr, sh = (m[f"{grid}_{k}"] for k in ("psnr_raw", "psnr_harmonised",
                                                           "ssim_raw", "ssim_harmonised"))
+            pc, sc = (m.get(f"{grid}_{k}_ceiling") for k in ("psnr", "ssim"))
             rows.append([f"`{name}`", label, str(m["cases"]), f"{pr:.2f}", f"{ph:.2f}",
-                         f"{ph - pr:+.2f}", f"{sr:.3f}", f"{sh:.3f}", f"{sh - sr:+.3f}"])
+                         f"{ph - pr:+.2f}", "—" if pc is None else f"{pc:.2f}", f"{sr:.3f}",
+                         f"{sh:.3f}", f"{sh - sr:+.3f}", "—" if sc is None else f"{sc:.3f}"])
     lines = ["## Harmonised vs raw, against the paired reference-domain truth", "",
              _table(["Site", "Grid", "Cases", "PSNR raw (dB)", "PSNR harmonised", "Gain",
-                     "SSIM raw", "SSIM harmonised", "Gain"], rows), "",
+                     "PSNR ceiling", "SSIM raw", "SSIM harmonised", "Gain", "SSIM ceiling"],
+                    rows), "",
              "Model grid: raw, harmonised and truth all through the pipeline's preprocessing "
              "(what the generator changes). Native grid: the harmonised file as written, in the "
              "scan's own grid, which also pays for resampling there and back (a blur the raw "
-             "scan never had).", ""]
+             "scan never had); inside the head: the same, scored only inside a head mask of the "
+             "truth (the air around the head left out). Ceiling: the truth itself sent through "
+             "the model's grid and back, what a generator that output the truth exactly on "
+             "the model grid would score on the native grid; the gap between it and a perfect "
+             "score is the grid's, not the generator's (raw scans, which make no round trip, "
+             "can score above it).", ""]
     d = study.get("downstream")
     if d:
         most = d["most_shifted"]
@@ -358,27 +423,31 @@ def format_study(study: dict[str, Any]) -> str:
 
 
 def run_study(cfg: Config, run_dir: Path, *, downstream: bool = True) -> dict[str, Any] | None:
-    """The whole study for a finished harmonisation run; None if its sites are not phantoms.
+    """The whole study for a finished harmonisation run; None if a site has no paired truth
+    (neither a ``truth:`` folder nor a phantom hospital).
 
     Writes ``run_dir/study/`` (study.json, study.md, panels.png, harmonised images, the
     segmentation runs) and returns the study.
     """
-    seeds = {phantom_seed(s) for s in cfg.sites}
-    if None in seeds or len(seeds) != 1:
-        print("[study] sites are not phantom hospitals of one federation: no paired truth, "
-              "study skipped")
+    found = site_truths(cfg)
+    lacking = [name for name, truth in found.items() if truth is None]
+    if lacking:
+        print(f"[study] no paired truth for {', '.join(lacking)} (give each site a `truth:` "
+              "folder, or run on phantom hospitals): study skipped")
         return None
-    seed = seeds.pop()
+    truths = {name: truth[0] for name, truth in found.items() if truth is not None}
     out = run_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
-    sites = harmonise_sites(cfg, run_dir, out, seed=seed)
+    sites = harmonise_sites(cfg, run_dir, out, truths)
+    for name, truth in found.items():
+        sites[name]["truth"] = truth[1] if truth is not None else None
     study: dict[str, Any] = {"sites": sites}
     if downstream:
         study["downstream"] = downstream_dice(
             cfg, {name: m["harmonised"] for name, m in sites.items()},
             str(cfg.harmonisation.reference), out)
     (out / "study.json").write_text(json.dumps(study, indent=2))
-    plot_panels(out / "panels.png", cfg, sites, seed=seed)
+    plot_panels(out / "panels.png", cfg, sites, truths)
     text = format_study(study)
     (out / "study.md").write_text("# Harmonisation study\n\n" + text)
     print(text, flush=True)

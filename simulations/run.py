@@ -73,11 +73,16 @@ def read_simulation_config(path: str | Path) -> Config:
 def check_data(cfg: Config) -> None:
     """Validate every site's and test set's data contract in full before any training, then
     complete ``cfg.data`` from the sites' dataset.json (class and channel names, left/right
-    declaration: :func:`~fedscan.shared.data.consortium_data_config`)."""
+    declaration: :func:`~fedscan.shared.data.consortium_data_config`), and the
+    harmonisation study's paired-truth folders (``sites[].truth``) against the cases."""
     sites = [read_site(site, cfg.data, check=True) for site in cfg.sites]
     for test_set in cfg.test_sets:
         read_site_test_set(test_set, cfg.data, check=True)
     cfg.data = consortium_data_config(cfg.data, sites)
+    if any(site.truth is not None for site in cfg.sites):
+        from fedscan.simulations.truth import check_truth
+
+        check_truth(cfg)
 
 
 def headline(summary: dict[str, Any]) -> str:

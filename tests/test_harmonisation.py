@@ -597,8 +597,9 @@ def test_scores_against_truth_in_model_and_native_grids(tmp_path):
     cfg = config()
     identity = build_task(cfg).build_model().g_site2ref.eval()
     s, out = score_against_truth(identity, src, truth, truth_affine, cfg)
-    assert set(s) == {f"{g}_{m}_{w}" for g in ("grid", "native") for m in ("psnr", "ssim")
-                      for w in ("raw", "harmonised")}
+    assert set(s) == ({f"{g}_{m}_{w}" for g in ("grid", "native", "head")
+                       for m in ("psnr", "ssim") for w in ("raw", "harmonised")}
+                      | {f"{g}_{m}_ceiling" for g in ("native", "head") for m in ("psnr", "ssim")})
     # The identity changes nothing on the model grid.
     assert s["grid_psnr_harmonised"] == pytest.approx(s["grid_psnr_raw"], abs=0.01)
     assert s["grid_ssim_harmonised"] == pytest.approx(s["grid_ssim_raw"], abs=1e-3)

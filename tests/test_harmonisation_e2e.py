@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from fedscan.shared.checkpoint import SITE_MODEL, load_model
-from fedscan.simulations.phantoms import SITE_PROFILES, generate_reference_set, write_phantom_site
+from fedscan.simulations.phantoms import (
+    SITE_PROFILES,
+    generate_reference_set,
+    reference_truth,
+    write_phantom_site,
+)
 
 SITES = ("site-a", "site-c")
 
@@ -23,10 +28,20 @@ def harmonised_run(tmp_path_factory):
     for name in SITES:  # exactly as `fedscan phantoms` renders them, fewer cases
         write_phantom_site(root / "data" / name, name, SITE_PROFILES[name], 3, 1, seed=0)
     generate_reference_set(root / "data" / "reference", seed=0, n_cases=3)
+    # site-c brings its paired truth as a folder (what a real-anatomy federation writes); the
+    # study must read it rather than re-render the phantom's.
+    truth = root / "truth" / "site-c"
+    (truth / "imagesTr").mkdir(parents=True)
+    for i in range(3):
+        image, affine = reference_truth(0, "site-c", i, SITE_PROFILES["site-c"])
+        nib.save(nib.Nifti1Image(image, affine), truth / "imagesTr" / f"site-c_{i:03d}.nii.gz")
+    (truth / "dataset.json").write_text(json.dumps({"training": [
+        {"image": f"./imagesTr/site-c_{i:03d}.nii.gz"} for i in range(3)]}))
     cfg = root / "harmonize.yaml"
     cfg.write_text(
         "task: harmonisation\n"
-        "sites:\n  - {name: site-a, data: data/site-a}\n  - {name: site-c, data: data/site-c}\n"
+        "sites:\n  - {name: site-a, data: data/site-a}\n"
+        "  - {name: site-c, data: data/site-c, truth: truth/site-c}\n"
         "rounds: 2\n"
         "model: {channels: [4, 8, 16], strides: [2, 2], num_res_units: 0}\n"
         "train: {patch_size: [16, 16, 16], batch_size: 2, local_steps: 2}\n"
@@ -79,10 +94,14 @@ def test_study_scores_every_site_and_the_downstream_segmentation(harmonised_run)
     assert set(study["sites"]) == set(SITES)
     for site in study["sites"].values():
         assert site["cases"] == 3
-        for grid in ("grid", "native"):
+        for grid in ("grid", "native", "head"):
             for key in ("psnr_raw", "psnr_harmonised", "ssim_raw", "ssim_harmonised"):
                 assert np.isfinite(site[f"{grid}_{key}"]), key
+        for grid in ("native", "head"):  # the round-trip ceiling beside them
+            assert 0 < site[f"{grid}_ssim_ceiling"] <= 1 and site[f"{grid}_psnr_ceiling"] > 10
         assert site["model"].endswith(SITE_MODEL)  # harmonised with the site's own curves
+    assert study["sites"]["site-a"]["truth"] == "phantom seed 0"
+    assert study["sites"]["site-c"]["truth"].endswith("truth/site-c")
     down = study["downstream"]
     assert set(down["sites"]) == set(SITES)
     for name, row in down["sites"].items():
@@ -95,6 +114,7 @@ def test_study_scores_every_site_and_the_downstream_segmentation(harmonised_run)
     assert (out / "study" / "panels.png").stat().st_size > 10_000
     text = (out / "study" / "study.md").read_text()
     assert "FedBN" in text and "FedBN" in stdout
+    assert "native, inside the head" in text and "PSNR ceiling" in text
     assert f"`{down['most_shifted']}` (most shifted)" in text
 
 
