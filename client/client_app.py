@@ -118,7 +118,9 @@ def _load_model(cfg: Config, arrays: ArrayRecord, context: Context,
     if LOCAL_WEIGHTS in context.state.array_records:  # kept from this site's earlier rounds
         state.update(context.state.array_records[LOCAL_WEIGHTS].to_torch_state_dict())
     elif local_file is not None and local_file.is_file():  # a restart: this run's, on disk
-        state.update(_read_local(local_file, set(state) - shared))
+        local = _read_local(local_file, set(state) - shared)
+        context.state[LOCAL_WEIGHTS] = to_arrays(local)  # read once per process
+        state.update(local)
     model.load_state_dict(state)
     return model.to(resolve_device(cfg.device)), task
 
@@ -181,8 +183,8 @@ def train(msg: Message, context: Context, site: SiteConfig,
     steps = cfg.steps_per_round(len(data.train))
     every = max(1, steps // 4)
 
-    what = ("cross-site fine-tuning" if msg.metadata.message_type == CROSS_SITE_TRAIN
-            else f"round {server_round}")
+    fine_tune = msg.metadata.message_type == CROSS_SITE_TRAIN
+    what = "cross-site fine-tuning" if fine_tune else f"round {server_round}"
 
     def on_step(step: int, total: int, loss: float) -> None:
         if step % every == 0 or step == total:
@@ -221,7 +223,6 @@ def train(msg: Message, context: Context, site: SiteConfig,
     shared = set(task.shared_keys(model))
     # Cross-site fine-tuning keeps the run's local weights as they were (its caller restores
     # the context state): the file is not rewritten.
-    fine_tune = msg.metadata.message_type == CROSS_SITE_TRAIN
     _keep_local(context, weights, shared, None if fine_tune else local_file)
     weights = {k: v for k, v in weights.items() if k in shared}
     metrics = MetricRecord({"loss": float(loss), "steps": int(taken),

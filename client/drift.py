@@ -152,7 +152,7 @@ def detect_drift(site: SiteConfig, model_path: str | Path, new_folder: str | Pat
         DataError / FedscanError: unreadable data or model.
     """
     thresholds = thresholds or DriftThresholds()
-    cfg, _, _ = load_model(model_path)
+    cfg, state, _ = load_model(model_path)
     own = read_site(site, cfg.data, check=False)
     reference = sample_cases(own.cases, MAX_REFERENCE)
     mean, threshold = reference_profile(_intensities(reference, cfg, on_case))
@@ -168,17 +168,19 @@ def detect_drift(site: SiteConfig, model_path: str | Path, new_folder: str | Pat
                               f"site's ({100 * result.off_share:.0f} % > "
                               f"{100 * thresholds.max_off_share:g} %)")
     if use_model and cfg.task == "segmentation":
-        _model_checks(result, model_path, own.validation or own.train[-5:], cases, labelled,
-                      thresholds)
+        from fedscan.shared.inference import segmentation_model
+
+        model, device = segmentation_model(cfg, state, model_path)
+        _model_checks(result, cfg, model, device, own.validation or own.train[-5:], cases,
+                      labelled, thresholds)
     return result
 
 
-def _model_checks(result: DriftResult, model_path: str | Path, validation: list[Case],
-                  cases: list[Case], labelled: bool, thresholds: DriftThresholds) -> None:
-    from fedscan.shared.inference import load_segmentation_model
+def _model_checks(result: DriftResult, cfg: Config, model: Any, device: Any,
+                  validation: list[Case], cases: list[Case], labelled: bool,
+                  thresholds: DriftThresholds) -> None:
     from fedscan.shared.tasks import build_task
 
-    cfg, model, device = load_segmentation_model(model_path)
     task = build_task(cfg)
     if labelled:
         result.dice_reference = round(float(task.evaluate(model, validation).metrics["dice"]), 4)

@@ -217,17 +217,28 @@ def load_segmentation_model(model_path: str | Path, device: str = "auto"
         FedscanError: not a segmentation model, or weights that do not fit its config.
     """
     cfg, state_dict, _ = load_model(model_path)
+    model, dev = segmentation_model(cfg, state_dict, model_path, device)
+    return cfg, model, dev
+
+
+def segmentation_model(cfg: Config, state_dict: dict[str, torch.Tensor], where: str | Path,
+                       device: str = "auto") -> tuple[nn.Module, torch.device]:
+    """The segmentation model ``cfg`` describes with ``state_dict``, in eval mode on
+    ``device``, for a model file already read (``where`` names it in errors).
+
+    Raises:
+        FedscanError: not a segmentation model, or weights that do not fit its config.
+    """
     if cfg.task != "segmentation":
-        raise FedscanError(f"{model_path}: a {cfg.task} model; predict applies segmentation "
-                           "models")
+        raise FedscanError(f"{where}: a {cfg.task} model; predict applies segmentation models")
     model = build_task(cfg).build_model()
     try:
         model.load_state_dict(state_dict)
     except RuntimeError:
-        raise FedscanError(f"{model_path}: weights do not match the model its config "
+        raise FedscanError(f"{where}: weights do not match the model its config "
                            "describes") from None
     dev = resolve_device(device)
-    return cfg, model.to(dev).eval(), dev
+    return model.to(dev).eval(), dev
 
 
 def predict_file(

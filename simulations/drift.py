@@ -31,11 +31,8 @@ from fedscan.simulations.phantoms import (
     HELDOUT_PROFILE,
     SITE_PROFILES,
     ScannerProfile,
-    case_rngs,
     ensure_default_federation,
-    render,
-    sample_anatomy,
-    write_dataset,
+    write_phantom_site,
 )
 
 #: Scans per batch for the folder-level decision.
@@ -46,13 +43,9 @@ NEW_SCANNER = ScannerProfile("new-scanner", "RAS", (4.0, 4.0, 4.0), gamma=2.0,
 
 
 def write_scans(folder: Path, profile: ScannerProfile, n: int, seed: int = 7) -> Path:
-    """``n`` new heads under ``profile`` as an MSD folder (labels included)."""
-    cases = []
-    for index in range(n):
-        anatomy_rng, scanner_rng = case_rngs(seed, f"drift-{profile.name}", index)
-        image, label, affine = render(sample_anatomy(anatomy_rng), profile, scanner_rng)
-        cases.append((f"{profile.name}_{index:03d}", image, label, affine))
-    write_dataset(folder, cases, None, description=f"new scans, profile {profile.name}")
+    """``n`` new heads under ``profile`` as an MSD folder (labels included); their random
+    streams are keyed ``drift-<profile>``, so no site's patient appears."""
+    write_phantom_site(folder, f"drift-{profile.name}", profile, n, None, seed)
     return folder
 
 

@@ -435,12 +435,12 @@ def run_study(cfg: Config, run_dir: Path, *, downstream: bool = True) -> dict[st
         print(f"[study] no paired truth for {', '.join(lacking)} (give each site a `truth:` "
               "folder, or run on phantom hospitals): study skipped")
         return None
-    truths = {name: truth[0] for name, truth in found.items() if truth is not None}
+    truths = {name: loader for name, (loader, _) in found.items()}
     out = run_dir / "study"
     out.mkdir(parents=True, exist_ok=True)
     sites = harmonise_sites(cfg, run_dir, out, truths)
-    for name, truth in found.items():
-        sites[name]["truth"] = truth[1] if truth is not None else None
+    for name, (_, source) in found.items():
+        sites[name]["truth"] = source
     study: dict[str, Any] = {"sites": sites}
     if downstream:
         study["downstream"] = downstream_dice(
