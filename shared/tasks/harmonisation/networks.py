@@ -101,8 +101,22 @@ class Generator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return self.body(x)
+        return self.combine(x, self.correction(x))
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """What the UNet adds to the curve's output (needs ``residual``)."""
+        if self.head is None:
+            raise ValueError("a generator without residual has no separate correction")
+        return self.head(self.body(x))
+
+    def combine(self, x: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """``clamp0(curve(x) + correction)``: the output, given the UNet's correction.
+
+        ``x`` may be on a finer grid than the one the correction was computed on (mapped to
+        ``x``'s grid first): the curve is a per-voxel map and keeps every voxel's detail.
+        """
         base = x if self.curve is None else self.curve(x)
-        return (base + self.head(self.body(x))).clamp(min=0)
+        return (base + correction).clamp(min=0)
 
 
 class Discriminator(nn.Module):
