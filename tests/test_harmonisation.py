@@ -562,6 +562,28 @@ def test_harmonised_scan_keeps_its_own_resolution(tmp_path):
     assert np.allclose(shifted, scaled + 0.25, atol=1e-5)
 
 
+def test_native_scaling_uses_each_channels_model_grid_range(tmp_path):
+    rng = np.random.default_rng(0)
+    t1 = rng.uniform(0, 1, (20, 18, 16)).astype(np.float32)
+    t1[:3] = 0  # background, left out of the percentiles
+    two = np.stack([t1, 3000 * t1 + 100], axis=-1)  # channels last, as nibabel stores them
+    two[0, 0, 0, 1] = np.nan
+    src = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti1Image(two, np.diag([2.0, 2.0, 2.0, 1.0])), src)
+    cfg = config(data={"spacing": [3.0, 3.0, 3.0], "in_channels": 2})
+    _, pre = preprocess_image(src, cfg)
+    ranges = intensity_ranges(pre)
+    assert len(ranges) == 2 and ranges[1][1] > 1000 > ranges[0][1]
+    scaled = native_scaled(nib.load(src), ranges).numpy()
+    assert scaled.shape == (2, 20, 18, 16) and scaled.min() >= 0 and scaled.max() <= 1
+    # Each channel went through its own range; a non-finite voxel becomes the lowest value.
+    assert scaled[1, 0, 0, 0] == 0
+    expect = np.clip((t1 - ranges[0][0]) / (ranges[0][1] - ranges[0][0]), 0, 1)
+    assert np.allclose(scaled[0], expect, atol=1e-6)
+    with pytest.raises(ValueError, match="2 channels, 1 intensity ranges"):
+        native_scaled(nib.load(src), ranges[:1])
+
+
 def test_harmonise_volume_in_2d(tmp_path):
     profile = P.ScannerProfile("pil", "PIL", (5.0, 3.5, 4.0), fov_mm=(64.0, 64.0, 64.0))
     image, _, affine = P.render_clean(P.sample_anatomy(np.random.default_rng(0)), profile)
