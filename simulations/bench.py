@@ -369,12 +369,15 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
         path = out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(utility_config(base, eps, privacy, dp_train),
                                        sort_keys=False))
+        if rows and base.task == "harmonisation":
+            _share_segmentation_runs(out / rows[0]["name"], out / name)
         started = time.time()
         summary = simulate(path, ["federated"], out / name)["federated"]
         spent = [t.get("epsilon") for r in summary["rounds"] for t in r["train"].values()
                  if isinstance(t.get("epsilon"), (int, float))]
-        row = {"epsilon": eps, "dice": site_mean(summary) if base.task == "segmentation"
-               else None, "spent": max(spent) if spent else None,
+        dice = site_mean(summary) if base.task == "segmentation" else None
+        row = {"epsilon": eps, "name": name, "dice": dice,
+               "spent": max(spent) if spent else None,
                "seconds": round(time.time() - started, 1)}
         study = out / name / "study" / "study.json"
         if study.is_file():
@@ -385,6 +388,19 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
         row["ratio"] = row["dice"] / reference if reference and row["dice"] is not None else None
     (out / "utility.yaml").write_text(yaml.safe_dump(rows, sort_keys=False))
     return rows
+
+
+def _share_segmentation_runs(first: Path, run: Path) -> None:
+    """Copy the first run's study segmentation runs into ``run``'s study: they do not depend
+    on ε, and the study reuses a finished run only when its config is identical."""
+    import shutil
+
+    from fedscan.simulations.harmonisation import SEGMENTATION_RUNS
+
+    for folder in SEGMENTATION_RUNS:
+        source = first / "study" / folder
+        if source.is_dir() and not (run / "study" / folder).exists():
+            shutil.copytree(source, run / "study" / folder)
 
 
 def format_utility(rows: list[dict[str, Any]]) -> str:

@@ -250,6 +250,27 @@ def segmentation_config(cfg: Config, sites: list[dict[str, Any]], *,
     return parse_config(data)
 
 
+#: The study's segmentation runs, which depend on the sites and the reference set only.
+SEGMENTATION_RUNS = ("reference-segmentation", "augmented-segmentation", "fedbn")
+
+
+def finished_run(folder: Path, cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run in ``folder`` made with exactly ``cfg``, else None.
+
+    The study's segmentation runs do not depend on the harmonisation model, so a study that
+    finds them already there (copied from a run of the same federation, as the DP utility
+    benchmark does) reuses them instead of training them again.
+    """
+    from fedscan.shared.checkpoint import load_model
+
+    summary, model = folder / "summary.json", folder / "final_model.pt"
+    if not (summary.is_file() and model.is_file()):
+        return None
+    if load_model(model)[0].to_dict() != cfg.to_dict():  # the config the model was saved with
+        return None
+    return json.loads(summary.read_text())
+
+
 def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
                     reference: str, out_dir: Path) -> dict[str, Any]:
     """Dice at every site: reference-domain models on raw vs harmonised scans, and FedBN.
@@ -282,10 +303,15 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     for prefix, augment in (("reference", False), ("augmented", True)):
         ref_cfg = segmentation_config(cfg, [{"name": "reference", "data": reference}],
                                       train={"scanner_augmentation": augment})
-        print(f"[study] training the reference-domain segmentation model "
-              f"({'with' if augment else 'without'} scanner augmentation)", flush=True)
         folder = out_dir / f"{prefix}-segmentation"
-        run_pooled(ref_cfg, folder)
+        what = f"({'with' if augment else 'without'} scanner augmentation)"
+        if finished_run(folder, ref_cfg) is None:
+            print(f"[study] training the reference-domain segmentation model {what}",
+                  flush=True)
+            run_pooled(ref_cfg, folder)
+        else:
+            print(f"[study] reusing the reference-domain segmentation model {what} in "
+                  f"{folder}", flush=True)
         _, state, _ = load_model(folder / "final_model.pt")
         task = build_task(ref_cfg)
         model = task.build_model().to(resolve_device(cfg.device))
@@ -297,10 +323,13 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
             print(f"[study] {name}: Dice {sites[name][f'{prefix}_raw']:.4f} raw, "
                   f"{sites[name][f'{prefix}_harmonised']:.4f} harmonised first", flush=True)
 
-    print("[study] training FedBN on the same hospitals", flush=True)
     fedbn_cfg = segmentation_config(cfg, [{"name": s.name, "data": s.data} for s in cfg.sites],
                                     local_norm=True)
-    per_site = run_federated(fedbn_cfg, out_dir / "fedbn")["final"]["per_site"]
+    fedbn = finished_run(out_dir / "fedbn", fedbn_cfg)
+    if fedbn is None:
+        print("[study] training FedBN on the same hospitals", flush=True)
+        fedbn = run_federated(fedbn_cfg, out_dir / "fedbn")
+    per_site = fedbn["final"]["per_site"]
     for name, row in sites.items():
         row.update(fedbn_validation=per_site.get(name, {}).get("dice"),
                    fedbn_validation_cases=per_site.get(name, {}).get("num_examples"))

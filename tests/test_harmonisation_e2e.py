@@ -155,6 +155,13 @@ def test_dp_utility_bench_scores_harmonisation_at_each_epsilon(harmonised_run):
     for row in rows:  # each run has its own study: truth scores and downstream Dice
         assert set(row["study"]["sites"]) == set(SITES)
         assert set(row["study"]["downstream"]["sites"]) == set(SITES)
+    # The segmentation runs do not depend on ε: trained once, reused by the second study.
+    assert proc.stdout.count("training the reference-domain segmentation model") == 2
+    assert proc.stdout.count("training FedBN") == 1 and "reusing" in proc.stdout
+    for name in SITES:
+        first, second = (r["study"]["downstream"]["sites"][name] for r in rows)
+        assert first["reference_raw"] == second["reference_raw"]
+        assert first["fedbn_validation"] == second["fedbn_validation"]
     # DP noise changes the generator, so the harmonised images differ.
     assert (private["study"]["sites"]["site-c"]["native_psnr_harmonised"]
             != plain["study"]["sites"]["site-c"]["native_psnr_harmonised"])
