@@ -113,14 +113,14 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
     ``grid_*``: on the model's grid. The raw image, the truth and the generator's output all
     come out of the same preprocessing (resampling, percentile scaling), so the score
     isolates what the generator changes. ``native_*``: on the input's own grid, the
-    harmonised image as ``fedscan harmonize`` writes it against the stored raw image; for
-    an input grid other than the model's this also charges the harmonised image for the
-    resampling round trip (a blur the raw image never had), which caps the gain of any
-    model on anisotropic or finer sites. ``head_*``: the native grid inside the head
+    harmonised image as ``fedscan harmonize`` writes it (the curve applied on this grid,
+    the correction mapped back from the model's) against the stored raw image.
+    ``head_*``: the native grid inside the head
     (:func:`~fedscan.simulations.truth.head_mask` of the truth), where the anatomy is.
-    ``*_ceiling``: the truth itself through that round trip (the preprocessing and
-    inversion ``fedscan harmonize`` applies): what a generator that output the truth exactly
-    on the model grid would score natively, the grid's share of the gap.
+    ``*_ceiling``: the truth itself through the model grid's round trip (preprocessing and
+    inversion): what a generator whose whole output went through the model grid could score
+    at best natively, the grid's share of the gap. A harmonised scan keeps its own detail
+    and can score above it.
 
     Args:
         generator: the site-to-reference generator, in eval mode, on ``device``.
@@ -409,13 +409,13 @@ def format_study(study: dict[str, Any]) -> str:
                     rows), "",
              "Model grid: raw, harmonised and truth all through the pipeline's preprocessing "
              "(what the generator changes). Native grid: the harmonised file as written, in the "
-             "scan's own grid, which also pays for resampling there and back (a blur the raw "
-             "scan never had); inside the head: the same, scored only inside a head mask of the "
-             "truth (the air around the head left out). Ceiling: the truth itself sent through "
-             "the model's grid and back, what a generator that output the truth exactly on "
-             "the model grid would score on the native grid; the gap between it and a perfect "
-             "score is the grid's, not the generator's (raw scans, which make no round trip, "
-             "can score above it).", ""]
+             "scan's own grid (the intensity curve applied there, only the correction mapped "
+             "back from the model grid, so the scan's detail is never resampled); inside the "
+             "head: the same, scored only inside a head mask of the truth (the air around the "
+             "head left out). Ceiling: the truth itself sent through the model's grid and back, "
+             "what a generator whose whole output went through the model grid would score at "
+             "best on the native grid; the gap between it and a perfect score is the grid's "
+             "(raw and harmonised scans, which keep their detail, can score above it).", ""]
     d = study.get("downstream")
     if d:
         most = d["most_shifted"]
