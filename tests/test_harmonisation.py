@@ -13,6 +13,7 @@ import torch
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedscan.client.privacy import dp_ready
 from fedscan.shared.checkpoint import save_model
 from fedscan.shared.config import load_config, parse_config
 from fedscan.shared.errors import ConfigError, DataError, FedscanError
@@ -204,6 +205,9 @@ def test_model_builds_runs_and_is_opacus_compatible(dims, patch):
     model = task.build_model()
     assert isinstance(model, CycleGAN)
     assert ModuleValidator.validate(model, strict=False) == []
+    # What a DP site does with it: a deep copy (pickled, the moving average included), checked.
+    private = dp_ready(model)
+    assert private is not model and private.g_site2ref_avg is not None
     b = batch(2, tuple(patch[:dims]))
     assert model(b["image"]).shape == b["image"].shape
     for phase in task.phases(model):

@@ -11,7 +11,7 @@ import math
 import torch
 from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 GENERATORS = ("g_site2ref", "g_ref2site")
 #: Parts of a generator that stay at the site (see HarmonisationTask.shared_keys).
@@ -134,6 +134,22 @@ class Discriminator(nn.Module):
         return self.net(x)[-1]
 
 
+class ExponentialAverage:
+    """``AveragedModel``'s ``multi_avg_fn``: ``average <- decay * average + (1 - decay) * new``.
+
+    torch's ``get_ema_multi_avg_fn`` does the same with a closure, which cannot be pickled,
+    and a DP site deep-copies the model by pickling it (Opacus' ``ModuleValidator.fix``).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    @torch.no_grad()
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                 num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
+
+
 class CycleGAN(nn.Module):
     """The four networks of a CycleGAN; the forward pass is :meth:`harmoniser`.
 
@@ -158,7 +174,7 @@ class CycleGAN(nn.Module):
         self.g_site2ref_avg = None
         if average_decay > 0:
             self.g_site2ref_avg = AveragedModel(
-                g_site2ref, multi_avg_fn=get_ema_multi_avg_fn(average_decay))
+                g_site2ref, multi_avg_fn=ExponentialAverage(average_decay))
             self.g_site2ref_avg.requires_grad_(False)
 
     def update_average(self) -> None:
