@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from types import ModuleType
 
 from fedscan.shared.errors import FedscanError
 
@@ -190,8 +191,35 @@ def _bench(args: argparse.Namespace) -> int:
         rounds = args.rounds or attacks.ROUNDS
         print(attacks.format_attacks(attacks.attack_bench(Path(args.out), rounds=rounds)))
     else:
-        rows = bench.dp_utility(Path(args.out), rounds=args.rounds)
-        print(bench.format_utility(rows))
+        print(_dp_utility(args, bench))
+    return 0
+
+
+def _dp_utility(args: argparse.Namespace, bench: ModuleType) -> str:
+    if not args.config:
+        return bench.format_utility(bench.dp_utility(Path(args.out), rounds=args.rounds))
+    from fedscan.shared.config import load_config
+
+    cfg = load_config(args.config)
+    epsilons = _epsilons(args.epsilons) if args.epsilons else bench.EPSILONS
+    if cfg.task == "harmonisation":
+        # The CycleGAN trains with its own config at every ε: the segmentation DP settings
+        # (large batches, lr) do not apply to it.
+        rows = bench.dp_utility(Path(args.out), epsilons=epsilons, base=cfg, privacy=None,
+                                dp_train=None, rounds=args.rounds)
+        return bench.format_harmonisation_utility(rows)
+    rows = bench.dp_utility(Path(args.out), epsilons=epsilons, base=cfg, rounds=args.rounds)
+    return bench.format_utility(rows)
+
+
+def _epsilons(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise FedscanError(f"--epsilons: expected numbers like 8,inf, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise FedscanError(f"--epsilons: every value must be > 0 (inf: no DP), got {text!r}")
+    return values
     return 0
 
 
@@ -315,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int,
                    help="dp-overhead: timed steps per mode (default 15); status-overhead: "
                         "blocks of off, on, on, off runs (default 3)")
+    p.add_argument("--config",
+                   help="dp-utility: the federation to run at each epsilon (default: the "
+                        "embedded phantom federation); a harmonisation config reports "
+                        "PSNR/SSIM against the paired truth and downstream Dice")
+    p.add_argument("--epsilons",
+                   help="dp-utility: comma-separated budgets (inf: no DP; default 1,3,8,inf)")
     p.add_argument("--sites", default="10,100,1000",
                    help="scale: federation sizes, comma-separated (default 10,100,1000)")
     p.set_defaults(func=_bench)

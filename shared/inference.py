@@ -28,7 +28,7 @@ from fedscan.shared.checkpoint import load_model
 from fedscan.shared.config import Config
 from fedscan.shared.data import load_nifti
 from fedscan.shared.errors import DataError, FedscanError
-from fedscan.shared.preprocessing import preprocess_case
+from fedscan.shared.preprocessing import ForegroundPercentileScaled, preprocess_case
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.base import resolve_device
 
@@ -152,16 +152,67 @@ def predict_volume(
     return np.asarray(torch.as_tensor(labels)[0].numpy(), dtype=np.uint8), img
 
 
+def intensity_ranges(pre: Compose) -> list[tuple[float, float]]:
+    """The ``(a_min, a_max)`` per channel that ``pre``'s intensity scaling last mapped to
+    [0, 1] (:class:`~fedscan.shared.preprocessing.ForegroundPercentileScale`)."""
+    scaling = next(t for t in pre.transforms if isinstance(t, ForegroundPercentileScaled))
+    return list(scaling.scaler.ranges)
+
+
+def native_scaled(img: nib.spatialimages.SpatialImage,
+                  ranges: list[tuple[float, float]]) -> torch.Tensor:
+    """A file's image ``(C, *native)`` in its own voxel order, each channel mapped from its
+    ``ranges`` entry to [0, 1] (clipped), non-finite voxels to 0.
+
+    With the ranges of the image's preprocessing (:func:`intensity_ranges`), a voxel gets the
+    value it has on the model grid, so a per-voxel map learnt there applies here unchanged.
+    """
+    array = np.asarray(img.dataobj, dtype=np.float32)
+    array = array.reshape(*array.shape[:3], -1)  # 3D, 4D and (X, Y, Z, 1, C) alike
+    if array.shape[-1] != len(ranges):
+        raise ValueError(f"{array.shape[-1]} channels, {len(ranges)} intensity ranges")
+    x = torch.from_numpy(np.moveaxis(array, -1, 0).copy())
+    low, high = (torch.tensor(v, dtype=torch.float32).view(-1, 1, 1, 1)
+                 for v in zip(*ranges, strict=True))
+    x = torch.where(torch.isfinite(x), x, low)
+    return ((x - low) / (high - low).clamp(min=1e-12)).clamp(0.0, 1.0)
+
+
+def _combine(generator: nn.Module, x: torch.Tensor, correction: torch.Tensor,
+             device: torch.device | str, slab: int = 8) -> torch.Tensor:
+    """``generator.combine`` over slabs of the last axis: the curve holds a (voxels x
+    knots) tensor, which on a whole fine-grid scan would take gigabytes."""
+    with torch.no_grad():
+        return torch.cat([generator.combine(x[..., i:i + slab].to(device),
+                                            correction[..., i:i + slab].to(device)).cpu()
+                          for i in range(0, x.shape[-1], slab)], dim=-1)
+
+
 def harmonise_on_grids(generator: nn.Module, image_path: str | Path, cfg: Config,
                        device: torch.device | str
                        ) -> tuple[MetaTensor, torch.Tensor, nib.Nifti1Image]:
-    """The preprocessed image, the generator's output on the model grid, and that output
-    mapped back to the input's grid as a ``float32`` NIfTI (channels last)."""
+    """The preprocessed image, the generator's output on the model grid, and the harmonised
+    scan on the input's own grid as a ``float32`` NIfTI (channels last).
+
+    A generator with a separate correction (``harmonisation.residual``, the default) never
+    sends the scan's own detail through the model grid: the UNet's correction (bias field,
+    noise) is computed there and mapped back, and the per-voxel intensity curve is applied
+    to the scan on its own grid, ``clamp0(curve(x_native) + correction_native)``. A scan
+    finer than the model grid keeps its resolution; on the model grid both are the same
+    output. Otherwise the generator's model-grid output is mapped back.
+    """
     image, pre = preprocess_image(image_path, cfg)
-    img = load_nifti(image_path, header_only=True)
-    out = sliding_window(generator, image, cfg, device)
-    # A copy: the grid output is returned too, and must not share memory with the inversion.
-    array = to_native(out.clone(), image, pre, img).numpy().astype(np.float32)
+    img = load_nifti(image_path)
+    if getattr(generator, "head", None) is None:
+        out = sliding_window(generator, image, cfg, device)
+        # A copy: the grid output is returned too, and must not share the inversion's memory.
+        native = to_native(out.clone(), image, pre, img)
+    else:
+        correction = sliding_window(generator.correction, image, cfg, device)
+        out = _combine(generator, image.as_tensor(), correction, device)
+        native = _combine(generator, native_scaled(img, intensity_ranges(pre)),
+                          to_native(correction, image, pre, img), device)
+    array = native.numpy().astype(np.float32)
     array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
     return image, out, image_like(array, img)
 

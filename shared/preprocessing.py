@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.config import DtypeLike, KeysCollection
+from monai.config import DtypeLike, KeysCollection, NdarrayOrTensor
 from monai.transforms import (
     AsDiscreted,
     Compose,
@@ -69,7 +69,17 @@ class ForegroundPercentileScale(ScaleIntensityRangePercentiles):
     different sites, so voxels equal to the image minimum are left out, unless nearly every
     voxel is. Non-finite values, which some exporters write outside the body, become that
     minimum first.
+
+    ``ranges`` holds the ``(a_min, a_max)`` of the last call, one pair per channel scaled, so
+    the same map can be applied to the image on another grid (``fedscan harmonize`` applies
+    its intensity curve to the scan's own grid).
     """
+
+    ranges: list[tuple[float, float]]
+
+    def __call__(self, img: NdarrayOrTensor) -> NdarrayOrTensor:
+        self.ranges = []
+        return super().__call__(img)
 
     def _normalize(self, img: torch.Tensor) -> torch.Tensor:
         img = convert_to_tensor(img, track_meta=False)
@@ -81,6 +91,7 @@ class ForegroundPercentileScale(ScaleIntensityRangePercentiles):
         sample = above if above.numel() >= MIN_FOREGROUND_FRACTION * img.numel() else img
         a_min = float(percentile(sample, self.lower))
         a_max = float(percentile(sample, self.upper))
+        self.ranges.append((a_min, a_max))
         scale = ScaleIntensityRange(
             a_min=a_min, a_max=a_max, b_min=self.b_min, b_max=self.b_max, clip=self.clip,
             dtype=self.dtype,

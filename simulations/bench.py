@@ -15,6 +15,7 @@ Opacus is used only through the client side (``client/privacy.py``), where it li
 from __future__ import annotations
 
 import copy
+import json
 import math
 import statistics
 import time
@@ -350,8 +351,9 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
     the clipping bound) besides ε; the ε=∞ run is the federation exactly as configured (the
     non-private reference).
 
-    Each row: ``epsilon`` (the budget), ``dice`` (final mean site Dice), ``ratio`` (to the
-    ε=∞ run), ``spent`` (largest ε any site spent), ``seconds``.
+    Each row: ``epsilon`` (the budget), ``dice`` (final mean site Dice; None for a
+    harmonisation run), ``ratio`` (to the ε=∞ run), ``spent`` (largest ε any site spent),
+    ``seconds``, and for a harmonisation run whose study ran, ``study`` (its study.json).
     """
     from fedscan.shared.report import site_mean
     from fedscan.simulations.run import default_config, simulate
@@ -367,18 +369,38 @@ def dp_utility(out: Path, *, epsilons: Sequence[float] = EPSILONS, base: Config 
         path = out / f"{name}.yaml"
         path.write_text(yaml.safe_dump(utility_config(base, eps, privacy, dp_train),
                                        sort_keys=False))
+        if rows and base.task == "harmonisation":
+            _share_segmentation_runs(out / rows[0]["name"], out / name)
         started = time.time()
         summary = simulate(path, ["federated"], out / name)["federated"]
         spent = [t.get("epsilon") for r in summary["rounds"] for t in r["train"].values()
                  if isinstance(t.get("epsilon"), (int, float))]
-        rows.append({"epsilon": eps, "dice": site_mean(summary),
-                     "spent": max(spent) if spent else None,
-                     "seconds": round(time.time() - started, 1)})
+        dice = site_mean(summary) if base.task == "segmentation" else None
+        row = {"epsilon": eps, "name": name, "dice": dice,
+               "spent": max(spent) if spent else None,
+               "seconds": round(time.time() - started, 1)}
+        study = out / name / "study" / "study.json"
+        if study.is_file():
+            row["study"] = json.loads(study.read_text())
+        rows.append(row)
     reference = next((r["dice"] for r in rows if math.isinf(r["epsilon"])), None)
     for row in rows:
         row["ratio"] = row["dice"] / reference if reference and row["dice"] is not None else None
     (out / "utility.yaml").write_text(yaml.safe_dump(rows, sort_keys=False))
     return rows
+
+
+def _share_segmentation_runs(first: Path, run: Path) -> None:
+    """Copy the first run's study segmentation runs into ``run``'s study: they do not depend
+    on ε, and the study reuses a finished run only when its config is identical."""
+    import shutil
+
+    from fedscan.simulations.harmonisation import SEGMENTATION_RUNS
+
+    for folder in SEGMENTATION_RUNS:
+        source = first / "study" / folder
+        if source.is_dir() and not (run / "study" / folder).exists():
+            shutil.copytree(source, run / "study" / folder)
 
 
 def format_utility(rows: list[dict[str, Any]]) -> str:
@@ -392,3 +414,32 @@ def format_utility(rows: list[dict[str, Any]]) -> str:
         ratio = "—" if r["ratio"] is None else f"{r['ratio']:.3f}"
         lines.append(f"{eps:>9}{spent:>9}{dice:>16}{ratio:>15}{r['seconds']:>9.0f}")
     return "\n".join(lines)
+
+
+def format_harmonisation_utility(rows: list[dict[str, Any]]) -> str:
+    """A harmonisation utility table: per ε and site, PSNR and SSIM against the paired truth
+    on the scan's own grid and downstream Dice of the reference-scanner model."""
+    lines = [f"{'ε budget':>9}{'ε spent':>9}  {'site':<10}{'PSNR raw → harmonised':>24}"
+             f"{'SSIM raw → harmonised':>24}{'Dice raw → harmonised first':>30}"]
+    for r in rows:
+        eps = "∞" if math.isinf(r["epsilon"]) else f"{r['epsilon']:g}"
+        spent = "—" if r["spent"] is None else f"{r['spent']:.3f}"
+        study = r.get("study")
+        if not study:
+            lines.append(f"{eps:>9}{spent:>9}  (no study: the sites have no paired truth)")
+            continue
+        down = study.get("downstream", {})
+        for name, m in study["sites"].items():
+            d = down.get("sites", {}).get(name, {})
+            dice = (f"{d['reference_raw']:.4f} → {d['reference_harmonised']:.4f}"
+                    if "reference_raw" in d else "—")
+            mark = " *" if down.get("most_shifted") == name else ""
+            lines.append(
+                f"{eps:>9}{spent:>9}  {name + mark:<10}"
+                f"{m['native_psnr_raw']:>10.2f} → {m['native_psnr_harmonised']:<6.2f} dB   "
+                f"{m['native_ssim_raw']:>10.3f} → {m['native_ssim_harmonised']:<8.3f}   "
+                f"{dice:>27}")
+            eps = spent = ""
+    lines.append("(* most-shifted site; PSNR/SSIM on each scan's own grid)")
+    return "\n".join(lines)
+

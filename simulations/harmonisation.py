@@ -113,14 +113,14 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
     ``grid_*``: on the model's grid. The raw image, the truth and the generator's output all
     come out of the same preprocessing (resampling, percentile scaling), so the score
     isolates what the generator changes. ``native_*``: on the input's own grid, the
-    harmonised image as ``fedscan harmonize`` writes it against the stored raw image; for
-    an input grid other than the model's this also charges the harmonised image for the
-    resampling round trip (a blur the raw image never had), which caps the gain of any
-    model on anisotropic or finer sites. ``head_*``: the native grid inside the head
+    harmonised image as ``fedscan harmonize`` writes it (the curve applied on this grid,
+    the correction mapped back from the model's) against the stored raw image.
+    ``head_*``: the native grid inside the head
     (:func:`~fedscan.simulations.truth.head_mask` of the truth), where the anatomy is.
-    ``*_ceiling``: the truth itself through that round trip (the preprocessing and
-    inversion ``fedscan harmonize`` applies): what a generator that output the truth exactly
-    on the model grid would score natively, the grid's share of the gap.
+    ``*_ceiling``: the truth itself through the model grid's round trip (preprocessing and
+    inversion): what a generator whose whole output went through the model grid could score
+    at best natively, the grid's share of the gap. A harmonised scan keeps its own detail
+    and can score above it.
 
     Args:
         generator: the site-to-reference generator, in eval mode, on ``device``.
@@ -250,6 +250,27 @@ def segmentation_config(cfg: Config, sites: list[dict[str, Any]], *,
     return parse_config(data)
 
 
+#: The study's segmentation runs, which depend on the sites and the reference set only.
+SEGMENTATION_RUNS = ("reference-segmentation", "augmented-segmentation", "fedbn")
+
+
+def finished_run(folder: Path, cfg: Config) -> dict[str, Any] | None:
+    """The summary of a finished run in ``folder`` made with exactly ``cfg``, else None.
+
+    The study's segmentation runs do not depend on the harmonisation model, so a study that
+    finds them already there (copied from a run of the same federation, as the DP utility
+    benchmark does) reuses them instead of training them again.
+    """
+    from fedscan.shared.checkpoint import load_model
+
+    summary, model = folder / "summary.json", folder / "final_model.pt"
+    if not (summary.is_file() and model.is_file()):
+        return None
+    if load_model(model)[0].to_dict() != cfg.to_dict():  # the config the model was saved with
+        return None
+    return json.loads(summary.read_text())
+
+
 def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
                     reference: str, out_dir: Path) -> dict[str, Any]:
     """Dice at every site: reference-domain models on raw vs harmonised scans, and FedBN.
@@ -282,10 +303,15 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
     for prefix, augment in (("reference", False), ("augmented", True)):
         ref_cfg = segmentation_config(cfg, [{"name": "reference", "data": reference}],
                                       train={"scanner_augmentation": augment})
-        print(f"[study] training the reference-domain segmentation model "
-              f"({'with' if augment else 'without'} scanner augmentation)", flush=True)
         folder = out_dir / f"{prefix}-segmentation"
-        run_pooled(ref_cfg, folder)
+        what = f"({'with' if augment else 'without'} scanner augmentation)"
+        if finished_run(folder, ref_cfg) is None:
+            print(f"[study] training the reference-domain segmentation model {what}",
+                  flush=True)
+            run_pooled(ref_cfg, folder)
+        else:
+            print(f"[study] reusing the reference-domain segmentation model {what} in "
+                  f"{folder}", flush=True)
         _, state, _ = load_model(folder / "final_model.pt")
         task = build_task(ref_cfg)
         model = task.build_model().to(resolve_device(cfg.device))
@@ -297,10 +323,13 @@ def downstream_dice(cfg: Config, harmonised: dict[str, dict[str, str]],
             print(f"[study] {name}: Dice {sites[name][f'{prefix}_raw']:.4f} raw, "
                   f"{sites[name][f'{prefix}_harmonised']:.4f} harmonised first", flush=True)
 
-    print("[study] training FedBN on the same hospitals", flush=True)
     fedbn_cfg = segmentation_config(cfg, [{"name": s.name, "data": s.data} for s in cfg.sites],
                                     local_norm=True)
-    per_site = run_federated(fedbn_cfg, out_dir / "fedbn")["final"]["per_site"]
+    fedbn = finished_run(out_dir / "fedbn", fedbn_cfg)
+    if fedbn is None:
+        print("[study] training FedBN on the same hospitals", flush=True)
+        fedbn = run_federated(fedbn_cfg, out_dir / "fedbn")
+    per_site = fedbn["final"]["per_site"]
     for name, row in sites.items():
         row.update(fedbn_validation=per_site.get(name, {}).get("dice"),
                    fedbn_validation_cases=per_site.get(name, {}).get("num_examples"))
@@ -380,13 +409,13 @@ def format_study(study: dict[str, Any]) -> str:
                     rows), "",
              "Model grid: raw, harmonised and truth all through the pipeline's preprocessing "
              "(what the generator changes). Native grid: the harmonised file as written, in the "
-             "scan's own grid, which also pays for resampling there and back (a blur the raw "
-             "scan never had); inside the head: the same, scored only inside a head mask of the "
-             "truth (the air around the head left out). Ceiling: the truth itself sent through "
-             "the model's grid and back, what a generator that output the truth exactly on "
-             "the model grid would score on the native grid; the gap between it and a perfect "
-             "score is the grid's, not the generator's (raw scans, which make no round trip, "
-             "can score above it).", ""]
+             "scan's own grid (the intensity curve applied there, only the correction mapped "
+             "back from the model grid, so the scan's detail is never resampled); inside the "
+             "head: the same, scored only inside a head mask of the truth (the air around the "
+             "head left out). Ceiling: the truth itself sent through the model's grid and back, "
+             "what a generator whose whole output went through the model grid would score at "
+             "best on the native grid; the gap between it and a perfect score is the grid's "
+             "(raw and harmonised scans, which keep their detail, can score above it).", ""]
     d = study.get("downstream")
     if d:
         most = d["most_shifted"]

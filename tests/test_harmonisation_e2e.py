@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from fedscan.shared.checkpoint import SITE_MODEL, load_model
 from fedscan.simulations.phantoms import (
@@ -137,3 +138,37 @@ def test_harmonize_cli_keeps_the_input_grid(harmonised_run, tmp_path):
                              text=True, timeout=300)
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1 and "no.nii.gz" in missing.stderr
+
+
+@pytest.mark.slow
+def test_dp_utility_bench_scores_harmonisation_at_each_epsilon(harmonised_run):
+    root, _, _ = harmonised_run
+    out = root / "bench"
+    proc = subprocess.run([sys.executable, "-m", "fedscan", "bench", "dp-utility", "--config",
+                           str(root / "harmonize.yaml"), "--epsilons", "8,inf", "--rounds", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = yaml.safe_load((out / "utility.yaml").read_text())
+    assert [r["epsilon"] for r in rows] == [8.0, float("inf")]
+    private, plain = rows
+    assert 0 < private["spent"] <= 8.0 and plain["spent"] is None
+    for row in rows:  # each run has its own study: truth scores and downstream Dice
+        assert set(row["study"]["sites"]) == set(SITES)
+        assert set(row["study"]["downstream"]["sites"]) == set(SITES)
+    # The segmentation runs do not depend on ε: trained once, reused by the second study.
+    assert proc.stdout.count("training the reference-domain segmentation model") == 2
+    assert proc.stdout.count("training FedBN") == 1 and "reusing" in proc.stdout
+    for name in SITES:
+        first, second = (r["study"]["downstream"]["sites"][name] for r in rows)
+        assert first["reference_raw"] == second["reference_raw"]
+        assert first["fedbn_validation"] == second["fedbn_validation"]
+    # DP noise changes the generator, so the harmonised images differ.
+    assert (private["study"]["sites"]["site-c"]["native_psnr_harmonised"]
+            != plain["study"]["sites"]["site-c"]["native_psnr_harmonised"])
+    table = proc.stdout[proc.stdout.index("ε budget"):]
+    assert table.count("site-a") == 2 and table.count("site-c") == 2
+    assert f"{private['spent']:.3f}" in table
+    bad = subprocess.run([sys.executable, "-m", "fedscan", "bench", "dp-utility", "--config",
+                          str(root / "harmonize.yaml"), "--epsilons", "8,x"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--epsilons" in bad.stderr

@@ -11,7 +11,7 @@ import math
 import torch
 from monai.networks.nets import PatchDiscriminator, UNet
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 GENERATORS = ("g_site2ref", "g_ref2site")
 #: Parts of a generator that stay at the site (see HarmonisationTask.shared_keys).
@@ -101,8 +101,22 @@ class Generator(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.head is None:
             return self.body(x)
+        return self.combine(x, self.correction(x))
+
+    def correction(self, x: torch.Tensor) -> torch.Tensor:
+        """What the UNet adds to the curve's output (needs ``residual``)."""
+        if self.head is None:
+            raise ValueError("a generator without residual has no separate correction")
+        return self.head(self.body(x))
+
+    def combine(self, x: torch.Tensor, correction: torch.Tensor) -> torch.Tensor:
+        """``clamp0(curve(x) + correction)``: the output, given the UNet's correction.
+
+        ``x`` may be on a finer grid than the one the correction was computed on (mapped to
+        ``x``'s grid first): the curve is a per-voxel map and keeps every voxel's detail.
+        """
         base = x if self.curve is None else self.curve(x)
-        return (base + self.head(self.body(x))).clamp(min=0)
+        return (base + correction).clamp(min=0)
 
 
 class Discriminator(nn.Module):
@@ -118,6 +132,22 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)[-1]
+
+
+class ExponentialAverage:
+    """``AveragedModel``'s ``multi_avg_fn``: ``average <- decay * average + (1 - decay) * new``.
+
+    torch's ``get_ema_multi_avg_fn`` does the same with a closure, which cannot be pickled,
+    and a DP site deep-copies the model by pickling it (Opacus' ``ModuleValidator.fix``).
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    @torch.no_grad()
+    def __call__(self, averaged: list[torch.Tensor], current: list[torch.Tensor],
+                 num_averaged: torch.Tensor) -> None:
+        torch._foreach_lerp_(averaged, current, 1.0 - self.decay)
 
 
 class CycleGAN(nn.Module):
@@ -144,7 +174,7 @@ class CycleGAN(nn.Module):
         self.g_site2ref_avg = None
         if average_decay > 0:
             self.g_site2ref_avg = AveragedModel(
-                g_site2ref, multi_avg_fn=get_ema_multi_avg_fn(average_decay))
+                g_site2ref, multi_avg_fn=ExponentialAverage(average_decay))
             self.g_site2ref_avg.requires_grad_(False)
 
     def update_average(self) -> None:
