@@ -198,10 +198,11 @@ def _bench(args: argparse.Namespace) -> int:
 def _dp_utility(args: argparse.Namespace, bench: ModuleType) -> str:
     if not args.config:
         return bench.format_utility(bench.dp_utility(Path(args.out), rounds=args.rounds))
-    from fedscan.shared.config import load_config
+    from fedscan.simulations.run import read_simulation_config
 
-    cfg = load_config(args.config)
     epsilons = _epsilons(args.epsilons) if args.epsilons else bench.EPSILONS
+    # As `fedscan simulate` reads it: a config without sites runs on the phantom hospitals.
+    cfg = read_simulation_config(args.config)
     if cfg.task == "harmonisation":
         # The CycleGAN trains with its own config at every ε: the segmentation DP settings
         # (large batches, lr) do not apply to it.
@@ -220,7 +221,6 @@ def _epsilons(text: str) -> list[float]:
     if not values or any(not v > 0 for v in values):
         raise FedscanError(f"--epsilons: every value must be > 0 (inf: no DP), got {text!r}")
     return values
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
