@@ -202,12 +202,13 @@ def harmonise_on_grids(generator: nn.Module, image_path: str | Path, cfg: Config
     output. Otherwise the generator's model-grid output is mapped back.
     """
     image, pre = preprocess_image(image_path, cfg)
-    img = load_nifti(image_path)
     if getattr(generator, "head", None) is None:
+        img = load_nifti(image_path, header_only=True)  # only the grid to land on
         out = sliding_window(generator, image, cfg, device)
         # A copy: the grid output is returned too, and must not share the inversion's memory.
         native = to_native(out.clone(), image, pre, img)
     else:
+        img = load_nifti(image_path)  # the voxels too: the curve applies to them
         correction = sliding_window(generator.correction, image, cfg, device)
         out = _combine(generator, image.as_tensor(), correction, device)
         native = _combine(generator, native_scaled(img, intensity_ranges(pre)),
