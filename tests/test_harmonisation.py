@@ -26,7 +26,14 @@ from fedscan.shared.inference import (
     preprocess_image,
     to_native,
 )
-from fedscan.shared.metrics import normalise_intensity, psnr, ssim, truth_metrics
+from fedscan.shared.metrics import (
+    masked_psnr,
+    normalise_intensity,
+    psnr,
+    region_similarity,
+    ssim,
+    truth_metrics,
+)
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
     CURVE_GAIN,
@@ -645,6 +652,28 @@ def test_metrics_and_normalisation():
     assert m["psnr_harmonised"] == math.inf and m["psnr_raw"] < 25
     assert m["ssim_harmonised"] > m["ssim_raw"]
 
+
+
+def test_region_scores_share_one_ssim_map_and_match_the_whole_image_scores():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 1, (2, 24, 20, 22)).astype(np.float32)
+    image = truth + rng.normal(0, 0.05, truth.shape).astype(np.float32)
+    image[:, :12] += rng.normal(0, 0.3, image[:, :12].shape)  # worse in one half
+    left = np.zeros(truth.shape[1:], bool)
+    left[:12] = True
+    out = region_similarity(image, truth, {"all": None, "left": left, "right": ~left,
+                                           "none": np.zeros_like(left)})
+    normed = [(normalise_intensity(a), normalise_intensity(t)) for a, t
+              in zip(image, truth, strict=True)]
+    assert out["all"]["ssim"] == pytest.approx(np.mean([ssim(a, t) for a, t in normed]),
+                                               abs=1e-6)
+    assert out["all"]["psnr"] == pytest.approx(np.mean([psnr(a, t) for a, t in normed]))
+    assert out["left"]["psnr"] == pytest.approx(
+        np.mean([masked_psnr(a, t, left) for a, t in normed]))
+    assert out["left"]["ssim"] < out["right"]["ssim"] < 1.0
+    assert math.isnan(out["none"]["ssim"]) and math.isnan(out["none"]["psnr"])
+    with pytest.raises(ValueError, match="mask"):
+        region_similarity(image, truth, {"bad": left[:-1]})
 
 def test_scores_against_truth_in_model_and_native_grids(tmp_path):
     profile = P.ScannerProfile("site-c", "PIL", (8.0, 7.0, 8.0), gamma=1.6, noise_std=0.05,
