@@ -735,7 +735,8 @@ def write_phantom_site(folder: Path, site: str, profile: ScannerProfile, n_cases
     write_dataset(folder, cases, val_ids, description)
 
 
-def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
+def generate_federation(root: Path, seed: int = 0,
+                        progress: Callable[[str], None] | None = None) -> dict[str, Path]:
     """Generate the phantom federation under ``root`` unless it is already there.
 
     Writes ``site-a`` (410 cases, 10 validation), ``site-b`` (380, 8), ``site-c`` (50, no
@@ -745,15 +746,21 @@ def generate_federation(root: Path, seed: int = 0) -> dict[str, Path]:
     Args:
         root: destination folder; must be missing, empty or a previous phantom federation.
         seed: seed for anatomies, bias fields and noise (same seed, identical files).
+        progress: called with one line per site written (only when generating).
 
     Returns:
         Folder name (``site-a``, ``site-b``, ``site-c``, ``heldout``) to its dataset folder.
     """
     root = Path(root).expanduser()
+    say = progress or (lambda line: None)
 
     def write(folder: Path) -> None:
+        total = sum(n for _, _, n, _ in FEDERATION_LAYOUT)
+        say(f"phantoms: generating the default hospitals once ({total} cases, ~0.5 s of CPU "
+            f"each on {_workers()} core(s)) -> {root}")
         for site, profile, n_cases, n_val in FEDERATION_LAYOUT:
             write_phantom_site(folder / site, site, profile, n_cases, n_val, seed)
+            say(f"phantoms: {site} written ({n_cases} cases)")
 
     _publish(root, _marker_text(seed), "phantom dataset", write)
     return {name: root / name for name, *_ in FEDERATION_LAYOUT}
@@ -788,13 +795,17 @@ def default_federation_root() -> Path:
     return cache / f"phantoms-v{PHANTOM_FORMAT}-seed0"
 
 
-def ensure_default_federation() -> dict[str, Path]:
+def ensure_default_federation(progress: Callable[[str], None] | None = None
+                              ) -> dict[str, Path]:
     """Generate the default federation in the cache folder unless it is already there.
+
+    Args:
+        progress: as :func:`generate_federation`.
 
     Returns:
         Folder name to dataset folder, as :func:`generate_federation`.
     """
-    return generate_federation(default_federation_root(), seed=0)
+    return generate_federation(default_federation_root(), seed=0, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------

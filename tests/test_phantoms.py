@@ -239,6 +239,16 @@ def test_second_call_is_cached(federation: dict[str, Path]) -> None:
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
 
 
+def test_progress_is_reported_only_while_generating(tiny_layout: None, tmp_path: Path) -> None:
+    lines: list[str] = []
+    P.generate_federation(tmp_path / "fed", seed=0, progress=lines.append)
+    assert len(lines) == 2
+    assert lines[0].startswith("phantoms: generating") and str(tmp_path / "fed") in lines[0]
+    assert lines[1] == "phantoms: site-a written (2 cases)"
+    P.generate_federation(tmp_path / "fed", seed=0, progress=lines.append)  # cached: silent
+    assert len(lines) == 2
+
+
 def test_stale_federation_is_replaced(tiny_layout: None, tmp_path: Path) -> None:
     root = tmp_path / "fed"
     P.generate_federation(root, seed=0)
