@@ -36,6 +36,22 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt
 
 from fedscan.shared.errors import DataError
+from fedscan.simulations import anatomy as folded
+from fedscan.simulations.scanners import (
+    CSF,
+    DEEP_GM,
+    GM,
+    REFERENCE_PROFILE,
+    SCALP,
+    SKULL,
+    SOFT,
+    WM,
+    ScannerProfile,
+    _bias_field,
+    _store,
+    profile_grid,
+)
+from fedscan.simulations.shapes import _cylinder_sdf, _ellipsoid_sdf, _rotation
 
 #: Bump when the generator's output changes: it names the cache folder and the marker file.
 #: 3: folded-cortex heads (2: smooth ellipsoids).
@@ -43,18 +59,6 @@ PHANTOM_FORMAT = 3
 PHANTOM_VERSION = f"fedscan-phantoms-{PHANTOM_FORMAT}"
 #: Marker written last into a generated federation; its presence means "complete".
 COMPLETE_MARKER = ".complete"
-
-# T1-like tissue intensities before scanner effects (air is 0).
-SCALP = 0.9
-SKULL = 0.08
-CSF = 0.2
-GM = 0.5
-WM = 0.75
-DEEP_GM = 0.6
-#: Face and neck soft tissue below the skull base (muscle-like, darker than brain).
-SOFT = 0.38
-
-_DTYPES = ("float32", "int16", "uint16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,16 +155,6 @@ class Anatomy:
     texture: Waves
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    """Rotation matrix from angles (radians) about x, y and z, applied in that order."""
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
 def sample_anatomy(rng: np.random.Generator) -> Anatomy:
     """Draw one random head.
 
@@ -216,26 +210,6 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         # Wavelengths of 12-40 mm, a few percent each: tissue is not perfectly flat.
         texture=_sample_waves(rng, 5, freq=(2 * np.pi / 40, 2 * np.pi / 12), amp=(0.006, 0.014)),
     )
-
-
-def _ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid.
-
-    Uses ``k0 (k0 - 1) / k1`` (exact on the axes, close elsewhere), which keeps offset
-    level sets smooth and nested, unlike ``|p / r| - 1`` scaled by one radius.
-    """
-    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2)
-    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2 + (z / r[2] ** 2) ** 2)
-    safe = np.maximum(k1, 1e-12)
-    return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
-
-
-def _cylinder_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Approximate signed distance to a vertical elliptic cylinder (2D ellipse in x, y)."""
-    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2)
-    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2)
-    safe = np.maximum(k1, 1e-12)
-    return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
 
 
 def _ramp(d: np.ndarray, width: np.ndarray) -> np.ndarray:
@@ -331,53 +305,7 @@ def _evaluate(
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ScannerProfile:
-    """How one hospital's scanner images a head.
-
-    Attributes:
-        name: profile name (the site it stands for).
-        orientation: voxel axis codes, e.g. ``"RAS"``, ``"LPS"``, ``"PIL"``.
-        spacing: mm per voxel axis, in voxel-axis order.
-        fov_mm: field of view along world x, y, z (mm); the grid is centred at the origin.
-        gamma: contrast, applied as ``intensity ** gamma``.
-        bias_strength: multiplicative bias field spans about ``exp(+-bias_strength)``.
-        noise_std: std of the complex Gaussian noise whose magnitude gives Rician noise.
-        scale: stored intensity is ``value * scale + offset``.
-        offset: see ``scale``.
-        dtype: stored dtype, one of ``float32``, ``int16``, ``uint16``.
-    """
-
-    name: str
-    orientation: str
-    spacing: tuple[float, float, float]
-    fov_mm: tuple[float, float, float] = (192.0, 224.0, 208.0)
-    gamma: float = 1.0
-    bias_strength: float = 0.0
-    noise_std: float = 0.0
-    scale: float = 1.0
-    offset: float = 0.0
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        try:
-            axes = sorted(int(a) for a in axcodes2ornt(tuple(self.orientation))[:, 0])
-        except (ValueError, IndexError):  # unknown codes, or none at all
-            axes = []
-        # nibabel accepts "RRS" (two codes on one axis), so check for a permutation here.
-        if axes != [0, 1, 2]:
-            raise ValueError(f"profile {self.name!r}: orientation {self.orientation!r} is not "
-                             "three axis codes naming x, y and z once each, such as RAS")
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"profile {self.name!r}: spacing must be three positive numbers")
-        if len(self.fov_mm) != 3 or min(self.fov_mm) <= 0:
-            raise ValueError(f"profile {self.name!r}: fov_mm must be three positive numbers")
-        if self.gamma <= 0 or self.bias_strength < 0 or self.noise_std < 0:
-            raise ValueError(f"profile {self.name!r}: gamma must be > 0, bias and noise >= 0")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"profile {self.name!r}: dtype must be one of {', '.join(_DTYPES)}")
-
-
+#: The default federation's scanners (and the held-out one's).
 SITE_PROFILES: dict[str, ScannerProfile] = {
     "site-a": ScannerProfile("site-a", "RAS", (4.0, 4.0, 4.0), gamma=1.0, bias_strength=0.15,
                              noise_std=0.02, dtype="float32"),
@@ -388,34 +316,6 @@ SITE_PROFILES: dict[str, ScannerProfile] = {
 }
 HELDOUT_PROFILE = ScannerProfile("heldout", "LAS", (4.5, 4.5, 4.5), gamma=1.2,
                                  bias_strength=0.2, noise_std=0.03, dtype="float32")
-#: Target domain for harmonisation: canonical grid, linear contrast, no bias, no noise.
-REFERENCE_PROFILE = ScannerProfile("reference", "RAS", (4.0, 4.0, 4.0))
-
-
-def profile_grid(profile: ScannerProfile) -> tuple[tuple[int, int, int], np.ndarray]:
-    """The voxel grid a profile acquires: shape and 4x4 voxel-to-world (RAS+) affine.
-
-    Column i of the affine is ``+-spacing[i]`` times the world axis named by axis code i;
-    ``shape[i]`` covers the field of view along that world axis; the grid is centred at 0.
-
-    Args:
-        profile: the scanner profile.
-
-    Returns:
-        (shape, affine).
-    """
-    ornt = axcodes2ornt(tuple(profile.orientation))
-    linear = np.zeros((3, 3))
-    shape = []
-    for i, (axis, flip) in enumerate(ornt):
-        axis = int(axis)
-        linear[axis, i] = flip * profile.spacing[i]
-        shape.append(int(math.ceil(profile.fov_mm[axis] / profile.spacing[i] - 1e-9)))
-    centre = (np.array(shape) - 1) / 2.0
-    affine = np.eye(4)
-    affine[:3, :3] = linear
-    affine[:3, 3] = -linear @ centre
-    return (shape[0], shape[1], shape[2]), affine
 
 
 def _grid_world(
@@ -434,28 +334,6 @@ def _grid_world(
         world[axis] = (affine[axis, i] * np.arange(shape[i]) + affine[axis, 3]).reshape(along)
         spacing_world[axis] = profile.spacing[i]
     return shape, affine, world, spacing_world
-
-
-def _store(value: np.ndarray, profile: ScannerProfile) -> np.ndarray:
-    """Map physical intensity to the profile's stored range and dtype."""
-    stored = value * profile.scale + profile.offset
-    if profile.dtype == "float32":
-        return stored.astype(np.float32)
-    info = np.iinfo(profile.dtype)
-    return np.clip(np.rint(stored), info.min, info.max).astype(profile.dtype)
-
-
-def _bias_field(
-    world: list[np.ndarray], strength: float, rng: np.random.Generator
-) -> np.ndarray:
-    """Smooth multiplicative field ``exp(strength * f)``, f a random quadratic with max |f| 1."""
-    x, y, z = (w / 100.0 for w in world)  # ~unit scale over a head
-    basis = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
-    coef = rng.normal(size=len(basis)) * np.array([1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
-    f = sum(c * b for c, b in zip(coef, basis, strict=True))
-    f = f - f.mean()
-    f = f / max(float(np.abs(f).max()), 1e-12)
-    return np.exp(strength * f)
 
 
 def render_clean(
@@ -679,13 +557,6 @@ PHANTOM_FINE_MM = 1.34
 PARALLEL_CASES = 16
 
 
-def _folded():
-    # anatomy builds on this module's profiles and shapes, so it is imported on first use.
-    from fedscan.simulations import anatomy
-
-    return anatomy
-
-
 def render_case(seed: int, site: str, index: int, profile: ScannerProfile
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Case ``index`` of ``site``: its folded-cortex head through the site's scanner.
@@ -693,10 +564,9 @@ def render_case(seed: int, site: str, index: int, profile: ScannerProfile
     Returns:
         (image in the profile's dtype, brain mask uint8, 4x4 affine).
     """
-    anatomy = _folded()
     anatomy_rng, scanner_rng = case_rngs(seed, site, index)
-    return anatomy.render(anatomy.sample_anatomy(anatomy_rng), profile, scanner_rng,
-                          fine_mm=PHANTOM_FINE_MM)
+    return folded.render(folded.sample_anatomy(anatomy_rng), profile, scanner_rng,
+                         fine_mm=PHANTOM_FINE_MM)
 
 
 def _workers() -> int:
@@ -843,12 +713,11 @@ def generate_reference_set(root: Path, seed: int = 0, n_cases: int = REFERENCE_C
     root = Path(root).expanduser()
 
     def write(folder: Path) -> None:
-        anatomy = _folded()
         cases = []
         for index in range(n_cases):
             anatomy_rng, _ = case_rngs(seed, "reference", index)
-            image, label, affine = anatomy.render_clean(anatomy.sample_anatomy(anatomy_rng),
-                                                        REFERENCE_PROFILE, fine_mm=PHANTOM_FINE_MM)
+            image, label, affine = folded.render_clean(folded.sample_anatomy(anatomy_rng),
+                                                       REFERENCE_PROFILE, fine_mm=PHANTOM_FINE_MM)
             cases.append((f"reference_{index:03d}", image, label, affine))
         write_dataset(folder, cases, None,
                       f"Synthetic T1-like folded-cortex head phantoms in the harmonisation "
@@ -890,7 +759,6 @@ def reference_truth(
     Returns:
         (image ``float32``, 4x4 affine), the affine equal to the site image's.
     """
-    anatomy = _folded()
     anatomy_rng, _ = case_rngs(seed, site, index)
-    return anatomy.render_truth(anatomy.sample_anatomy(anatomy_rng), profile, REFERENCE_PROFILE,
-                                fine_mm=PHANTOM_FINE_MM)
+    return folded.render_truth(folded.sample_anatomy(anatomy_rng), profile, REFERENCE_PROFILE,
+                               fine_mm=PHANTOM_FINE_MM)
