@@ -150,7 +150,9 @@ def _harmonize(args: argparse.Namespace) -> int:
 def _phantoms(args: argparse.Namespace) -> int:
     from fedscan.simulations.phantoms import generate_federation
 
-    for name, folder in generate_federation(Path(args.out), seed=args.seed).items():
+    folders = generate_federation(Path(args.out), seed=args.seed,
+                                  progress=lambda line: print(line, flush=True))
+    for name, folder in folders.items():
         print(f"{name}: {folder}")
     return 0
 

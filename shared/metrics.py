@@ -196,52 +196,69 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray,
     return math.inf if mse == 0.0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
-def masked_ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray,
-                data_range: float = 1.0) -> float:
-    """Mean SSIM of the windows centred on ``mask``'s voxels (the same window and constants
-    as :func:`ssim`; windows must lie inside the image, so a band of half a window at the
-    border is left out as :func:`ssim` leaves it out). ``nan`` if no window is centred on
-    the mask."""
+def ssim_map(a: np.ndarray, b: np.ndarray, data_range: float = 1.0) -> np.ndarray:
+    """SSIM of every window lying inside the image (:func:`ssim` is its mean), so one map
+    serves every region scored on a pair (:func:`region_ssim`).
+
+    Returns:
+        The map, each side ``SSIM_WINDOW - 1`` voxels shorter than the image.
+    """
     _same_shape("ssim", a, b)
-    _same_shape("ssim mask", a, mask)
     dims = len(np.shape(a))
-    ssim_map, _ = compute_ssim_and_cs(_batched(a), _batched(b), spatial_dims=dims,
-                                      kernel_size=[SSIM_WINDOW] * dims,
-                                      kernel_sigma=[SSIM_SIGMA] * dims, data_range=data_range)
+    m, _ = compute_ssim_and_cs(_batched(a), _batched(b), spatial_dims=dims,
+                               kernel_size=[SSIM_WINDOW] * dims,
+                               kernel_sigma=[SSIM_SIGMA] * dims, data_range=data_range)
+    return m[0, 0].numpy()
+
+
+def region_ssim(ssim_values: np.ndarray, mask: np.ndarray | None) -> float:
+    """Mean of an :func:`ssim_map` over the windows centred on ``mask``'s voxels (all of
+    them for None; a band of half a window at the border has no window, as in
+    :func:`ssim`). ``nan`` if no window is centred on the mask."""
+    if mask is None:
+        return float(ssim_values.mean())
     half = SSIM_WINDOW // 2
-    inner = np.asarray(mask, dtype=bool)[tuple(slice(half, n - half) for n in np.shape(a))]
+    inner = np.asarray(mask, dtype=bool)[tuple(slice(half, n - half) for n in np.shape(mask))]
     if not inner.any():
         return float("nan")
-    return float(ssim_map[0, 0].numpy()[inner].mean())
+    return float(ssim_values[inner].mean())
 
 
-def similarity(image: np.ndarray, truth: np.ndarray,
-               percentiles: tuple[float, float] | list[float] = (0.5, 99.5),
-               mask: np.ndarray | None = None) -> dict[str, float]:
-    """PSNR and SSIM of an image against its paired truth, both normalised alike
-    (:func:`normalise_intensity`, each channel on its own), averaged over channels.
+def region_similarity(image: np.ndarray, truth: np.ndarray,
+                      regions: dict[str, np.ndarray | None],
+                      percentiles: tuple[float, float] | list[float] = (0.5, 99.5)
+                      ) -> dict[str, dict[str, float]]:
+    """PSNR and SSIM of an image against its paired truth in several regions, both
+    normalised alike (:func:`normalise_intensity`, each channel on its own; the whole image
+    first, so a region is judged on the same scale as the whole), averaged over channels.
+    One SSIM map per channel serves every region (the dense 3D SSIM is most of a study's
+    scoring time).
 
     Args:
         image: 3D, or 4D channels first ``(C, X, Y, Z)``.
         truth: the same shape.
+        regions: name -> spatial boolean mask (None: the whole image).
         percentiles: ``data.intensity_percentiles``.
-        mask: spatial boolean mask: score only there (the whole image normalised first,
-            so a region is judged on the same scale as the whole); None: everywhere.
 
     Returns:
-        ``psnr`` and ``ssim``.
+        name -> ``{"psnr", "ssim"}``.
     """
     _same_shape("similarity", image, truth)
     image, truth = np.asarray(image), np.asarray(truth)
     if image.ndim < 4:
         image, truth = image[None], truth[None]
-    scores = []
+    for mask in regions.values():
+        if mask is not None:
+            _same_shape("similarity mask", image[0], mask)
+    scores: dict[str, list[tuple[float, float]]] = {name: [] for name in regions}
     for a, t in zip(image, truth, strict=True):
         a, t = normalise_intensity(a, percentiles), normalise_intensity(t, percentiles)
-        scores.append((psnr(a, t), ssim(a, t)) if mask is None
-                      else (masked_psnr(a, t, mask), masked_ssim(a, t, mask)))
-    return {"psnr": float(np.mean([p for p, _ in scores])),
-            "ssim": float(np.mean([s for _, s in scores]))}
+        values = ssim_map(a, t)
+        for name, mask in regions.items():
+            scores[name].append((psnr(a, t) if mask is None else masked_psnr(a, t, mask),
+                                 region_ssim(values, mask)))
+    return {name: {"psnr": float(np.mean([p for p, _ in s])),
+                   "ssim": float(np.mean([q for _, q in s]))} for name, s in scores.items()}
 
 
 def truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
@@ -250,7 +267,7 @@ def truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
     """PSNR and SSIM against a paired ground truth, before and after harmonisation.
 
     All three images share one voxel grid and are normalised alike
-    (:func:`similarity`), so the gain measures contrast, bias and noise only.
+    (:func:`region_similarity`), so the gain measures contrast, bias and noise only.
 
     Args:
         raw: the site's image as stored (3D, or 4D channels first).
@@ -262,6 +279,19 @@ def truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
     Returns:
         ``psnr_raw``, ``psnr_harmonised``, ``ssim_raw``, ``ssim_harmonised``.
     """
-    r, h = (similarity(x, truth, percentiles, mask) for x in (raw, harmonised))
-    return {"psnr_raw": r["psnr"], "psnr_harmonised": h["psnr"],
-            "ssim_raw": r["ssim"], "ssim_harmonised": h["ssim"]}
+    return region_truth_metrics(raw, harmonised, truth, {"": mask}, percentiles)[""]
+
+
+def region_truth_metrics(raw: np.ndarray, harmonised: np.ndarray, truth: np.ndarray,
+                         regions: dict[str, np.ndarray | None],
+                         percentiles: tuple[float, float] | list[float] = (0.5, 99.5)
+                         ) -> dict[str, dict[str, float]]:
+    """:func:`truth_metrics` in several regions (:func:`region_similarity`).
+
+    Returns:
+        name -> ``psnr_raw``, ``psnr_harmonised``, ``ssim_raw``, ``ssim_harmonised``.
+    """
+    r, h = (region_similarity(x, truth, regions, percentiles) for x in (raw, harmonised))
+    return {name: {"psnr_raw": r[name]["psnr"], "psnr_harmonised": h[name]["psnr"],
+                   "ssim_raw": r[name]["ssim"], "ssim_harmonised": h[name]["ssim"]}
+            for name in regions}

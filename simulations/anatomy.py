@@ -27,17 +27,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedscan.simulations.phantoms import (
-    REFERENCE_PROFILE,
-    ScannerProfile,
-    _cylinder_sdf,
-    _ellipsoid_sdf,
-    _rotation,
-)
 from fedscan.simulations.scanners import (
     FINE_MM,
+    REFERENCE_PROFILE,
     FineGrid,
     PlaneWaves,
+    ScannerProfile,
     acquire,
     clean_profile,
     contrasts_of,
@@ -46,6 +41,7 @@ from fedscan.simulations.scanners import (
     sample_waves,
     tissue_signal,
 )
+from fedscan.simulations.shapes import _cylinder_sdf, _ellipsoid_sdf, _rotation
 
 #: Tissue classes of :func:`render_tissues` (inside the brain mask; 0 is outside).
 TISSUE_CLASSES = {0: "background", 1: "csf", 2: "gm", 3: "wm"}

@@ -50,7 +50,12 @@ from fedscan.shared.inference import (
     preprocess_image,
     to_native,
 )
-from fedscan.shared.metrics import normalise_intensity, similarity, truth_metrics
+from fedscan.shared.metrics import (
+    normalise_intensity,
+    region_similarity,
+    region_truth_metrics,
+    truth_metrics,
+)
 from fedscan.shared.report import _table
 from fedscan.shared.tasks.base import Case, resolve_device
 from fedscan.simulations.federated import site_for_client
@@ -154,12 +159,12 @@ def score_against_truth(generator: nn.Module, image_path: str | Path, truth: np.
                                                      t.as_tensor().numpy(), pct).items()}
     raw, moved, truth = (channels_first(a) for a in (np.asanyarray(img.dataobj),
                                                      np.asarray(harmonised.dataobj), truth))
-    mask = head_mask(truth)
-    for region, within in (("native", None), ("head", mask)):
-        out.update({f"{region}_{k}": v
-                    for k, v in truth_metrics(raw, moved, truth, pct, within).items()})
-        best = similarity(ceiling, truth, pct, within)
-        out.update({f"{region}_{k}_ceiling": v for k, v in best.items()})
+    regions = {"native": None, "head": head_mask(truth)}
+    scores = region_truth_metrics(raw, moved, truth, regions, pct)
+    best = region_similarity(ceiling, truth, regions, pct)
+    for region in regions:
+        out.update({f"{region}_{k}": v for k, v in scores[region].items()})
+        out.update({f"{region}_{k}_ceiling": v for k, v in best[region].items()})
     return out, harmonised
 
 

@@ -43,7 +43,7 @@ def with_phantom_sites(data: dict[str, Any]) -> dict[str, Any]:
         if isinstance(block, dict) and block.get("reference") is None:
             # The phantoms' public reference set: clean scans of other heads, with labels.
             data = {**data, "harmonisation": {**block, "reference": str(ensure_reference_set())}}
-    folders = ensure_default_federation()
+    folders = ensure_default_federation(progress=lambda line: print(line, flush=True))
     block = data.get("data") if isinstance(data.get("data"), dict) else {}
     if "mirror_pairs" not in block and "symmetric_labels" not in block:
         # The phantoms' one class is the brain mask, the same on both sides: flips are safe.

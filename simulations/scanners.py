@@ -7,8 +7,9 @@ turns fractions into what the scanner stores: per-tissue contrast (one table per
 channel), a contrast curve (``gamma``), a smooth coil bias field, a point-spread function,
 Rician noise (everywhere, air included) and the stored dtype and scaling.
 
-:class:`MRProfile` extends the phantoms' :class:`ScannerProfile` (same grid, gamma, bias, noise
-and storage fields) with the PSF and the tissue contrasts, so either kind of profile works here.
+:class:`ScannerProfile` (grid, gamma, bias, noise and storage; what the default phantom sites
+use) is defined here with the grid it acquires and its storage; :class:`MRProfile` extends it
+with the PSF and the tissue contrasts, so either kind of profile works here.
 """
 
 from __future__ import annotations
@@ -20,19 +21,117 @@ import numpy as np
 from nibabel.orientations import axcodes2ornt
 from scipy.ndimage import gaussian_filter
 
-from fedscan.simulations.phantoms import (
-    CSF,
-    DEEP_GM,
-    GM,
-    SCALP,
-    SKULL,
-    SOFT,
-    WM,
-    ScannerProfile,
-    _bias_field,
-    _store,
-    profile_grid,
-)
+# T1-like tissue intensities before scanner effects (air is 0).
+SCALP = 0.9
+SKULL = 0.08
+CSF = 0.2
+GM = 0.5
+WM = 0.75
+DEEP_GM = 0.6
+#: Face and neck soft tissue below the skull base (muscle-like, darker than brain).
+SOFT = 0.38
+
+_DTYPES = ("float32", "int16", "uint16")
+
+
+@dataclass(frozen=True)
+class ScannerProfile:
+    """How one hospital's scanner images a head.
+
+    Attributes:
+        name: profile name (the site it stands for).
+        orientation: voxel axis codes, e.g. ``"RAS"``, ``"LPS"``, ``"PIL"``.
+        spacing: mm per voxel axis, in voxel-axis order.
+        fov_mm: field of view along world x, y, z (mm); the grid is centred at the origin.
+        gamma: contrast, applied as ``intensity ** gamma``.
+        bias_strength: multiplicative bias field spans about ``exp(+-bias_strength)``.
+        noise_std: std of the complex Gaussian noise whose magnitude gives Rician noise.
+        scale: stored intensity is ``value * scale + offset``.
+        offset: see ``scale``.
+        dtype: stored dtype, one of ``float32``, ``int16``, ``uint16``.
+    """
+
+    name: str
+    orientation: str
+    spacing: tuple[float, float, float]
+    fov_mm: tuple[float, float, float] = (192.0, 224.0, 208.0)
+    gamma: float = 1.0
+    bias_strength: float = 0.0
+    noise_std: float = 0.0
+    scale: float = 1.0
+    offset: float = 0.0
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        try:
+            axes = sorted(int(a) for a in axcodes2ornt(tuple(self.orientation))[:, 0])
+        except (ValueError, IndexError):  # unknown codes, or none at all
+            axes = []
+        # nibabel accepts "RRS" (two codes on one axis), so check for a permutation here.
+        if axes != [0, 1, 2]:
+            raise ValueError(f"profile {self.name!r}: orientation {self.orientation!r} is not "
+                             "three axis codes naming x, y and z once each, such as RAS")
+        if len(self.spacing) != 3 or min(self.spacing) <= 0:
+            raise ValueError(f"profile {self.name!r}: spacing must be three positive numbers")
+        if len(self.fov_mm) != 3 or min(self.fov_mm) <= 0:
+            raise ValueError(f"profile {self.name!r}: fov_mm must be three positive numbers")
+        if self.gamma <= 0 or self.bias_strength < 0 or self.noise_std < 0:
+            raise ValueError(f"profile {self.name!r}: gamma must be > 0, bias and noise >= 0")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"profile {self.name!r}: dtype must be one of {', '.join(_DTYPES)}")
+
+
+#: Target domain for harmonisation: canonical grid, linear contrast, no bias, no noise.
+REFERENCE_PROFILE = ScannerProfile("reference", "RAS", (4.0, 4.0, 4.0))
+
+
+def profile_grid(profile: ScannerProfile) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The voxel grid a profile acquires: shape and 4x4 voxel-to-world (RAS+) affine.
+
+    Column i of the affine is ``+-spacing[i]`` times the world axis named by axis code i;
+    ``shape[i]`` covers the field of view along that world axis; the grid is centred at 0.
+
+    Args:
+        profile: the scanner profile.
+
+    Returns:
+        (shape, affine).
+    """
+    ornt = axcodes2ornt(tuple(profile.orientation))
+    linear = np.zeros((3, 3))
+    shape = []
+    for i, (axis, flip) in enumerate(ornt):
+        axis = int(axis)
+        linear[axis, i] = flip * profile.spacing[i]
+        shape.append(int(math.ceil(profile.fov_mm[axis] / profile.spacing[i] - 1e-9)))
+    centre = (np.array(shape) - 1) / 2.0
+    affine = np.eye(4)
+    affine[:3, :3] = linear
+    affine[:3, 3] = -linear @ centre
+    return (shape[0], shape[1], shape[2]), affine
+
+
+def _store(value: np.ndarray, profile: ScannerProfile) -> np.ndarray:
+    """Map physical intensity to the profile's stored range and dtype."""
+    stored = value * profile.scale + profile.offset
+    if profile.dtype == "float32":
+        return stored.astype(np.float32)
+    info = np.iinfo(profile.dtype)
+    return np.clip(np.rint(stored), info.min, info.max).astype(profile.dtype)
+
+
+def _bias_field(
+    world: list[np.ndarray], strength: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Smooth multiplicative field ``exp(strength * f)``, f a random quadratic with max |f| 1."""
+    x, y, z = (w / 100.0 for w in world)  # ~unit scale over a head
+    basis = [x, y, z, x * x, y * y, z * z, x * y, x * z, y * z]
+    coef = rng.normal(size=len(basis)) * np.array([1, 1, 1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    f = sum(c * b for c, b in zip(coef, basis, strict=True))
+    f = f - f.mean()
+    f = f / max(float(np.abs(f).max()), 1e-12)
+    return np.exp(strength * f)
+
 
 #: Tissues a generator may give fractions of; air is what is left (1 - sum).
 TISSUES = ("csf", "gm", "wm", "deep_gm", "scalp", "skull", "soft")

@@ -26,7 +26,14 @@ from fedscan.shared.inference import (
     preprocess_image,
     to_native,
 )
-from fedscan.shared.metrics import normalise_intensity, psnr, ssim, truth_metrics
+from fedscan.shared.metrics import (
+    masked_psnr,
+    normalise_intensity,
+    psnr,
+    region_similarity,
+    ssim,
+    truth_metrics,
+)
 from fedscan.shared.tasks import build_task
 from fedscan.shared.tasks.harmonisation import (
     CURVE_GAIN,
@@ -40,6 +47,7 @@ from fedscan.shared.tasks.harmonisation import (
     l1_loss,
 )
 from fedscan.shared.tasks.loop import train_steps
+from fedscan.simulations import anatomy as A
 from fedscan.simulations import phantoms as P
 from fedscan.simulations.harmonisation import score_against_truth
 from tests.tinysites import parse_with
@@ -314,8 +322,7 @@ def test_phase_losses_are_per_sample_and_independent(which):
 def _site(root: Path, profile: P.ScannerProfile, n: int, seed: int = 0) -> list[dict]:
     cases = []
     for i in range(n):
-        anatomy_rng, scanner_rng = P.case_rngs(seed, profile.name, i)
-        image, label, affine = P.render(P.sample_anatomy(anatomy_rng), profile, scanner_rng)
+        image, label, affine = P.render_case(seed, profile.name, i, profile)
         cases.append((f"{profile.name}_{i:03d}", image, label, affine))
     P.write_dataset(root, cases, None, "tiny harmonisation site")
     return [{"image": str(root / "imagesTr" / f"{c[0]}.nii.gz"),
@@ -509,8 +516,7 @@ def _trained_file(tmp_path: Path, cfg, *, keys: str = "site", shift: float = 0.2
                      scale=1000.0, dtype="int16"),
 ])
 def test_harmonised_file_keeps_the_input_grid(tmp_path, profile):
-    anatomy_rng, scanner_rng = P.case_rngs(0, profile.name, 0)
-    image, _, affine = P.render(P.sample_anatomy(anatomy_rng), profile, scanner_rng)
+    image, _, affine = P.render_case(0, profile.name, 0, profile)
     src = tmp_path / "in.nii.gz"
     P._save_nifti(image, affine, src)
     cfg = config(data={"spacing": [4.0, 4.0, 4.0]})
@@ -544,8 +550,7 @@ def test_harmonised_scan_keeps_its_own_resolution(tmp_path):
     """A scan finer than the model grid: only the correction goes through that grid."""
     profile = P.ScannerProfile("fine", "LPS", (1.5, 2.0, 1.5), fov_mm=(64.0, 64.0, 64.0),
                                gamma=1.3, noise_std=0.03, scale=1000.0, dtype="int16")
-    anatomy_rng, scanner_rng = P.case_rngs(0, profile.name, 0)
-    image, _, affine = P.render(P.sample_anatomy(anatomy_rng), profile, scanner_rng)
+    image, _, affine = P.render_case(0, profile.name, 0, profile)
     src = tmp_path / "in.nii.gz"
     P._save_nifti(image, affine, src)
     cfg = config(data={"spacing": [4.0, 4.0, 4.0]})
@@ -646,11 +651,32 @@ def test_metrics_and_normalisation():
     assert m["ssim_harmonised"] > m["ssim_raw"]
 
 
+
+def test_region_scores_share_one_ssim_map_and_match_the_whole_image_scores():
+    rng = np.random.default_rng(1)
+    truth = rng.uniform(0, 1, (2, 24, 20, 22)).astype(np.float32)
+    image = truth + rng.normal(0, 0.05, truth.shape).astype(np.float32)
+    image[:, :12] += rng.normal(0, 0.3, image[:, :12].shape)  # worse in one half
+    left = np.zeros(truth.shape[1:], bool)
+    left[:12] = True
+    out = region_similarity(image, truth, {"all": None, "left": left, "right": ~left,
+                                           "none": np.zeros_like(left)})
+    normed = [(normalise_intensity(a), normalise_intensity(t)) for a, t
+              in zip(image, truth, strict=True)]
+    assert out["all"]["ssim"] == pytest.approx(np.mean([ssim(a, t) for a, t in normed]),
+                                               abs=1e-6)
+    assert out["all"]["psnr"] == pytest.approx(np.mean([psnr(a, t) for a, t in normed]))
+    assert out["left"]["psnr"] == pytest.approx(
+        np.mean([masked_psnr(a, t, left) for a, t in normed]))
+    assert out["left"]["ssim"] < out["right"]["ssim"] < 1.0
+    assert math.isnan(out["none"]["ssim"]) and math.isnan(out["none"]["psnr"])
+    with pytest.raises(ValueError, match="mask"):
+        region_similarity(image, truth, {"bad": left[:-1]})
+
 def test_scores_against_truth_in_model_and_native_grids(tmp_path):
     profile = P.ScannerProfile("site-c", "PIL", (8.0, 7.0, 8.0), gamma=1.6, noise_std=0.05,
                                scale=3000.0, offset=100.0, dtype="uint16")
-    anatomy_rng, scanner_rng = P.case_rngs(0, "site-c", 0)
-    image, _, affine = P.render(P.sample_anatomy(anatomy_rng), profile, scanner_rng)
+    image, _, affine = P.render_case(0, "site-c", 0, profile)
     src = tmp_path / "in.nii.gz"
     P._save_nifti(image, affine, src)
     truth, truth_affine = P.reference_truth(0, "site-c", 0, profile)
@@ -687,22 +713,21 @@ def test_scores_against_truth_in_model_and_native_grids(tmp_path):
 def test_reference_truth_is_the_site_anatomy_on_the_site_grid():
     for site in ("site-a", "site-c"):
         profile = P.SITE_PROFILES[site]
-        anatomy_rng, scanner_rng = P.case_rngs(0, site, 1)
-        image, label, affine = P.render(P.sample_anatomy(anatomy_rng), profile, scanner_rng)
+        image, label, affine = P.render_case(0, site, 1, profile)
         truth, truth_affine = P.reference_truth(0, site, 1, profile)
         assert truth.shape == image.shape and truth.dtype == np.float32
         assert np.array_equal(truth_affine, affine)
         # Same head: the reference-domain brain mask on this grid is the site's label.
         clean = P.ScannerProfile("x", profile.orientation, profile.spacing, profile.fov_mm)
-        assert np.array_equal(P.render_clean(P.sample_anatomy(P.case_rngs(0, site, 1)[0]),
-                                             clean)[1], label)
+        head = A.sample_anatomy(P.case_rngs(0, site, 1)[0])
+        assert np.array_equal(A.render_clean(head, clean, fine_mm=P.PHANTOM_FINE_MM)[1], label)
         brain = truth[label == 1]
         assert P.CSF * 0.8 < brain.mean() < P.WM * 1.1
         assert truth[0, 0, 0] == 0.0  # air is 0: no noise, no offset
     # site-a shares the reference grid: its truth is exactly the reference rendering.
     truth, _ = P.reference_truth(0, "site-a", 1, P.SITE_PROFILES["site-a"])
-    ref, _, _ = P.render_clean(P.sample_anatomy(P.case_rngs(0, "site-a", 1)[0]),
-                               P.REFERENCE_PROFILE)
+    ref, _, _ = A.render_clean(A.sample_anatomy(P.case_rngs(0, "site-a", 1)[0]),
+                               P.REFERENCE_PROFILE, fine_mm=P.PHANTOM_FINE_MM)
     assert np.array_equal(truth, ref)
 
 

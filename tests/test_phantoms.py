@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fedscan.shared.errors import DataError
+from fedscan.simulations import anatomy as A
 from fedscan.simulations import phantoms as P
 
 SITES = ("site-a", "site-b", "site-c")
@@ -48,8 +49,20 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _case(seed: int, site: str, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    anatomy_rng, scanner_rng = P.case_rngs(seed, site, index)
-    return P.render(P.sample_anatomy(anatomy_rng), P.SITE_PROFILES[site], scanner_rng)
+    return P.render_case(seed, site, index, P.SITE_PROFILES[site])
+
+
+def _head(seed: int) -> A.FoldedHead:
+    """A head of the default data (folded cortex)."""
+    return A.sample_anatomy(np.random.default_rng(seed))
+
+
+def _render(head: A.FoldedHead, profile: P.ScannerProfile, rng: np.random.Generator | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As the default federation renders (its partial-volume sub-grid); None: no bias or noise."""
+    if rng is None:
+        return A.render_clean(head, profile, fine_mm=P.PHANTOM_FINE_MM)
+    return A.render(head, profile, rng, fine_mm=P.PHANTOM_FINE_MM)
 
 
 def test_same_seed_gives_identical_files(federation: dict[str, Path], tmp_path: Path) -> None:
@@ -57,6 +70,16 @@ def test_same_seed_gives_identical_files(federation: dict[str, Path], tmp_path: 
     root = federation["site-a"].parent
     assert set(again) == set(federation)
     assert _files(tmp_path / "again") == _files(root)
+
+
+def test_a_pool_of_processes_writes_the_same_files(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    serial, pooled = tmp_path / "serial" / "site-b", tmp_path / "pooled" / "site-b"
+    P.write_phantom_site(serial, "site-b", P.SITE_PROFILES["site-b"], 3, 1, seed=0)
+    monkeypatch.setattr(P, "PARALLEL_CASES", 0)
+    monkeypatch.setattr(P, "_workers", lambda: 2)
+    P.write_phantom_site(pooled, "site-b", P.SITE_PROFILES["site-b"], 3, 1, seed=0)
+    assert _files(serial) == _files(pooled) and len(_files(serial)) == 7
 
 
 def test_different_seeds_and_cases_differ() -> None:
@@ -94,10 +117,10 @@ def test_files_carry_profile_orientation_grid_and_dtype(federation: dict[str, Pa
 
 def test_brain_volume_agrees_across_sites() -> None:
     for seed in range(3):
-        anatomy = P.sample_anatomy(np.random.default_rng(seed))
+        head = _head(seed)
         volumes = []
         for site in SITES:
-            _, label, affine = P.render(anatomy, P.SITE_PROFILES[site], np.random.default_rng(0))
+            _, label, affine = _render(head, P.SITE_PROFILES[site], np.random.default_rng(0))
             volumes.append(label.sum() * abs(np.linalg.det(affine[:3, :3])))
         assert (max(volumes) - min(volumes)) / min(volumes) < 0.05, volumes
         # Adult-brain scale (ml), not a degenerate blob.
@@ -106,9 +129,9 @@ def test_brain_volume_agrees_across_sites() -> None:
 
 def test_label_is_consistent_in_world_space() -> None:
     """Brain voxels of one grid, looked up in another grid, are brain there too."""
-    anatomy = P.sample_anatomy(np.random.default_rng(3))
-    _, lab_a, aff_a = P.render_clean(anatomy, P.SITE_PROFILES["site-a"])
-    _, lab_c, aff_c = P.render_clean(anatomy, P.SITE_PROFILES["site-c"])
+    head = _head(3)
+    _, lab_a, aff_a = _render(head, P.SITE_PROFILES["site-a"], None)
+    _, lab_c, aff_c = _render(head, P.SITE_PROFILES["site-c"], None)
     ijk_a = np.argwhere(lab_a > 0)
     world = aff_a[:3, :3] @ ijk_a.T + aff_a[:3, 3:4]
     ijk_c = np.rint(np.linalg.inv(aff_c[:3, :3]) @ (world - aff_c[:3, 3:4])).astype(int).T
@@ -121,10 +144,10 @@ def test_sites_differ_in_contrast_and_storage() -> None:
     """Gamma changes grey/white contrast: the 10th/50th percentile ratio inside the brain."""
     ratios: dict[str, list[float]] = {site: [] for site in SITES}
     for seed in range(2):
-        anatomy = P.sample_anatomy(np.random.default_rng(seed))
+        head = _head(seed)
         for site in SITES:
             profile = P.SITE_PROFILES[site]
-            image, label, _ = P.render(anatomy, profile, np.random.default_rng(seed))
+            image, label, _ = _render(head, profile, np.random.default_rng(seed))
             assert image.dtype == np.dtype(profile.dtype)
             brain = image[label > 0].astype(np.float64) - profile.offset
             ratios[site].append(np.percentile(brain, 10) / np.median(brain))
@@ -134,8 +157,7 @@ def test_sites_differ_in_contrast_and_storage() -> None:
 
 def test_not_separable_by_one_global_threshold() -> None:
     """Scalp is brighter than brain, so no threshold alone gives a good brain mask."""
-    anatomy = P.sample_anatomy(np.random.default_rng(0))
-    image, label, _ = P.render(anatomy, P.SITE_PROFILES["site-a"], np.random.default_rng(0))
+    image, label, _ = _render(_head(0), P.SITE_PROFILES["site-a"], np.random.default_rng(0))
     truth = label > 0
     best = 0.0
     for t in np.quantile(image, np.linspace(0.3, 0.995, 100)):
@@ -145,6 +167,7 @@ def test_not_separable_by_one_global_threshold() -> None:
 
 
 def test_render_clean_is_render_without_bias_and_noise() -> None:
+    """The ellipsoid heads (still behind the artefact and bad-site datasets)."""
     anatomy = P.sample_anatomy(np.random.default_rng(4))
     ref = P.REFERENCE_PROFILE
     clean, lab_clean, aff_clean = P.render_clean(anatomy, ref)
@@ -214,6 +237,16 @@ def test_second_call_is_cached(federation: dict[str, Path]) -> None:
     assert time.perf_counter() - start < 0.5
     assert again == federation
     assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_progress_is_reported_only_while_generating(tiny_layout: None, tmp_path: Path) -> None:
+    lines: list[str] = []
+    P.generate_federation(tmp_path / "fed", seed=0, progress=lines.append)
+    assert len(lines) == 2
+    assert lines[0].startswith("phantoms: generating") and str(tmp_path / "fed") in lines[0]
+    assert lines[1] == "phantoms: site-a written (2 cases)"
+    P.generate_federation(tmp_path / "fed", seed=0, progress=lines.append)  # cached: silent
+    assert len(lines) == 2
 
 
 def test_stale_federation_is_replaced(tiny_layout: None, tmp_path: Path) -> None:

@@ -1,0 +1,35 @@
+"""Shapes the head generators share: rotations and approximate signed distances (mm)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _rotation(angles: np.ndarray) -> np.ndarray:
+    """Rotation matrix from angles (radians) about x, y and z, applied in that order."""
+    cx, cy, cz = np.cos(angles)
+    sx, sy, sz = np.sin(angles)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def _ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid.
+
+    Uses ``k0 (k0 - 1) / k1`` (exact on the axes, close elsewhere), which keeps offset
+    level sets smooth and nested, unlike ``|p / r| - 1`` scaled by one radius.
+    """
+    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2)
+    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2 + (z / r[2] ** 2) ** 2)
+    safe = np.maximum(k1, 1e-12)
+    return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
+
+
+def _cylinder_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Approximate signed distance to a vertical elliptic cylinder (2D ellipse in x, y)."""
+    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2)
+    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2)
+    safe = np.maximum(k1, 1e-12)
+    return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
