@@ -41,7 +41,7 @@ from fedscan.simulations.scanners import (
     sample_waves,
     tissue_signal,
 )
-from fedscan.simulations.shapes import _cylinder_sdf, _ellipsoid_sdf, _rotation
+from fedscan.simulations.shapes import cylinder_sdf, ellipsoid_sdf, rotation_matrix
 
 #: Tissue classes of :func:`render_tissues` (inside the brain mask; 0 is outside).
 TISSUE_CLASSES = {0: "background", 1: "csf", 2: "gm", 3: "wm"}
@@ -116,7 +116,7 @@ def sample_anatomy(rng: np.random.Generator) -> FoldedHead:
         The head.
     """
     head = np.array([rng.uniform(70, 80), rng.uniform(88, 100), rng.uniform(80, 92)])
-    rotation = _rotation(np.deg2rad(rng.uniform(-8, 8, size=3)))
+    rotation = rotation_matrix(np.deg2rad(rng.uniform(-8, 8, size=3)))
     translation = rng.uniform(-6, 6, size=3)
     scalp, skull, csf = rng.uniform(4, 6), rng.uniform(5, 7), rng.uniform(1.5, 3.0)
     brain_z = head[2] - scalp - skull - csf
@@ -210,8 +210,8 @@ def _shell_fractions(head: FoldedHead, grid: FineGrid) -> dict[str, np.ndarray]:
     f32 = np.float32
     x, y, z = _local(head, grid)
     width = float(np.mean(grid.step))
-    d_head = np.minimum(_ellipsoid_sdf(x, y, z, head.head_radii.astype(f32)),
-                        np.maximum(_cylinder_sdf(x, y - f32(head.neck_y),
+    d_head = np.minimum(ellipsoid_sdf(x, y, z, head.head_radii.astype(f32)),
+                        np.maximum(cylinder_sdf(x, y - f32(head.neck_y),
                                                  head.neck_radii.astype(f32)),
                                    z - f32(head.neck_top)))
     plane = _skull_base(head, y, z)
@@ -240,7 +240,7 @@ def _brain_fractions(head: FoldedHead, grid: FineGrid) -> dict[str, np.ndarray]:
     # inside the cavity), varied by lobe-sized waves, on the skull base.
     outer = head.scalp_mm + head.skull_mm
     gap = np.maximum(f32(head.csf_mm) + waves(head.hull_waves), f32(0.8))
-    d_hull = np.maximum(_ellipsoid_sdf(x, y, z, head.head_radii.astype(f32)) + f32(outer)
+    d_hull = np.maximum(ellipsoid_sdf(x, y, z, head.head_radii.astype(f32)) + f32(outer)
                         + gap, _skull_base(head, y, z))
     brain = ramp(d_hull, width)
 
@@ -283,7 +283,7 @@ def _brain_fractions(head: FoldedHead, grid: FineGrid) -> dict[str, np.ndarray]:
     def union(centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
         d = None
         for c, r in zip(centres, radii, strict=True):
-            e = _ellipsoid_sdf(xi - f32(c[0]), yi - f32(c[1]), zi - f32(c[2]), r.astype(f32))
+            e = ellipsoid_sdf(xi - f32(c[0]), yi - f32(c[1]), zi - f32(c[2]), r.astype(f32))
             d = e if d is None else np.minimum(d, e)
         assert d is not None
         return d

@@ -51,7 +51,7 @@ from fedscan.simulations.scanners import (
     _store,
     profile_grid,
 )
-from fedscan.simulations.shapes import _cylinder_sdf, _ellipsoid_sdf, _rotation
+from fedscan.simulations.shapes import cylinder_sdf, ellipsoid_sdf, rotation_matrix
 
 #: Bump when the generator's output changes: it names the cache folder and the marker file.
 #: 3: folded-cortex heads (2: smooth ellipsoids).
@@ -165,7 +165,7 @@ def sample_anatomy(rng: np.random.Generator) -> Anatomy:
         The sampled anatomy.
     """
     head = np.array([rng.uniform(72, 82), rng.uniform(88, 102), rng.uniform(78, 92)])
-    rotation = _rotation(np.deg2rad(rng.uniform(-8, 8, size=3)))
+    rotation = rotation_matrix(np.deg2rad(rng.uniform(-8, 8, size=3)))
     translation = rng.uniform(-8, 8, size=3)
     scalp, skull, csf = rng.uniform(4, 6), rng.uniform(5, 7), rng.uniform(2.5, 3.5)
     brain_z = head[2] - scalp - skull - csf
@@ -236,8 +236,8 @@ def _evaluate(
     x, y, z = (sum(rot[j, k] * (world[j] - t[j]) for j in range(3)) for k in range(3))
 
     head_r = anatomy.head_radii
-    d_ellipsoid = _ellipsoid_sdf(x, y, z, head_r)
-    d_neck = np.maximum(_cylinder_sdf(x, y - anatomy.neck_y, anatomy.neck_radii),
+    d_ellipsoid = ellipsoid_sdf(x, y, z, head_r)
+    d_neck = np.maximum(cylinder_sdf(x, y - anatomy.neck_y, anatomy.neck_radii),
                         z - anatomy.neck_top)
     d_head = np.minimum(d_ellipsoid, d_neck)
 
@@ -271,7 +271,7 @@ def _evaluate(
     d_wm = d_brain + gm
 
     def union(centres: np.ndarray, radii: np.ndarray) -> np.ndarray:
-        return np.minimum(*(_ellipsoid_sdf(x - c[0], y - c[1], z - c[2], r)
+        return np.minimum(*(ellipsoid_sdf(x - c[0], y - c[1], z - c[2], r)
                             for c, r in zip(centres, radii, strict=True)))
 
     d_vent = union(anatomy.ventricle_centres, anatomy.ventricle_radii)

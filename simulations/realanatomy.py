@@ -53,7 +53,6 @@ from fedscan.shared.errors import DataError
 from fedscan.simulations.phantoms import (
     ScannerProfile,
     _publish,
-    _rotation,
     _save_nifti,
     case_rngs,
 )
@@ -72,6 +71,7 @@ from fedscan.simulations.scanners import (
     sample_waves,
     tissue_signal,
 )
+from fedscan.simulations.shapes import rotation_matrix
 
 #: Bump when the output changes: it names the cache folder and the completion marker.
 REAL_FORMAT = 1
@@ -274,7 +274,7 @@ def sample_patient(rng: np.random.Generator, *, enlarge_ventricles: bool = True)
     scale = np.diag(rng.uniform(0.84, 1.0) * rng.uniform(0.96, 1.04, size=3))
     shear = np.eye(3)
     shear[np.triu_indices(3, 1)] = rng.uniform(-0.04, 0.04, size=3)
-    rotation = _rotation(np.deg2rad(rng.uniform(-1, 1, size=3) * np.array([10.0, 6.0, 6.0])))
+    rotation = rotation_matrix(np.deg2rad(rng.uniform(-1, 1, size=3) * np.array([10.0, 6.0, 6.0])))
     forward = rotation @ shear @ scale  # template to world
     shift = rng.uniform(-8, 8, size=3)
     linear = np.linalg.inv(forward)

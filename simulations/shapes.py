@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def _rotation(angles: np.ndarray) -> np.ndarray:
+def rotation_matrix(angles: np.ndarray) -> np.ndarray:
     """Rotation matrix from angles (radians) about x, y and z, applied in that order."""
     cx, cy, cz = np.cos(angles)
     sx, sy, sz = np.sin(angles)
@@ -15,7 +15,7 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) -> np.ndarray:
+def ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Approximate signed distance (mm, negative inside) to an axis-aligned ellipsoid.
 
     Uses ``k0 (k0 - 1) / k1`` (exact on the axes, close elsewhere), which keeps offset
@@ -27,7 +27,7 @@ def _ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) -
     return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
 
 
-def _cylinder_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
+def cylinder_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Approximate signed distance to a vertical elliptic cylinder (2D ellipse in x, y)."""
     k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2)
     k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2)
