@@ -51,14 +51,18 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-class _NoDeprecationNotices(logging.Filter):
-    """Drops Flower's "DEPRECATED FEATURE" notices (about its API, not the user's run)."""
+class _NoLibraryNotices(logging.Filter):
+    """Drops Flower's notices about itself, not the user's run: "DEPRECATED FEATURE" (its API)
+    and "Manually terminating ClientAppActor" (a simulation ending its Ray actors on purpose,
+    printed or not depending on which process wins the race at shutdown)."""
+
+    NOTICES = ("DEPRECATED FEATURE", "Manually terminating")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in str(record.msg)
+        return not any(notice in str(record.msg) for notice in self.NOTICES)
 
 
-_DEPRECATION_FILTER = _NoDeprecationNotices()
+_DEPRECATION_FILTER = _NoLibraryNotices()
 
 
 def configure_console(on: bool | None = None, force: bool = False) -> None:

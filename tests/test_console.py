@@ -22,6 +22,7 @@ FLOWER_LOGGER.debug("probe-debug")
 FLOWER_LOGGER.info("probe-info")
 FLOWER_LOGGER.warning("probe-warning")
 warn_deprecated_feature("probe-feature")
+FLOWER_LOGGER.warning("Manually terminating %s", "ClientAppActor")
 logging.getLogger("fedscan.server").info("probe-fedscan-info")
 logging.getLogger("fedscan.server").warning("probe-fedscan-warning")
 warnings.warn("probe-deprecation", DeprecationWarning, stacklevel=1)
@@ -45,7 +46,7 @@ def test_default_prints_each_warning_once_and_nothing_else():
     assert out.count("probe-warning") == 1, out
     assert out.count("fedscan: probe-fedscan-warning") == 1
     for hidden in ("probe-debug", "probe-info", "probe-feature", "DEPRECATED",
-                   "probe-fedscan-info", "probe-deprecation", "DEBUG"):
+                   "probe-fedscan-info", "probe-deprecation", "DEBUG", "Manually terminating"):
         assert hidden not in out, (hidden, out)
 
 
