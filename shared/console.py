@@ -62,7 +62,7 @@ class _NoLibraryNotices(logging.Filter):
         return not any(notice in str(record.msg) for notice in self.NOTICES)
 
 
-_DEPRECATION_FILTER = _NoLibraryNotices()
+_NOTICE_FILTER = _NoLibraryNotices()
 
 
 def configure_console(on: bool | None = None, force: bool = False) -> None:
@@ -84,10 +84,10 @@ def configure_console(on: bool | None = None, force: bool = False) -> None:
     FLOWER_LOGGER.propagate = False
     if on:
         update_console_handler(level=logging.DEBUG, timestamps=True, colored=True)
-        console_handler.removeFilter(_DEPRECATION_FILTER)
+        console_handler.removeFilter(_NOTICE_FILTER)
     else:
         update_console_handler(level=logging.WARNING, timestamps=False, colored=True)
-        console_handler.addFilter(_DEPRECATION_FILTER)
+        console_handler.addFilter(_NOTICE_FILTER)
     fedscan = logging.getLogger("fedscan")
     if not any(isinstance(h, _StderrHandler) for h in fedscan.handlers):
         handler = _StderrHandler()

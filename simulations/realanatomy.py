@@ -51,7 +51,6 @@ from scipy import ndimage
 
 from fedscan.shared.errors import DataError
 from fedscan.simulations.phantoms import (
-    ScannerProfile,
     _publish,
     _save_nifti,
     case_rngs,
@@ -62,6 +61,7 @@ from fedscan.simulations.scanners import (
     FineGrid,
     MRProfile,
     PlaneWaves,
+    ScannerProfile,
     TissueContrast,
     acquire,
     clean_profile,
