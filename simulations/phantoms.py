@@ -47,9 +47,9 @@ from fedscan.simulations.scanners import (
     SOFT,
     WM,
     ScannerProfile,
-    _bias_field,
-    _store,
+    bias_field,
     profile_grid,
+    store_intensity,
 )
 from fedscan.simulations.shapes import cylinder_sdf, ellipsoid_sdf, rotation_matrix
 
@@ -353,7 +353,7 @@ def render_clean(
     shape, affine, world, spacing_world = _grid_world(profile)
     intensity, d_brain = _evaluate(anatomy, world, spacing_world)
     label = (d_brain < 0).astype(np.uint8)
-    return _store(intensity**profile.gamma, profile), label, affine
+    return store_intensity(intensity**profile.gamma, profile), label, affine
 
 
 def render(
@@ -378,14 +378,14 @@ def render(
     intensity, d_brain = _evaluate(anatomy, world, spacing_world)
     label = (d_brain < 0).astype(np.uint8)
     # Order follows the physics: tissue contrast, coil sensitivity, then complex noise.
-    signal = intensity**profile.gamma * _bias_field(world, profile.bias_strength, rng)
+    signal = intensity**profile.gamma * bias_field(world, profile.bias_strength, rng)
     if artefacts is not None:
         signal = artefacts(signal, rng)
     if profile.noise_std > 0:
         real = signal + rng.normal(0.0, profile.noise_std, size=shape)
         imag = rng.normal(0.0, profile.noise_std, size=shape)
         signal = np.sqrt(real**2 + imag**2)
-    return _store(signal, profile), label, affine
+    return store_intensity(signal, profile), label, affine
 
 
 # --------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def profile_grid(profile: ScannerProfile) -> tuple[tuple[int, int, int], np.ndar
     return (shape[0], shape[1], shape[2]), affine
 
 
-def _store(value: np.ndarray, profile: ScannerProfile) -> np.ndarray:
+def store_intensity(value: np.ndarray, profile: ScannerProfile) -> np.ndarray:
     """Map physical intensity to the profile's stored range and dtype."""
     stored = value * profile.scale + profile.offset
     if profile.dtype == "float32":
@@ -120,7 +120,7 @@ def _store(value: np.ndarray, profile: ScannerProfile) -> np.ndarray:
     return np.clip(np.rint(stored), info.min, info.max).astype(profile.dtype)
 
 
-def _bias_field(
+def bias_field(
     world: list[np.ndarray], strength: float, rng: np.random.Generator
 ) -> np.ndarray:
     """Smooth multiplicative field ``exp(strength * f)``, f a random quadratic with max |f| 1."""
@@ -445,8 +445,8 @@ def acquire(
     """
     value = np.maximum(signal, 0.0) ** profile.gamma
     if rng is None:
-        return _store(value, profile)
-    value = value * _bias_field(native_world(profile), profile.bias_strength, rng)
+        return store_intensity(value, profile)
+    value = value * bias_field(native_world(profile), profile.bias_strength, rng)
     fwhm = profile.psf_fwhm if isinstance(profile, MRProfile) else (0.0, 0.0, 0.0)
     if max(fwhm) > 0:
         sigma = [f * _FWHM_TO_SIGMA / s for f, s in zip(fwhm, profile.spacing, strict=True)]
@@ -455,7 +455,7 @@ def acquire(
         real = value + rng.normal(0.0, profile.noise_std, size=value.shape)
         imag = rng.normal(0.0, profile.noise_std, size=value.shape)
         value = np.sqrt(real**2 + imag**2)
-    return _store(value, profile)
+    return store_intensity(value, profile)
 
 
 def ramp(d: np.ndarray, width: float) -> np.ndarray:

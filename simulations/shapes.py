@@ -21,15 +21,17 @@ def ellipsoid_sdf(x: np.ndarray, y: np.ndarray, z: np.ndarray, r: np.ndarray) ->
     Uses ``k0 (k0 - 1) / k1`` (exact on the axes, close elsewhere), which keeps offset
     level sets smooth and nested, unlike ``|p / r| - 1`` scaled by one radius.
     """
-    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2 + (z / r[2]) ** 2)
-    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2 + (z / r[2] ** 2) ** 2)
-    safe = np.maximum(k1, 1e-12)
-    return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
+    return _ellipse_sdf((x, y, z), r)
 
 
 def cylinder_sdf(x: np.ndarray, y: np.ndarray, r: np.ndarray) -> np.ndarray:
     """Approximate signed distance to a vertical elliptic cylinder (2D ellipse in x, y)."""
-    k0 = np.sqrt((x / r[0]) ** 2 + (y / r[1]) ** 2)
-    k1 = np.sqrt((x / r[0] ** 2) ** 2 + (y / r[1] ** 2) ** 2)
+    return _ellipse_sdf((x, y), r)
+
+
+def _ellipse_sdf(coords: tuple[np.ndarray, ...], r: np.ndarray) -> np.ndarray:
+    """``k0 (k0 - 1) / k1`` of an axis-aligned ellipse or ellipsoid with radii ``r``."""
+    k0 = np.sqrt(sum((c / r[i]) ** 2 for i, c in enumerate(coords)))
+    k1 = np.sqrt(sum((c / r[i] ** 2) ** 2 for i, c in enumerate(coords)))
     safe = np.maximum(k1, 1e-12)
     return np.where(k1 > 1e-12, k0 * (k0 - 1.0) / safe, -float(np.min(r)))
