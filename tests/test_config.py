@@ -84,3 +84,15 @@ def test_the_configs_mode_is_what_simulate_runs_without_a_mode(tmp_path: Path):
     summaries = simulate(path, None, tmp_path / "out")
     assert list(summaries) == ["local"] and summaries["local"]["mode"] == "local"
     assert load_config(tmp_path / "out" / "config.yaml").mode == "local"
+
+
+def test_every_shipped_config_reads_as_simulate_reads_it():
+    from fedscan.simulations.run import read_simulation_config
+
+    shipped = sorted((Path(__file__).parents[1] / "simulations" / "configs").glob("*.yaml"))
+    assert shipped
+    for path in shipped:
+        cfg = read_simulation_config(path)
+        assert cfg.sites and cfg.rounds >= 1, path.name
+        if path.name == "harmonize.yaml":
+            assert cfg.task == "harmonisation" and cfg.harmonisation.reference is not None
